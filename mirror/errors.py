@@ -1,0 +1,131 @@
+"""The one exception tree of the mirror.
+
+Every error a client can see is a `RegistryError`: it carries its OCI error code and
+HTTP status, and `web/middleware.py` is the one place that turns it into the
+`{"errors": [...]}` JSON body. `ConfigError` is for the config loader and the CLI.
+"""
+
+from __future__ import annotations
+
+
+class MirrorError(Exception):
+    """Base of every error the mirror raises on purpose."""
+
+
+class ConfigError(MirrorError):
+    """A configuration value is missing or wrong; the message names the key path."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+
+
+class RegistryError(MirrorError):
+    """An error answered to a registry client as OCI error JSON."""
+
+    code = "UNKNOWN"
+    status = 500
+
+    def __init__(self, message: str, detail: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class NameInvalid(RegistryError):
+    code, status = "NAME_INVALID", 400
+
+
+class TagInvalid(RegistryError):
+    code, status = "TAG_INVALID", 400
+
+
+class DigestInvalid(RegistryError):
+    code, status = "DIGEST_INVALID", 400
+
+
+class RangeInvalid(RegistryError):
+    code, status = "RANGE_INVALID", 416
+
+    def __init__(self, message: str, size: int | None = None) -> None:
+        super().__init__(message)
+        self.size = size
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"} if self.size is not None else {}
+
+
+class ManifestInvalid(RegistryError):
+    code, status = "MANIFEST_INVALID", 400
+
+
+class NameUnknown(RegistryError):
+    code, status = "NAME_UNKNOWN", 404
+
+
+class ManifestUnknown(RegistryError):
+    code, status = "MANIFEST_UNKNOWN", 404
+
+
+class BlobUnknown(RegistryError):
+    code, status = "BLOB_UNKNOWN", 404
+
+
+class NotFound(RegistryError):
+    """A path under /v2/ that is no endpoint of the distribution API."""
+
+    code, status = "UNSUPPORTED", 404
+
+
+class Unsupported(RegistryError):
+    """Push and delete: a mirror is read-only."""
+
+    code, status = "UNSUPPORTED", 405
+
+
+class Unauthorized(RegistryError):
+    code, status = "UNAUTHORIZED", 401
+
+
+class Denied(RegistryError):
+    code, status = "DENIED", 403
+
+
+class TooManyRequests(RegistryError):
+    code, status = "TOOMANYREQUESTS", 429
+
+    def __init__(self, message: str, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after or "60"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": self.retry_after}
+
+
+class UpstreamError(RegistryError):
+    """The upstream answered with a server error, or with content that fails verification."""
+
+    code, status = "UPSTREAM_ERROR", 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be reached at all."""
+
+    code, status = "UPSTREAM_UNAVAILABLE", 502
+
+
+class UpstreamTimeout(UpstreamError):
+    code, status = "UPSTREAM_TIMEOUT", 504
+
+
+# Failures after which a cached copy is still worth serving: the upstream, not the
+# content, is the problem (DESIGN §3, "serve the cached copy (stale)").
+STALE_SERVABLE: tuple[type[RegistryError], ...] = (
+    UpstreamError,
+    TooManyRequests,
+    Unauthorized,
+    Denied,
+)

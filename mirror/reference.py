@@ -1,0 +1,135 @@
+"""Pure parsing and validation of what clients send: names, tags, digests, Range, Accept.
+
+No I/O here; every function raises a `RegistryError` subclass with the OCI code a client
+should see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mirror.errors import DigestInvalid, NameInvalid, RangeInvalid, TagInvalid
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+_HEX = re.compile(r"[a-f0-9]+")
+MAX_NAME_LENGTH = 255
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_TYPES: tuple[str, ...] = (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+
+
+@dataclass(frozen=True)
+class Digest:
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    def hasher(self) -> hashlib._Hash:
+        return hashlib.new(self.algorithm)
+
+
+def parse_digest(text: str) -> Digest:
+    algorithm, sep, hex_part = text.partition(":")
+    if not sep:
+        raise DigestInvalid(f"invalid digest {text!r}: expected algorithm:hex")
+    length = _HEX_LENGTH.get(algorithm)
+    if length is None:
+        raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}: use sha256 or sha512")
+    if len(hex_part) != length or not _HEX.fullmatch(hex_part):
+        raise DigestInvalid(f"invalid digest {text!r}: {algorithm} needs {length} lowercase hex")
+    return Digest(algorithm, hex_part)
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
+    return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def validate_name(name: str) -> str:
+    if len(name) > MAX_NAME_LENGTH:
+        raise NameInvalid(f"repository name is longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME.fullmatch(name):
+        raise NameInvalid(
+            f"invalid repository name {name!r}: lowercase letters, digits and separators only"
+        )
+    return name
+
+
+def parse_reference(text: str) -> str | Digest:
+    """A manifest reference: a `Digest` if it contains a colon, else a validated tag."""
+    if ":" in text:
+        return parse_digest(text)
+    if not _TAG.fullmatch(text):
+        raise TagInvalid(f"invalid tag {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """An inclusive byte range, resolved against a known size."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.end}/{size}"
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str, size: int) -> ByteRange:
+    """One `bytes=` range (the only form registries and clients use) against `size`.
+
+    Multiple ranges and malformed headers are answered 416, as aiohttp's own
+    FileResponse does, so cached and uncached blobs behave the same.
+    """
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        raise RangeInvalid(f"unsupported Range {header!r}: use one bytes=start-end", size)
+    first, last = match.groups()
+    if not first and not last:
+        raise RangeInvalid(f"invalid Range {header!r}", size)
+    if not first:
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeInvalid(f"Range {header!r} selects no bytes of {size}", size)
+        return ByteRange(max(size - suffix, 0), size - 1)
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        raise RangeInvalid(f"Range {header!r} is outside the blob's {size} bytes", size)
+    return ByteRange(start, end)
+
+
+def parse_accept(values: Iterable[str]) -> tuple[str, ...]:
+    """Media types from any number of Accept lines, each possibly comma-joined.
+
+    Parameters (`;q=0.5`) are dropped and duplicates removed, keeping first-seen order.
+    """
+    seen: dict[str, None] = {}
+    for line in values:
+        for part in line.split(","):
+            media_type = part.split(";", 1)[0].strip().lower()
+            if media_type:
+                seen.setdefault(media_type, None)
+    return tuple(seen)
+
+
+def accepts(accepted: tuple[str, ...], media_type: str) -> bool:
+    """Whether a client sending `accepted` takes `media_type` (no Accept takes anything)."""
+    return not accepted or media_type in accepted or "*/*" in accepted

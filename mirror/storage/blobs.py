@@ -1,0 +1,114 @@
+"""Content-addressed blob files: the only place that knows where a digest lives on disk.
+
+A file is visible under its digest only once complete and verified: writers fill a
+temp file while hashing it, and `BlobWriter.commit` fsyncs and `os.replace`s it into
+place when digest and length match.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from mirror.errors import UpstreamError
+from mirror.reference import Digest
+
+
+class DigestMismatch(UpstreamError):
+    """The bytes received do not hash to the digest (or length) they were fetched as."""
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+
+    def open(self) -> None:
+        """Create the layout; drop temp files of downloads a crash interrupted."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path(self, digest: Digest) -> Path:
+        """Where the blob `digest` lives. The whole on-disk layout:
+
+            <root>/
+              blobs/<algorithm>/<first two hex>/<hex>   complete, verified blobs
+              tmp/<random>                              downloads in progress
+              index.db                                  the SQLite index (storage/index.py)
+
+        The two-hex fan-out keeps directories small at 100,000s of blobs.
+        """
+        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def size(self, digest: Digest) -> int | None:
+        """The size of a complete blob, or None when it is not cached."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def writer(self, digest: Digest) -> BlobWriter:
+        return BlobWriter(self, digest)
+
+    def write(self, digest: Digest, data: bytes) -> Path:
+        """Store small content (a manifest) that is already in memory."""
+        writer = self.writer(digest)
+        try:
+            writer.write(data)
+            return writer.commit(len(data))
+        finally:
+            writer.close()
+
+
+class BlobWriter:
+    """A temp file being filled for one digest; readers may follow it as it grows."""
+
+    def __init__(self, store: BlobStore, digest: Digest) -> None:
+        self.store = store
+        self.digest = digest
+        fd, name = tempfile.mkstemp(dir=store.tmp, prefix=digest.hex[:12] + ".")
+        self.temp_path = Path(name)
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._hash = digest.hasher()
+        self.written = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.written += len(chunk)
+
+    def commit(self, expected_length: int | None) -> Path:
+        """Verify, fsync and move into place; raises DigestMismatch and removes the temp file."""
+        actual = self._hash.hexdigest()
+        if actual != self.digest.hex or (
+            expected_length is not None and expected_length != self.written
+        ):
+            self.close()
+            raise DigestMismatch(
+                f"upstream sent {self.written} bytes hashing to {self.digest.algorithm}:{actual}"
+                f" for {self.digest} (expected length {expected_length}); not cached"
+            )
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self.store.path(self.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.temp_path, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def close(self) -> None:
+        """Drop the temp file unless it was committed (idempotent)."""
+        if not self._file.closed:
+            self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable, so a crash cannot lose a blob the index lists.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
