@@ -225,4 +225,3 @@ def _typed(raw: Mapping[str, Any], name: str, key: str, kind: type[T], default: 
     if value is not default and not isinstance(value, kind):
         raise ConfigError(f"{key}.{name}", f"must be a {kind.__name__}, got {value!r}")
     return value
-

@@ -58,6 +58,10 @@ class RangeInvalid(RegistryError):
         return {"Content-Range": f"bytes */{self.size}"} if self.size is not None else {}
 
 
+class PaginationInvalid(RegistryError):
+    code, status = "PAGINATION_NUMBER_INVALID", 400
+
+
 class ManifestInvalid(RegistryError):
     code, status = "MANIFEST_INVALID", 400
 

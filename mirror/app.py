@@ -1,0 +1,48 @@
+"""The aiohttp application, built the same way in production and in tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from mirror.config import Config
+from mirror.proxy.blobs import BlobProxy
+from mirror.proxy.manifests import ManifestProxy
+from mirror.storage.blobs import BlobStore
+from mirror.storage.index import Index
+from mirror.upstream.client import Upstream
+from mirror.web import registry
+from mirror.web.middleware import api_version_header, registry_errors
+
+CONFIG = web.AppKey("config", Config)
+INDEX_FILE = "index.db"
+
+
+def make_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[registry_errors])
+    app[CONFIG] = config
+    app.on_response_prepare.append(api_version_header)
+    app.cleanup_ctx.append(_storage_and_upstream)
+    registry.add_routes(app)
+    return app
+
+
+async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = BlobStore(config.storage.path)
+    store.open()
+    index = Index(config.storage.path / INDEX_FILE)
+    await index.open()
+    session = aiohttp.ClientSession(auto_decompress=False)
+    blobs = BlobProxy(store, index)
+    try:
+        app[registry.UPSTREAM] = Upstream(config.default_upstream, session)
+        app[registry.BLOBS] = blobs
+        app[registry.MANIFESTS] = ManifestProxy(store, index)
+        yield
+    finally:
+        await blobs.close()
+        await session.close()
+        await index.close()

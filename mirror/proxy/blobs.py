@@ -1,0 +1,209 @@
+"""Pull-through for blobs: local first, else one shared upstream download per digest.
+
+A `Fetch` is owned by `BlobProxy`, not by the request that started it: a task writes
+the upstream body into a temp file while hashing it, and every request for that digest
+(the first included) streams from the growing file through its own file descriptor. A
+client that goes away stops only its own reader. The last byte of any answer is held back
+until the whole blob is verified, so a client that received everything has received the
+right bytes, and a failed download cuts every reader short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.errors import RegistryError, UpstreamError
+from mirror.reference import ByteRange, Digest
+from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.index import Index
+from mirror.upstream.client import Upstream
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class CachedBlob:
+    """A complete, verified blob on disk."""
+
+    path: Path
+    size: int
+
+
+class Fetch:
+    """One upstream download of one digest, followed by any number of readers."""
+
+    def __init__(self, writer: BlobWriter) -> None:
+        self.digest = writer.digest
+        self.writer = writer
+        self.length: int | None = None
+        self.error: RegistryError | None = None
+        self.verified = False
+        self.done = False
+        self.started = asyncio.Event()
+        self._progress = asyncio.Event()
+        # Readers dup this descriptor: it stays valid across the rename at commit and the
+        # unlink on failure, so a reader never races the file's move.
+        self._fd = os.open(writer.temp_path, os.O_RDONLY)
+
+    @property
+    def written(self) -> int:
+        return self.writer.written
+
+    def notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def finish(self, error: RegistryError | None) -> None:
+        self.error = error
+        self.verified = error is None
+        self.done = True
+        self.started.set()
+        self.notify()
+        os.close(self._fd)  # readers hold their own duplicates
+
+    async def wait_started(self) -> int | None:
+        """The upstream's declared length, once its answer arrived; raises its error."""
+        await self.started.wait()
+        if self.error is not None:
+            raise self.error
+        return self.length
+
+    async def wait_done(self) -> None:
+        while not self.done:
+            await self._progress.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def progress(self) -> None:
+        await self._progress.wait()
+
+    def readable(self, stop: int | None) -> int:
+        """How far a reader may read now: never its last byte before verification."""
+        if self.verified:
+            return self.written if stop is None else stop
+        held_back = self.written - 1 if stop is None else min(self.written, stop - 1)
+        return max(held_back, 0)
+
+    def open_reader(self) -> BlobReader:
+        """Only while the fetch is running (it is then in `BlobProxy._fetches`)."""
+        return BlobReader(self, os.dup(self._fd))
+
+
+class BlobReader:
+    """One request's view of a `Fetch`: its own descriptor on the growing file."""
+
+    def __init__(self, fetch: Fetch, fd: int) -> None:
+        self.fetch = fetch
+        self._fd = fd
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    async def chunks(self, byte_range: ByteRange | None) -> AsyncGenerator[bytes, None]:
+        """The bytes of `byte_range` (or the whole blob) as they arrive; raises on failure."""
+        fetch = self.fetch
+        offset = byte_range.start if byte_range else 0
+        stop = byte_range.end + 1 if byte_range else fetch.length
+        while stop is None or offset < stop:
+            limit = fetch.readable(stop)
+            if offset < limit:
+                chunk = os.pread(self._fd, min(READ_CHUNK, limit - offset), offset)
+                offset += len(chunk)
+                yield chunk
+            elif fetch.error is not None:
+                raise fetch.error
+            elif fetch.done:
+                return
+            else:
+                await fetch.progress()
+        await fetch.wait_done()  # an empty answer, too, is complete only once verified
+
+
+class BlobProxy:
+    def __init__(self, store: BlobStore, index: Index) -> None:
+        self.store = store
+        self.index = index
+        self._fetches: dict[Digest, Fetch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def local(self, digest: Digest) -> CachedBlob | None:
+        """The cached blob, recording the use; None on a miss."""
+        size = self.store.size(digest)
+        if size is None:
+            return None
+        self.index.touch(digest)
+        return CachedBlob(self.store.path(digest), size)
+
+    async def size(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
+        """For HEAD: the size from the cache, a download under way, or the upstream."""
+        cached = self.local(digest)
+        if cached is not None:
+            return cached.size
+        fetch = self._fetches.get(digest)
+        if fetch is not None:
+            return await fetch.wait_started()
+        return await upstream.head_blob(repository, digest)
+
+    def join(self, upstream: Upstream, repository: str, digest: Digest) -> BlobReader:
+        """A reader of the download of `digest` under way, or of a new one."""
+        fetch = self._fetches.get(digest)
+        if fetch is None:
+            fetch = Fetch(self.store.writer(digest))
+            self._fetches[digest] = fetch
+            task = asyncio.create_task(self._download(fetch, upstream, repository))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return fetch.open_reader()
+
+    async def close(self) -> None:
+        """Stop downloads still running (at shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _download(self, fetch: Fetch, upstream: Upstream, repository: str) -> None:
+        error: RegistryError | None = None
+        try:
+            await self._receive(fetch, upstream, repository)
+            await asyncio.to_thread(fetch.writer.commit, fetch.length)
+            await self.index.add_blob(fetch.digest, fetch.written)
+        except RegistryError as exc:
+            error = exc
+            log.warning("download of %s from %s failed: %s", fetch.digest, upstream.name, exc)
+        except asyncio.CancelledError:
+            error = UpstreamError("the mirror is shutting down")
+            raise
+        except Exception as exc:
+            log.exception("download of %s from %s failed", fetch.digest, upstream.name)
+            error = UpstreamError(f"download failed: {exc!r}")
+        finally:
+            fetch.writer.close()
+            del self._fetches[fetch.digest]
+            fetch.finish(error)
+
+    async def _receive(self, fetch: Fetch, upstream: Upstream, repository: str) -> None:
+        async with upstream.blob(repository, fetch.digest) as body:
+            fetch.length = body.length
+            fetch.started.set()
+            async for chunk in body.chunks():
+                fetch.writer.write(chunk)
+                if fetch.length is not None and fetch.written > fetch.length:
+                    raise UpstreamError(
+                        f"upstream sent more than the {fetch.length} bytes it declared"
+                    )
+                fetch.notify()

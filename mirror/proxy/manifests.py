@@ -1,0 +1,211 @@
+"""Pull-through for manifests, tags/list and referrers.
+
+Manifests are stored as blobs (their exact bytes) with their media type in the index.
+By digest they are immutable: local first. By tag they are fresh for the upstream's
+`tag_ttl`, then revalidated with a HEAD (which Docker Hub does not count as a pull); when
+the upstream cannot answer, a cached copy is served stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mirror.errors import STALE_SERVABLE, ManifestUnknown, UpstreamError
+from mirror.reference import (
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    Digest,
+    accepts,
+    digest_of,
+    parse_digest,
+)
+from mirror.storage.blobs import BlobStore, DigestMismatch
+from mirror.storage.index import Index
+from mirror.upstream.client import Upstream, UpstreamListing
+
+log = logging.getLogger(__name__)
+
+LISTING_CACHE_ENTRIES = 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: Digest
+    stale: bool = False
+
+
+class ManifestProxy:
+    def __init__(self, store: BlobStore, index: Index) -> None:
+        self.store = store
+        self.index = index
+        self._listings: OrderedDict[tuple[str, str], tuple[float, UpstreamListing]] = OrderedDict()
+
+    async def by_digest(
+        self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
+    ) -> Manifest:
+        cached = await self._local(digest)
+        if cached is not None:
+            return cached
+        remote = await upstream.get_manifest(repository, str(digest), accept)
+        assert remote.body is not None
+        return await self._store(remote.body, remote.media_type, digest)
+
+    async def by_tag(
+        self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> Manifest:
+        row = await self.index.tag(upstream.name, repository, tag)
+        cached = await self._local(parse_digest(row.digest)) if row else None
+        if row is None or cached is None:
+            return await self._fetch_tag(upstream, repository, tag, accept)
+        if not accepts(accept, cached.media_type):
+            # This client wants another form of the tag than the one we keep: ask upstream,
+            # without replacing what the tag row says for everyone else.
+            return await self._fetch_tag(upstream, repository, tag, accept, record=False)
+        if time.time() - row.checked_at < upstream.config.tag_ttl:
+            return cached
+        try:
+            return await self._revalidate(upstream, repository, tag, accept, cached)
+        except STALE_SERVABLE as exc:
+            log.warning("serving %s:%s stale from cache: %s", repository, tag, exc.message)
+            return Manifest(cached.body, cached.media_type, cached.digest, stale=True)
+
+    async def listing(
+        self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
+    ) -> UpstreamListing:
+        """tags/list or referrers, kept briefly and served stale when the upstream fails."""
+        key = (upstream.name, path + "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items())))
+        cached = self._listings.get(key)
+        if cached is not None and time.time() - cached[0] < upstream.config.tag_ttl:
+            return cached[1]
+        try:
+            listing = await upstream.listing(repository, path, query)
+        except STALE_SERVABLE:
+            if cached is None:
+                raise
+            return cached[1]
+        self._listings[key] = (time.time(), listing)
+        self._listings.move_to_end(key)
+        while len(self._listings) > LISTING_CACHE_ENTRIES:
+            self._listings.popitem(last=False)
+        return listing
+
+    async def referrers(
+        self, upstream: Upstream, repository: str, digest: Digest, artifact_type: str | None
+    ) -> bytes:
+        """The referrers index of `digest`, filtered by `artifact_type` when given.
+
+        From the referrers API when the upstream has it; else from the fallback tag
+        `<alg>-<hex>`; else an empty index.
+        """
+        path = f"/v2/{repository}/referrers/{digest}"
+        try:
+            listing = await self.listing(upstream, repository, path, {})
+            found = _descriptors(listing.body)
+        except ManifestUnknown:
+            fallback_tag = f"{digest.algorithm}-{digest.hex}"
+            try:
+                tagged = await self.by_tag(upstream, repository, fallback_tag, (OCI_INDEX,))
+                found = _descriptors(tagged.body)
+            except ManifestUnknown:
+                found = []
+        if artifact_type is not None:
+            found = [d for d in found if d.get("artifactType") == artifact_type]
+        body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return json.dumps(body).encode()
+
+    async def _revalidate(
+        self,
+        upstream: Upstream,
+        repository: str,
+        tag: str,
+        accept: tuple[str, ...],
+        cached: Manifest,
+    ) -> Manifest:
+        head = await upstream.head_manifest(repository, tag, accept or MANIFEST_TYPES)
+        if head.digest == cached.digest:
+            await self.index.set_tag(
+                upstream.name, repository, tag, cached.digest, cached.media_type
+            )
+            return cached
+        if head.digest is None:
+            return await self._fetch_tag(upstream, repository, tag, accept)
+        manifest = await self.by_digest(upstream, repository, head.digest, accept)
+        await self.index.set_tag(
+            upstream.name, repository, tag, manifest.digest, manifest.media_type
+        )
+        return manifest
+
+    async def _fetch_tag(
+        self,
+        upstream: Upstream,
+        repository: str,
+        tag: str,
+        accept: tuple[str, ...],
+        record: bool = True,
+    ) -> Manifest:
+        remote = await upstream.get_manifest(repository, tag, accept or MANIFEST_TYPES)
+        assert remote.body is not None
+        digest = remote.digest or digest_of(remote.body)
+        manifest = await self._store(remote.body, remote.media_type, digest)
+        if record:
+            await self._record(upstream, repository, tag, manifest)
+        return manifest
+
+    async def _record(
+        self, upstream: Upstream, repository: str, tag: str, manifest: Manifest
+    ) -> None:
+        await self.index.set_tag(
+            upstream.name, repository, tag, manifest.digest, manifest.media_type
+        )
+
+    async def _store(self, body: bytes, media_type: str, digest: Digest) -> Manifest:
+        """Verify and keep the exact bytes; the index row marks the blob as a manifest."""
+        actual = digest_of(body, digest.algorithm)
+        if actual != digest:
+            raise DigestMismatch(f"upstream manifest hashes to {actual}, not {digest}; not cached")
+        media_type = media_type or _declared_media_type(body)
+        await asyncio.to_thread(self.store.write, digest, body)
+        await self.index.add_blob(digest, len(body), media_type)
+        return Manifest(body, media_type, digest)
+
+    async def _local(self, digest: Digest) -> Manifest | None:
+        row = await self.index.blob(digest)
+        if row is None or row.media_type is None:
+            return None
+        try:
+            body = self.store.path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        self.index.touch(digest)
+        return Manifest(body, row.media_type, digest)
+
+
+def _descriptors(index: bytes) -> list[dict[str, Any]]:
+    """The `manifests` of an OCI index; anything unreadable counts as none."""
+    try:
+        manifests = json.loads(index).get("manifests")
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(manifests, list):
+        return []
+    return [m for m in manifests if isinstance(m, dict)]
+
+
+def _declared_media_type(body: bytes) -> str:
+    """The `mediaType` a manifest declares, for upstreams that send no Content-Type."""
+    try:
+        declared = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        declared = None
+    if not isinstance(declared, str):
+        raise UpstreamError("upstream sent a manifest without a media type")
+    return declared

@@ -1,0 +1,159 @@
+"""Answering an upstream's `WWW-Authenticate` challenge: Basic, or a Bearer token.
+
+Tokens are cached per upstream (each upstream has its own `Authenticator`) and per
+scope, and fetched once under a lock however many requests meet the same challenge.
+Credentials go to a token realm only when it is on the upstream's own domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from mirror.errors import Unauthorized, UpstreamError, UpstreamUnavailable
+
+DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
+EXPIRY_MARGIN = 10.0  # renew a little early so a token never expires in flight
+MAX_TOKEN_RESPONSE = 64 * 1024
+
+_PARAM = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str
+    params: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        pair = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
+
+def parse_challenge(header: str | None) -> Challenge | None:
+    """`Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`."""
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    params = {m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _PARAM.finditer(rest)}
+    return Challenge(scheme.lower(), params)
+
+
+def same_site(a: URL, b: URL) -> bool:
+    """Same host, or the same registrable domain (last two labels: docker.io, amazonaws.com)."""
+    host_a, host_b = (a.host or "").lower(), (b.host or "").lower()
+    return host_a == host_b or host_a.split(".")[-2:] == host_b.split(".")[-2:]
+
+
+@dataclass
+class _Token:
+    header: str
+    expires: float
+
+
+class Authenticator:
+    """What to put in `Authorization` for one upstream, per scope."""
+
+    def __init__(
+        self,
+        upstream_name: str,
+        upstream_url: URL,
+        credentials: Credentials | None,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.upstream_name = upstream_name
+        self.upstream_url = upstream_url
+        self.credentials = credentials
+        self.session = session
+        self._tokens: dict[str, _Token] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def header(self, scope: str) -> str | None:
+        """The header to send first: a live token for `scope`, else Basic credentials if any."""
+        token = self._tokens.get(scope)
+        if token is not None and token.expires > time.monotonic():
+            return token.header
+        return self.credentials.basic() if self.credentials else None
+
+    async def answer(self, challenge: Challenge, scope: str, rejected: str | None) -> str | None:
+        """A header that may satisfy `challenge`, or None when there is nothing new to try.
+
+        `rejected` is the header the upstream just refused; when another request already
+        renewed the token meanwhile, the renewed one is returned without a new fetch.
+        """
+        if challenge.scheme == "basic":
+            basic = self.credentials.basic() if self.credentials else None
+            return basic if basic != rejected else None
+        if challenge.scheme != "bearer" or "realm" not in challenge.params:
+            return None
+        lock = self._locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            current = self.header(scope)
+            if current is not None and current != rejected and current.startswith("Bearer "):
+                return current
+            token = await self._fetch_token(challenge, scope)
+            self._tokens[scope] = token
+            return token.header
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
+        realm = URL(challenge.params["realm"])
+        if realm.scheme not in ("http", "https") or not realm.host:
+            raise UpstreamError(f"upstream {self.upstream_name} names an invalid token realm")
+        query = {"service": challenge.params.get("service", "")}
+        query["scope"] = challenge.params.get("scope", scope)
+        headers = {}
+        if self.credentials and same_site(realm, self.upstream_url):
+            headers["Authorization"] = self.credentials.basic()
+        try:
+            async with self.session.get(
+                realm.update_query({k: v for k, v in query.items() if v}),
+                headers=headers,
+                allow_redirects=False,
+            ) as response:
+                body = await response.content.read(MAX_TOKEN_RESPONSE)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(
+                f"token service of upstream {self.upstream_name} ({realm.host}) is unreachable"
+            ) from exc
+        return self._token_from(status, body)
+
+    def _token_from(self, status: int, body: bytes) -> _Token:
+        if status in (401, 403):
+            raise Unauthorized(
+                f"token service of upstream {self.upstream_name} refused the credentials"
+            )
+        if status != 200:
+            raise UpstreamError(f"token service of upstream {self.upstream_name} answered {status}")
+        try:
+            data = _json_object(body)
+            token = data.get("token") or data.get("access_token")
+            lifetime = float(data.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, TypeError) as exc:
+            raise UpstreamError(
+                f"token service of upstream {self.upstream_name} sent an unreadable answer"
+            ) from exc
+        if not isinstance(token, str) or not token:
+            raise UpstreamError(f"token service of upstream {self.upstream_name} sent no token")
+        expires = time.monotonic() + max(lifetime - EXPIRY_MARGIN, 1.0)
+        return _Token(f"Bearer {token}", expires)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data

@@ -1,0 +1,250 @@
+"""Talking to one upstream registry: requests, auth challenges, redirects, and the status table.
+
+Every upstream answer that is not a success becomes one of our `RegistryError`s here, in
+`_raise_for_status`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from mirror.config import UpstreamConfig
+from mirror.errors import (
+    BlobUnknown,
+    ConfigError,
+    Denied,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from mirror.reference import Digest, parse_digest
+from mirror.upstream.auth import Authenticator, Credentials, parse_challenge
+
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+MAX_LISTING_SIZE = 4 * 1024 * 1024
+MAX_REDIRECTS = 5
+CHUNK_SIZE = 256 * 1024
+TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_UNKNOWN = {"manifest": ManifestUnknown, "blob": BlobUnknown, "repository": NameUnknown}
+
+
+@dataclass(frozen=True)
+class UpstreamManifest:
+    """A manifest as the upstream sent it; `body` is None for a HEAD."""
+
+    body: bytes | None
+    media_type: str
+    digest: Digest | None
+
+
+@dataclass(frozen=True)
+class UpstreamListing:
+    """A tags/list or referrers answer, passed through with the headers that matter."""
+
+    body: bytes
+    content_type: str
+    link: str | None
+
+
+class UpstreamBlob:
+    """An upstream blob body being received, in bounded chunks."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.length = response.content_length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                yield chunk
+        except TimeoutError as exc:
+            raise UpstreamTimeout("upstream stopped sending the blob") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream connection failed mid-blob: {exc}") from exc
+
+
+class Upstream:
+    """One configured upstream registry, reached through the shared session."""
+
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.name = config.name
+        self.url = URL(config.url)
+        self.session = session
+        self.auth = Authenticator(config.name, self.url, _credentials(config), session)
+
+    async def get_manifest(
+        self, repository: str, reference: str, accept: tuple[str, ...]
+    ) -> UpstreamManifest:
+        path = f"/v2/{repository}/manifests/{reference}"
+        async with self._request("GET", path, repository, "manifest", _accept(accept)) as resp:
+            if (resp.content_length or 0) > MAX_MANIFEST_SIZE:
+                raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_SIZE} bytes")
+            body = await resp.content.read(MAX_MANIFEST_SIZE + 1)
+            if len(body) > MAX_MANIFEST_SIZE:
+                raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_SIZE} bytes")
+            return UpstreamManifest(body, _media_type(resp), _content_digest(resp))
+
+    async def head_manifest(
+        self, repository: str, reference: str, accept: tuple[str, ...]
+    ) -> UpstreamManifest:
+        path = f"/v2/{repository}/manifests/{reference}"
+        async with self._request("HEAD", path, repository, "manifest", _accept(accept)) as resp:
+            return UpstreamManifest(None, _media_type(resp), _content_digest(resp))
+
+    async def head_blob(self, repository: str, digest: Digest) -> int | None:
+        """The blob's length, as the upstream declares it."""
+        path = f"/v2/{repository}/blobs/{digest}"
+        async with self._request("HEAD", path, repository, "blob") as resp:
+            return resp.content_length
+
+    @asynccontextmanager
+    async def blob(self, repository: str, digest: Digest) -> AsyncIterator[UpstreamBlob]:
+        path = f"/v2/{repository}/blobs/{digest}"
+        async with self._request("GET", path, repository, "blob") as resp:
+            yield UpstreamBlob(resp)
+
+    async def listing(
+        self, repository: str, path: str, query: Mapping[str, str]
+    ) -> UpstreamListing:
+        """tags/list or referrers: small JSON answers passed through."""
+        kind = "repository" if path.endswith("tags/list") else "manifest"
+        async with self._request("GET", path, repository, kind, params=query) as resp:
+            body = await resp.content.read(MAX_LISTING_SIZE + 1)
+            if len(body) > MAX_LISTING_SIZE:
+                raise UpstreamError(f"upstream {self.name} sent a listing over 4 MiB")
+            content_type = resp.headers.get("Content-Type", "application/json")
+            return UpstreamListing(body, content_type, resp.headers.get("Link"))
+
+    @asynccontextmanager
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        repository: str,
+        kind: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send, answering one auth challenge; yields only successful responses."""
+        scope = f"repository:{repository}:pull"
+        url = self.url.with_path(path).with_query(params or {})
+        authorization = self.auth.header(scope)
+        try:
+            response = await self._follow(method, url, headers, authorization)
+            if response.status == 401:
+                challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
+                retry = (
+                    await self.auth.answer(challenge, scope, authorization) if challenge else None
+                )
+                if retry is not None:
+                    response.release()
+                    response = await self._follow(method, url, headers, retry)
+            try:
+                _raise_for_status(response, kind, self.name, f"{method} {path}")
+                yield response
+            finally:
+                response.release()
+        except RegistryError:
+            raise
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"upstream {self.name} did not answer {method} {path} in time"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.name} ({self.url.host}) is unreachable: {exc.os_error}"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.name} failed {method} {path}: {exc!r}"
+            ) from exc
+
+    async def _follow(
+        self,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str] | None,
+        authorization: str | None,
+    ) -> aiohttp.ClientResponse:
+        """Follow redirects by hand, so `Authorization` never leaves the upstream's host."""
+        send = CIMultiDict(headers or {})
+        if authorization:
+            send["Authorization"] = authorization
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self.session.request(
+                method, url, headers=send, allow_redirects=False, timeout=TIMEOUT
+            )
+            location = response.headers.get("Location")
+            if response.status not in _REDIRECTS or location is None:
+                return response
+            response.release()
+            target = url.join(URL(location))
+            if target.scheme not in ("http", "https"):
+                raise UpstreamError(f"upstream {self.name} redirected to a non-HTTP URL")
+            if target.origin() != url.origin():
+                send.pop("Authorization", None)
+            url = target
+        raise UpstreamError(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
+
+
+def _raise_for_status(response: aiohttp.ClientResponse, kind: str, name: str, what: str) -> None:
+    """The one table from upstream statuses to our errors."""
+    status = response.status
+    if 200 <= status < 300:
+        return
+    if status == 404:
+        raise _UNKNOWN[kind](f"{kind} unknown to upstream {name}", {"request": what})
+    if status == 401:
+        raise Unauthorized(f"upstream {name} requires authentication that failed")
+    if status == 403:
+        raise Denied(f"upstream {name} denied access")
+    if status == 429:
+        raise TooManyRequests(
+            f"upstream {name} is rate limiting pulls", response.headers.get("Retry-After")
+        )
+    raise UpstreamError(f"upstream {name} answered {status} to {what}")
+
+
+def _accept(accept: tuple[str, ...]) -> dict[str, str]:
+    return {"Accept": ", ".join(accept)} if accept else {}
+
+
+def _media_type(response: aiohttp.ClientResponse) -> str:
+    return response.headers.get("Content-Type", "").split(";", 1)[0].strip()
+
+
+def _content_digest(response: aiohttp.ClientResponse) -> Digest | None:
+    value = response.headers.get("Docker-Content-Digest")
+    if value is None:
+        return None
+    try:
+        return parse_digest(value)
+    except RegistryError:
+        return None
+
+
+def _credentials(config: UpstreamConfig) -> Credentials | None:
+    if config.username is None or config.password_env is None:
+        return None
+    password = os.environ.get(config.password_env)
+    if password is None:
+        raise ConfigError(
+            f"upstreams.{config.name}.password_env",
+            f"environment variable {config.password_env} is not set",
+        )
+    return Credentials(config.username, password)

@@ -1,0 +1,43 @@
+"""The one place errors become responses: OCI error JSON with the error's status and headers."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mirror.errors import NotFound, RegistryError, Unsupported
+
+log = logging.getLogger(__name__)
+
+API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
+
+
+def error_response(error: RegistryError) -> web.Response:
+    entry: dict[str, object] = {"code": error.code, "message": error.message}
+    if error.detail is not None:
+        entry["detail"] = error.detail
+    return web.json_response({"errors": [entry]}, status=error.status, headers=error.headers())
+
+
+@web.middleware
+async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryError as error:
+        return error_response(error)
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"no such endpoint: {request.path}"))
+    except web.HTTPMethodNotAllowed:
+        return error_response(Unsupported(f"{request.method} is not supported by a mirror"))
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return error_response(RegistryError("internal error in the mirror"))
+
+
+async def api_version_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, errors included, names the API version, as distribution does."""
+    response.headers.setdefault(*API_VERSION)

@@ -1,0 +1,159 @@
+"""The /v2/ routes of the OCI distribution API, read side.
+
+Each handler parses and validates what the client sent (reference.py), asks the
+pull-through proxy, and turns its answer into a response. Push methods are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+
+from aiohttp import web
+
+from mirror.errors import PaginationInvalid, RangeInvalid, RegistryError, Unsupported
+from mirror.proxy.blobs import BlobProxy, BlobReader, CachedBlob
+from mirror.proxy.manifests import ManifestProxy
+from mirror.reference import (
+    OCI_INDEX,
+    ByteRange,
+    Digest,
+    parse_accept,
+    parse_digest,
+    parse_range,
+    parse_reference,
+    validate_name,
+)
+from mirror.upstream.client import Upstream
+
+log = logging.getLogger(__name__)
+
+BLOBS = web.AppKey("blobs", BlobProxy)
+MANIFESTS = web.AppKey("manifests", ManifestProxy)
+UPSTREAM = web.AppKey("upstream", Upstream)
+
+OCTET_STREAM = "application/octet-stream"
+
+
+def add_routes(app: web.Application) -> None:
+    name = "/v2/{name:[^?#]+?}"
+    app.router.add_get("/v2/", ping)
+    app.router.add_get(name + "/manifests/{reference}", manifest)
+    app.router.add_get(name + "/blobs/{digest}", blob)
+    app.router.add_get(name + "/tags/list", tags)
+    app.router.add_get(name + "/referrers/{digest}", referrers)
+    app.router.add_route("*", "/v2/{tail:.*}", not_supported)
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def manifest(request: web.Request) -> web.Response:
+    name = validate_name(request.match_info["name"])
+    reference = parse_reference(request.match_info["reference"])
+    accept = parse_accept(request.headers.getall("Accept", ()))
+    proxy, upstream = request.app[MANIFESTS], request.app[UPSTREAM]
+    if isinstance(reference, Digest):
+        found = await proxy.by_digest(upstream, name, reference, accept)
+    else:
+        found = await proxy.by_tag(upstream, name, reference, accept)
+    return web.Response(
+        body=found.body,
+        headers={
+            "Content-Type": found.media_type,
+            "Docker-Content-Digest": str(found.digest),
+            "ETag": f'"{found.digest}"',
+        },
+    )
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    name = validate_name(request.match_info["name"])
+    digest = parse_digest(request.match_info["digest"])
+    proxy, upstream = request.app[BLOBS], request.app[UPSTREAM]
+    headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
+    cached = proxy.local(digest)
+    if cached is not None:
+        return _file_response(request, cached, headers)
+    if request.method == "HEAD":
+        size = await proxy.size(upstream, name, digest)
+        response = web.StreamResponse(headers=headers)
+        if size is not None:
+            response.content_length = size
+        return response
+    with proxy.join(upstream, name, digest) as reader:
+        return await _stream(request, reader, headers)
+
+
+def _file_response(
+    request: web.Request, cached: CachedBlob, headers: dict[str, str]
+) -> web.FileResponse:
+    header = request.headers.get("Range")
+    if header is not None:
+        parse_range(header, cached.size)  # the OCI 416 for what FileResponse would refuse
+    return web.FileResponse(cached.path, headers=headers)
+
+
+async def _stream(
+    request: web.Request, reader: BlobReader, headers: dict[str, str]
+) -> web.StreamResponse:
+    """A blob being downloaded, served from the growing file."""
+    length = await reader.fetch.wait_started()
+    header = request.headers.get("Range")
+    byte_range: ByteRange | None = None
+    if header is not None:
+        if length is None:
+            raise RangeInvalid("the upstream did not declare the blob's length; retry later")
+        byte_range = parse_range(header, length)
+    response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+    if byte_range is not None and length is not None:
+        response.headers["Content-Range"] = byte_range.content_range(length)
+        response.content_length = byte_range.length
+    elif length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    try:
+        async with aclosing(reader.chunks(byte_range)) as chunks:
+            async for chunk in chunks:
+                await response.write(chunk)
+    except RegistryError as error:
+        # Headers are gone already: cutting the connection is the only way to say "failed".
+        log.warning("cut %s %s mid-body: %s", request.method, request.path, error.message)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
+async def tags(request: web.Request) -> web.Response:
+    name = validate_name(request.match_info["name"])
+    query = {key: request.query[key] for key in ("n", "last") if key in request.query}
+    if "n" in query and not query["n"].isdigit():
+        raise PaginationInvalid(f"invalid n={query['n']!r}: must be a non-negative number")
+    upstream = request.app[UPSTREAM]
+    path = f"/v2/{name}/tags/list"
+    listing = await request.app[MANIFESTS].listing(upstream, name, path, query)
+    headers = {"Content-Type": listing.content_type}
+    if listing.link:
+        headers["Link"] = listing.link
+    return web.Response(body=listing.body, headers=headers)
+
+
+async def referrers(request: web.Request) -> web.Response:
+    name = validate_name(request.match_info["name"])
+    digest = parse_digest(request.match_info["digest"])
+    artifact_type = request.query.get("artifactType")
+    upstream = request.app[UPSTREAM]
+    body = await request.app[MANIFESTS].referrers(upstream, name, digest, artifact_type)
+    headers = {"Content-Type": OCI_INDEX}
+    if artifact_type is not None:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return web.Response(body=body, headers=headers)
+
+
+async def not_supported(request: web.Request) -> web.Response:
+    if request.method in ("GET", "HEAD"):
+        raise web.HTTPNotFound()
+    raise Unsupported(f"{request.method} is not supported: this registry is a read-only mirror")
