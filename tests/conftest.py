@@ -1,0 +1,121 @@
+"""Shared fixtures: a real upstream registry, and the mirror in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+from upstream_registry import RegistryProcess, free_loopback_port
+
+from mirror.app import make_app
+from mirror.config import Config, Listen, StorageConfig, UpstreamConfig
+
+MirrorClient = TestClient  # type: ignore[type-arg]
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[RegistryProcess]:
+    """A real docker-registry on a free loopback port, with its own storage."""
+    with RegistryProcess(tmp_path / "upstream") as reg:
+        yield reg
+
+
+def mirror_config(
+    storage: Path, upstream_url: str, tag_ttl: float = 300.0, port: int = 0
+) -> Config:
+    return Config(
+        listen=Listen("127.0.0.1", port),
+        storage=StorageConfig(path=storage),
+        upstreams=(
+            UpstreamConfig(name="upstream", url=upstream_url, default=True, tag_ttl=tag_ttl),
+        ),
+    )
+
+
+@pytest.fixture
+def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> Callable[..., object]:
+    """Start the mirror in-process (built by `make_app`, as in production) for an upstream URL.
+
+    `await make_mirror(url, tag_ttl=..., storage=...)` returns an aiohttp TestClient whose
+    `server.port` real clients such as skopeo can use.
+    """
+
+    async def start(
+        upstream_url: str, *, tag_ttl: float = 300.0, storage: Path | None = None
+    ) -> MirrorClient:
+        config = mirror_config(storage or tmp_path / "cache", upstream_url, tag_ttl)
+        return await aiohttp_client(make_app(config))
+
+    return start
+
+
+class MirrorProcess:
+    """`mirror serve` as a real subprocess, started from the console script."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.port = free_loopback_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        command = [_console_script(), "serve", "--listen", self.host, *args]
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mirror exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"mirror did not become ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _console_script() -> str:
+    """The `mirror` script installed next to this interpreter (what `pip install .` made)."""
+    script = Path(sys.executable).parent / "mirror"
+    if not script.exists():
+        raise AssertionError(f"console script {script} missing: run pip install '.[test]'")
+    return str(script)
+
+
+@pytest.fixture
+def start_mirror_process(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
+    """`start_mirror_process(*args)` runs `mirror serve --listen 127.0.0.1:PORT *args`."""
+    started: list[MirrorProcess] = []
+
+    def start(*args: str) -> MirrorProcess:
+        process = MirrorProcess(list(args), tmp_path / f"mirror-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
