@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 from upstream_registry import RegistryProcess, free_loopback_port
@@ -18,7 +19,7 @@ from upstream_registry import RegistryProcess, free_loopback_port
 from mirror.app import make_app
 from mirror.config import Config, Listen, StorageConfig, UpstreamConfig
 
-MirrorClient = TestClient  # type: ignore[type-arg]
+MirrorClient = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
