@@ -1,0 +1,184 @@
+"""The config contract: YAML into frozen dataclasses, every mistake named by its key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.config import (
+    DOCKER_HUB_URL,
+    Config,
+    Listen,
+    config_from_dict,
+    load_config,
+    parse_duration,
+    parse_size,
+    with_overrides,
+)
+from mirror.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_default_needs_no_file() -> None:
+    config = load_config(None)
+    assert config.listen == Listen("0.0.0.0", 5000)
+    assert config.storage.path == Path("data")
+    upstream = config.default_upstream
+    assert (upstream.url, upstream.username, upstream.tag_ttl) == (DOCKER_HUB_URL, None, 300.0)
+
+
+def test_shipped_configs_load() -> None:
+    documented = load_config(REPO / "config" / "mirror.yaml")
+    assert documented == Config()  # the documented example spells out the defaults
+    minimal = load_config(REPO / "config" / "minimal.yaml")
+    assert minimal.storage.max_size == 50 * 1024**3
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().listen = Listen()  # type: ignore[misc]
+
+
+def test_full_config(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "listen: 127.0.0.1:6000\n"
+        "storage: {path: /srv/cache, max_size: 500MiB}\n"
+        "upstreams:\n"
+        "  - {name: hub, url: 'https://registry-1.docker.io/', tag_ttl: 10m}\n"
+        "  - {name: local, url: 'http://127.0.0.1:5001', default: true,"
+        " username: u, password_env: P}\n"
+    )
+    config = load_config(path)
+    assert config.listen == Listen("127.0.0.1", 6000)
+    assert (config.storage.path, config.storage.max_size) == (Path("/srv/cache"), 500 * 1024**2)
+    hub, local = config.upstreams
+    assert (hub.url, hub.tag_ttl, hub.default) == ("https://registry-1.docker.io", 600.0, False)
+    assert config.default_upstream is local
+    assert (local.username, local.password_env) == ("u", "P")
+
+
+def test_single_upstream_is_the_default() -> None:
+    config = config_from_dict({"upstreams": [{"name": "a", "url": "http://a"}]})
+    assert config.default_upstream.name == "a"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"listn": "x"}, "listn"),
+        ({"listen": "nope"}, "listen"),
+        ({"listen": "1.2.3.4:99999"}, "listen"),
+        ({"storage": []}, "storage"),
+        ({"storage": {"pth": "x"}}, "storage.pth"),
+        ({"storage": {"path": ""}}, "storage.path"),
+        ({"storage": {"path": 5}}, "storage.path"),
+        ({"storage": {"max_size": "lots"}}, "storage.max_size"),
+        ({"storage": {"max_size": "-5GiB"}}, "storage.max_size"),
+        ({"upstreams": []}, "upstreams"),
+        ({"upstreams": {"name": "a"}}, "upstreams"),
+        ({"upstreams": ["x"]}, "upstreams[0]"),
+        ({"upstreams": [{"url": "http://a"}]}, "upstreams[0].name"),
+        ({"upstreams": [{"name": "a"}]}, "upstreams[0].url"),
+        ({"upstreams": [{"name": "A B", "url": "http://a"}]}, "upstreams[0].name"),
+        ({"upstreams": [{"name": "a", "url": "ftp://a"}]}, "upstreams[0].url"),
+        ({"upstreams": [{"name": "a", "url": "a.example"}]}, "upstreams[0].url"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "tag_ttl": "soon"}]},
+         "upstreams[0].tag_ttl"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "default": "yes"}]},
+         "upstreams[0].default"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "username": "u"}]},
+         "upstreams[0].password_env"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "extra": 1}]}, "upstreams[0].extra"),
+        ({"upstreams": [{"name": "a", "url": "http://a"}, {"name": "b", "url": "http://b"}]},
+         "upstreams"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "default": True},
+                        {"name": "a", "url": "http://b"}]}, "upstreams[1].name"),
+    ],
+)  # fmt: skip
+def test_mistakes_name_the_key(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data)
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{key}: ")
+
+
+def test_file_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    not_a_mapping = tmp_path / "list.yaml"
+    not_a_mapping.write_text("- a\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(not_a_mapping)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == Config()
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [(0, 0), (1234, 1234), ("1234", 1234), ("500MiB", 500 * 1024**2), ("50GiB", 50 * 1024**3),
+     ("2TB", 2 * 1000**4), ("1.5GiB", 1536 * 1024**2), ("10 kb", 10_000), ("1G", 1024**3)],
+)  # fmt: skip
+def test_parse_size(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "5 parsecs", "-1", True, None, 1.5, "1e9"])
+def test_parse_size_rejects(text: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(text, "storage.max_size")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(0, 0.0), (90, 90.0), ("90s", 90.0), ("10m", 600.0), ("12h", 43200.0), ("30d", 2592000.0),
+     ("0s", 0.0), ("1.5h", 5400.0), ("250ms", 0.25)],
+)  # fmt: skip
+def test_parse_duration(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "10y", "-5s", False, None])
+def test_parse_duration_rejects(text: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(text, "upstreams[0].tag_ttl")
+
+
+def test_flags_override_the_file() -> None:
+    config = with_overrides(
+        Config(),
+        listen="127.0.0.1:7000",
+        storage="/tmp/c",
+        upstream="http://127.0.0.1:5001/",
+        max_size="1GiB",
+    )
+    assert config.listen == Listen("127.0.0.1", 7000)
+    assert (config.storage.path, config.storage.max_size) == (Path("/tmp/c"), 1024**3)
+    (upstream,) = config.upstreams
+    assert (upstream.url, upstream.default) == ("http://127.0.0.1:5001", True)
+    assert with_overrides(Config()) == Config()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("listen", "x"), ("upstream", "nope"), ("max_size", "big")],
+)
+def test_bad_flags_name_the_flag(flag: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        with_overrides(Config(), **{flag: value})
+    assert caught.value.key == "--" + flag.replace("_", "-")
+
+
+def test_ipv6_listen() -> None:
+    config = with_overrides(Config(), listen="[::1]:5000")
+    assert config.listen == Listen("::1", 5000)
+    assert str(config.listen) == "[::1]:5000"

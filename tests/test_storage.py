@@ -1,0 +1,131 @@
+"""The blob store (verified atomic commit) and the SQLite index (batched access times)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import aiosqlite
+import pytest
+
+from mirror.reference import Digest, digest_of
+from mirror.storage.blobs import BlobStore, DigestMismatch
+from mirror.storage.index import Index
+
+
+def make_store(tmp_path: Path) -> BlobStore:
+    store = BlobStore(tmp_path / "cache")
+    store.open()
+    return store
+
+
+def test_layout(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    digest = Digest("sha256", "ab" + "0" * 62)
+    assert store.path(digest) == tmp_path / "cache" / "blobs" / "sha256" / "ab" / digest.hex
+
+
+def test_write_commit_and_size(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(100_000)
+    digest = digest_of(data)
+    assert store.size(digest) is None
+    writer = store.writer(digest)
+    for start in range(0, len(data), 4096):
+        writer.write(data[start : start + 4096])
+    assert not store.path(digest).exists()  # invisible until committed
+    path = writer.commit(len(data))
+    writer.close()
+    assert path.read_bytes() == data
+    assert store.size(digest) == len(data)
+    assert list(store.tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["wrong bytes", "wrong length"])
+def test_mismatch_caches_nothing(tmp_path: Path, kind: str) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(10_000)
+    digest = digest_of(data)
+    writer = store.writer(digest)
+    writer.write(os.urandom(10_000) if kind == "wrong bytes" else data)
+    with pytest.raises(DigestMismatch) as caught:
+        writer.commit(len(data) if kind == "wrong bytes" else len(data) + 1)
+    assert caught.value.status == 502
+    writer.close()
+    assert store.size(digest) is None
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_sha512(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = b"hello"
+    digest = Digest("sha512", hashlib.sha512(data).hexdigest())
+    assert store.write(digest, data).read_bytes() == data
+
+
+def test_open_removes_interrupted_downloads(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    writer = store.writer(digest_of(b"x"))
+    writer.write(b"partial")
+    assert len(list(store.tmp.iterdir())) == 1
+    make_store(tmp_path)  # a restart after a crash
+    assert list(store.tmp.iterdir()) == []
+
+
+async def test_index_blobs_tags_and_restart(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    index = Index(path)
+    await index.open()
+    digest = digest_of(b"manifest")
+    assert await index.blob(digest) is None
+    await index.add_blob(digest, 8, "application/vnd.oci.image.manifest.v1+json")
+    await index.add_blob(digest, 8)  # a later plain-blob write keeps the media type
+    row = await index.blob(digest)
+    assert row is not None
+    assert (row.size, row.media_type) == (8, "application/vnd.oci.image.manifest.v1+json")
+    await index.set_tag("hub", "library/alpine", "3.20", digest, "application/x")
+    await index.close()
+
+    reopened = Index(path)
+    await reopened.open()
+    tag = await reopened.tag("hub", "library/alpine", "3.20")
+    assert tag is not None
+    assert (tag.digest, tag.media_type) == (str(digest), "application/x")
+    assert time.time() - tag.checked_at < 60
+    assert await reopened.tag("other", "library/alpine", "3.20") is None  # keyed per upstream
+    await reopened.close()
+
+
+async def test_touch_is_batched_and_flushed_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    index = Index(path)
+    await index.open()
+    digest = digest_of(b"blob")
+    await index.add_blob(digest, 4)
+    before = await _last_access(path, digest)
+    await asyncio.sleep(0.01)
+    index.touch(digest)  # synchronous: a hit never waits for SQLite
+    assert await _last_access(path, digest) == before
+    await index.close()
+    assert await _last_access(path, digest) > before
+
+
+async def test_index_uses_wal(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.db")
+    await index.open()
+    async with index.db.execute("PRAGMA journal_mode") as cursor:
+        assert await cursor.fetchone() == ("wal",)
+    await index.close()
+
+
+async def _last_access(path: Path, digest: Digest) -> float:
+    async with (
+        aiosqlite.connect(path) as db,
+        db.execute("SELECT last_access FROM blobs WHERE digest = ?", (str(digest),)) as cursor,
+    ):
+        row = await cursor.fetchone()
+    assert row is not None
+    return float(row[0])
