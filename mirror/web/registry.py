@@ -11,12 +11,11 @@ from contextlib import aclosing
 
 from aiohttp import web
 
-from mirror.errors import PaginationInvalid, RangeInvalid, RegistryError, Unsupported
+from mirror.errors import BlobUnknown, PaginationInvalid, RegistryError, Unsupported
 from mirror.proxy.blobs import BlobProxy, BlobReader, CachedBlob
 from mirror.proxy.manifests import ManifestProxy
 from mirror.reference import (
     OCI_INDEX,
-    ByteRange,
     Digest,
     parse_accept,
     parse_digest,
@@ -83,7 +82,15 @@ async def blob(request: web.Request) -> web.StreamResponse:
             response.content_length = size
         return response
     with proxy.join(upstream, name, digest) as reader:
-        return await _stream(request, reader, headers)
+        length = await reader.fetch.wait_started()
+        if length is not None or "Range" not in request.headers:
+            return await _stream(request, reader, length, headers)
+        # A range of a blob of undeclared length: answerable once it is complete.
+        await reader.fetch.wait_done()
+    cached = proxy.local(digest)
+    if cached is None:
+        raise BlobUnknown(f"blob {digest} vanished from the cache")
+    return _file_response(request, cached, headers)
 
 
 def _file_response(
@@ -96,16 +103,11 @@ def _file_response(
 
 
 async def _stream(
-    request: web.Request, reader: BlobReader, headers: dict[str, str]
+    request: web.Request, reader: BlobReader, length: int | None, headers: dict[str, str]
 ) -> web.StreamResponse:
     """A blob being downloaded, served from the growing file."""
-    length = await reader.fetch.wait_started()
     header = request.headers.get("Range")
-    byte_range: ByteRange | None = None
-    if header is not None:
-        if length is None:
-            raise RangeInvalid("the upstream did not declare the blob's length; retry later")
-        byte_range = parse_range(header, length)
+    byte_range = parse_range(header, length) if header is not None and length is not None else None
     response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
     if byte_range is not None and length is not None:
         response.headers["Content-Range"] = byte_range.content_range(length)
