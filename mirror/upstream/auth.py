@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import re
 import time
@@ -16,15 +17,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from publicsuffixlist import PublicSuffixList
 from yarl import URL
 
-from mirror.errors import Unauthorized, UpstreamError, UpstreamUnavailable
+from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
 EXPIRY_MARGIN = 10.0  # renew a little early so a token never expires in flight
 MAX_TOKEN_RESPONSE = 64 * 1024
+TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
 
 _PARAM = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+_ESCAPED = re.compile(r"\\(.)")
+_SUFFIXES = PublicSuffixList()
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,37 @@ class Credentials:
 
 def parse_challenge(header: str | None) -> Challenge | None:
     """`Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`."""
-    if not header:
+    if not header or not header.strip():
         return None
     scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _PARAM.finditer(rest)}
+    params = {
+        m.group(1).lower(): _ESCAPED.sub(r"\1", m.group(2)) if m.group(2) else m.group(3) or ""
+        for m in _PARAM.finditer(rest)
+    }
     return Challenge(scheme.lower(), params)
 
 
 def same_site(a: URL, b: URL) -> bool:
-    """Same host, or the same registrable domain (last two labels: docker.io, amazonaws.com)."""
+    """Same host, or the same registrable domain by the Public Suffix List (docker.io for
+    registry-1.docker.io and auth.docker.io; never co.uk).
+
+    An IP address has no domain: only the very same address is the same site.
+    """
     host_a, host_b = (a.host or "").lower(), (b.host or "").lower()
-    return host_a == host_b or host_a.split(".")[-2:] == host_b.split(".")[-2:]
+    if host_a == host_b:
+        return True
+    if _is_ip(host_a) or _is_ip(host_b):
+        return False
+    domain = _SUFFIXES.privatesuffix(host_a)
+    return domain is not None and domain == _SUFFIXES.privatesuffix(host_b)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -108,6 +133,12 @@ class Authenticator:
             self._tokens[scope] = token
             return token.header
 
+    def trusts_realm(self, realm: URL) -> bool:
+        """Whether the upstream's credentials may go to this token realm: on its site, and
+        not from https down to plain http."""
+        downgrade = realm.scheme == "http" and self.upstream_url.scheme == "https"
+        return same_site(realm, self.upstream_url) and not downgrade
+
     async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
         realm = URL(challenge.params["realm"])
         if realm.scheme not in ("http", "https") or not realm.host:
@@ -115,17 +146,22 @@ class Authenticator:
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope", scope)
         headers = {}
-        if self.credentials and same_site(realm, self.upstream_url):
+        if self.credentials and self.trusts_realm(realm):
             headers["Authorization"] = self.credentials.basic()
         try:
             async with self.session.get(
                 realm.update_query({k: v for k, v in query.items() if v}),
                 headers=headers,
                 allow_redirects=False,
+                timeout=TOKEN_TIMEOUT,
             ) as response:
-                body = await response.content.read(MAX_TOKEN_RESPONSE)
+                body = await read_at_most(response.content, MAX_TOKEN_RESPONSE)
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"token service of upstream {self.upstream_name} ({realm.host}) did not answer"
+            ) from exc
+        except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(
                 f"token service of upstream {self.upstream_name} ({realm.host}) is unreachable"
             ) from exc
@@ -150,6 +186,20 @@ class Authenticator:
             raise UpstreamError(f"token service of upstream {self.upstream_name} sent no token")
         expires = time.monotonic() + max(lifetime - EXPIRY_MARGIN, 1.0)
         return _Token(f"Bearer {token}", expires)
+
+
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body when it has at most `limit` bytes, else its first `limit + 1`.
+
+    (`StreamReader.read(n)` alone returns whatever has arrived, often far less than `n`.)
+    """
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await content.read(limit + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.reference import Digest, parse_digest
-from mirror.upstream.auth import Authenticator, Credentials, parse_challenge
+from mirror.upstream.auth import Authenticator, Credentials, parse_challenge, read_at_most
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 MAX_LISTING_SIZE = 4 * 1024 * 1024
@@ -94,7 +94,7 @@ class Upstream:
         async with self._request("GET", path, repository, "manifest", _accept(accept)) as resp:
             if (resp.content_length or 0) > MAX_MANIFEST_SIZE:
                 raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_SIZE} bytes")
-            body = await resp.content.read(MAX_MANIFEST_SIZE + 1)
+            body = await read_at_most(resp.content, MAX_MANIFEST_SIZE)
             if len(body) > MAX_MANIFEST_SIZE:
                 raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_SIZE} bytes")
             return UpstreamManifest(body, _media_type(resp), _content_digest(resp))
@@ -124,7 +124,7 @@ class Upstream:
         """tags/list or referrers: small JSON answers passed through."""
         kind = "repository" if path.endswith("tags/list") else "manifest"
         async with self._request("GET", path, repository, kind, params=query) as resp:
-            body = await resp.content.read(MAX_LISTING_SIZE + 1)
+            body = await read_at_most(resp.content, MAX_LISTING_SIZE)
             if len(body) > MAX_LISTING_SIZE:
                 raise UpstreamError(f"upstream {self.name} sent a listing over 4 MiB")
             content_type = resp.headers.get("Content-Type", "application/json")

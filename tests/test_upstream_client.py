@@ -1,0 +1,503 @@
+"""The upstream client: redirects and where `Authorization` goes, and the status table.
+
+Fake upstreams are real aiohttp servers on loopback (`fake_registry.py`). Each behaviour is
+checked on `Upstream` itself and, where a client of the mirror can see it, through the
+whole app built by `make_app`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from fake_registry import (
+    OCI_MANIFEST,
+    FakeCDN,
+    FakeRegistry,
+    manifest_bytes,
+    serve,
+    sha256,
+)
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from mirror import config as mirror_config
+from mirror.app import make_app
+from mirror.config import UpstreamConfig
+from mirror.errors import (
+    BlobUnknown,
+    ConfigError,
+    Denied,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from mirror.reference import parse_digest
+from mirror.upstream import client
+from mirror.upstream.client import MAX_MANIFEST_SIZE, MAX_REDIRECTS, Upstream
+
+MirrorClient = TestClient[web.Request, web.Application]
+MakeMirror = Callable[..., Awaitable[MirrorClient]]
+
+ACCEPT = (OCI_MANIFEST,)
+PASSWORD = "s3cret-Pa55"
+MISSING = sha256(b"no such blob")
+FAST_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=2, sock_connect=2, sock_read=0.5)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+@pytest.fixture
+async def registry(aiohttp_server: AiohttpServer) -> AsyncIterator[FakeRegistry]:
+    """A Hub-like registry: Bearer tokens from its own realm."""
+    fake = await serve(aiohttp_server, FakeRegistry())
+    yield fake
+    fake.release.set()  # let hanging handlers end before the server closes
+
+
+@pytest.fixture
+def fast_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client, "TIMEOUT", FAST_TIMEOUT)
+
+
+def upstream_for(url: str, session: aiohttp.ClientSession) -> Upstream:
+    return Upstream(UpstreamConfig(name="fake", url=url, default=True), session)
+
+
+def basic(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+# --- redirects: Authorization never leaves the upstream's origin (DESIGN §4, 5) -------------
+
+
+@pytest.mark.parametrize("cdn_host", ["localhost", "127.0.0.1"])
+async def test_blob_redirected_to_a_cdn_arrives_without_authorization(
+    aiohttp_server: AiohttpServer,
+    make_mirror: MakeMirror,
+    registry: FakeRegistry,
+    cdn_host: str,
+) -> None:
+    data = os.urandom(300 * 1024)
+    digest = registry.put_blob(data)
+    cdn = await serve(aiohttp_server, FakeCDN(registry.blobs))
+    registry.blob_redirect = f"http://{cdn_host}:{cdn.port}/blobs"
+    mirror = await make_mirror(registry.url)
+
+    async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == digest
+        assert await response.read() == data
+
+    blob_requests = [(s.authorization, s.status) for s in registry.seen if "/blobs/" in s.path]
+    assert blob_requests == [(None, 401), ("Bearer token-1", 307)]
+    assert [(s.authorization, s.status) for s in cdn.seen] == [(None, 200)]
+    assert cdn.seen[0].headers["Host"] == f"{cdn_host}:{cdn.port}"
+
+
+async def test_configured_credentials_never_reach_the_cdn(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    registry: FakeRegistry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("FAKE_UPSTREAM_PASSWORD", PASSWORD)
+    data = os.urandom(64 * 1024)
+    digest = registry.put_blob(data)
+    cdn = await serve(aiohttp_server, FakeCDN(registry.blobs))
+    registry.blob_redirect = f"http://localhost:{cdn.port}/blobs"
+    upstream = UpstreamConfig(
+        name="fake",
+        url=registry.url,
+        default=True,
+        username="alice",
+        password_env="FAKE_UPSTREAM_PASSWORD",
+    )
+    config = mirror_config.Config(
+        storage=mirror_config.StorageConfig(path=tmp_path / "cache"), upstreams=(upstream,)
+    )
+    mirror = await aiohttp_client(make_app(config))
+
+    async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+        assert PASSWORD not in str(response.headers)
+
+    # The upstream and its own token realm got the credentials; the CDN did not.
+    assert [t.authorization for t in registry.token_requests] == [basic("alice", PASSWORD)]
+    assert [(s.authorization, s.status) for s in cdn.seen] == [(None, 200)]
+    assert PASSWORD not in caplog.text
+    assert basic("alice", PASSWORD).split()[1] not in caplog.text
+
+
+@pytest.mark.parametrize("location", ["relative", "absolute"])
+async def test_same_origin_redirect_keeps_authorization(
+    make_mirror: MakeMirror, registry: FakeRegistry, location: str
+) -> None:
+    data = os.urandom(100 * 1024)
+    digest = registry.put_blob(data)
+    registry.blob_redirect = "/data" if location == "relative" else f"{registry.url}/data"
+    mirror = await make_mirror(registry.url)
+
+    async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+
+    [data_request] = [s for s in registry.seen if s.path.startswith("/data/")]
+    assert (data_request.authorization, data_request.status) == ("Bearer token-1", 200)
+
+
+async def test_redirects_are_followed_up_to_the_limit(
+    registry: FakeRegistry, session: aiohttp.ClientSession
+) -> None:
+    body = manifest_bytes("x")
+    registry.put_manifest("library/x", "latest", body)
+    upstream = upstream_for(registry.url, session)
+
+    registry.manifest_redirects = MAX_REDIRECTS
+    manifest = await upstream.get_manifest("library/x", "latest", ACCEPT)
+    assert manifest.body == body
+    hops = [s for s in registry.seen if s.path.startswith("/hop/")]
+    assert len(hops) == MAX_REDIRECTS
+    assert {s.authorization for s in hops} == {"Bearer token-1"}  # same origin throughout
+
+    registry.manifest_redirects = MAX_REDIRECTS + 1
+    with pytest.raises(UpstreamError, match="redirected more than 5 times") as caught:
+        await upstream.get_manifest("library/x", "latest", ACCEPT)
+    assert (caught.value.code, caught.value.status) == ("UPSTREAM_ERROR", 502)
+
+
+async def test_redirect_to_a_non_http_url_is_refused(
+    registry: FakeRegistry, session: aiohttp.ClientSession
+) -> None:
+    digest = registry.put_blob(b"layer")
+    registry.blob_redirect = "ftp://127.0.0.1/blobs"
+    upstream = upstream_for(registry.url, session)
+    with pytest.raises(UpstreamError, match="non-HTTP"):
+        async with upstream.blob("library/x", parse_digest(digest)):
+            pass
+
+
+# --- the status table, on Upstream itself ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How the fake registry misbehaves."""
+
+    status: int | None = None  # answer this to every /v2/ request
+    headers: tuple[tuple[str, str], ...] = ()
+    mode: str | None = None  # or: a FakeRegistry mode (reject, drop, hang)
+
+    def apply(self, fake: FakeRegistry) -> None:
+        if self.status is not None:
+            fake.fail(self.status, dict(self.headers))
+        if self.mode is not None:
+            fake.mode = self.mode  # type: ignore[assignment]
+
+
+def param_id(value: object) -> str:
+    if isinstance(value, Failure):
+        return value.mode or str(value.status or "absent")
+    if isinstance(value, type):
+        return value.__name__
+    return str(value)
+
+
+NOT_FOUND = Failure()  # nothing is stored: the registry answers 404 itself
+RETRY_AFTER = (("Retry-After", "17"),)
+
+
+async def call(upstream: Upstream, kind: str) -> None:
+    """One upstream operation of `kind` on `library/x`."""
+    if kind == "manifest":
+        await upstream.get_manifest("library/x", "latest", ACCEPT)
+    elif kind == "manifest-head":
+        await upstream.head_manifest("library/x", "latest", ACCEPT)
+    elif kind == "blob":
+        async with upstream.blob("library/x", parse_digest(MISSING)) as body:
+            async for _ in body.chunks():
+                pass
+    elif kind == "blob-head":
+        await upstream.head_blob("library/x", parse_digest(MISSING))
+    elif kind == "tags":
+        await upstream.listing("library/x", "/v2/library/x/tags/list", {})
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "failure", "error", "code", "status"),
+    [
+        ("manifest", NOT_FOUND, ManifestUnknown, "MANIFEST_UNKNOWN", 404),
+        ("manifest-head", NOT_FOUND, ManifestUnknown, "MANIFEST_UNKNOWN", 404),
+        ("blob", NOT_FOUND, BlobUnknown, "BLOB_UNKNOWN", 404),
+        ("blob-head", NOT_FOUND, BlobUnknown, "BLOB_UNKNOWN", 404),
+        ("tags", NOT_FOUND, NameUnknown, "NAME_UNKNOWN", 404),
+        ("manifest", Failure(mode="reject"), Unauthorized, "UNAUTHORIZED", 401),
+        ("manifest", Failure(401), Unauthorized, "UNAUTHORIZED", 401),
+        ("blob", Failure(mode="reject"), Unauthorized, "UNAUTHORIZED", 401),
+        ("manifest", Failure(403), Denied, "DENIED", 403),
+        ("blob", Failure(403), Denied, "DENIED", 403),
+        ("manifest", Failure(429, RETRY_AFTER), TooManyRequests, "TOOMANYREQUESTS", 429),
+        ("manifest-head", Failure(429, RETRY_AFTER), TooManyRequests, "TOOMANYREQUESTS", 429),
+        ("blob", Failure(429, RETRY_AFTER), TooManyRequests, "TOOMANYREQUESTS", 429),
+        ("tags", Failure(429, RETRY_AFTER), TooManyRequests, "TOOMANYREQUESTS", 429),
+        ("manifest", Failure(500), UpstreamError, "UPSTREAM_ERROR", 502),
+        ("manifest", Failure(502), UpstreamError, "UPSTREAM_ERROR", 502),
+        ("manifest", Failure(503), UpstreamError, "UPSTREAM_ERROR", 502),
+        ("blob", Failure(503), UpstreamError, "UPSTREAM_ERROR", 502),
+        ("tags", Failure(500), UpstreamError, "UPSTREAM_ERROR", 502),
+        ("manifest", Failure(418), UpstreamError, "UPSTREAM_ERROR", 502),
+        ("manifest", Failure(mode="drop"), UpstreamUnavailable, "UPSTREAM_UNAVAILABLE", 502),
+        ("manifest", Failure(mode="hang"), UpstreamTimeout, "UPSTREAM_TIMEOUT", 504),
+        ("manifest-head", Failure(mode="hang"), UpstreamTimeout, "UPSTREAM_TIMEOUT", 504),
+        ("blob", Failure(mode="hang"), UpstreamTimeout, "UPSTREAM_TIMEOUT", 504),
+    ],
+    ids=param_id,
+)
+@pytest.mark.usefixtures("fast_timeout")
+async def test_status_table(
+    registry: FakeRegistry,
+    session: aiohttp.ClientSession,
+    kind: str,
+    failure: Failure,
+    error: type[RegistryError],
+    code: str,
+    status: int,
+) -> None:
+    failure.apply(registry)
+    with pytest.raises(RegistryError) as caught:
+        await call(upstream_for(registry.url, session), kind)
+    assert type(caught.value) is error
+    assert (caught.value.code, caught.value.status) == (code, status)
+    if error is TooManyRequests:
+        assert caught.value.headers() == {"Retry-After": "17"}
+
+
+async def test_429_without_retry_after_still_tells_clients_when_to_retry(
+    registry: FakeRegistry, session: aiohttp.ClientSession
+) -> None:
+    registry.fail(429)
+    with pytest.raises(TooManyRequests) as caught:
+        await call(upstream_for(registry.url, session), "manifest")
+    assert caught.value.headers()["Retry-After"].isdigit()
+
+
+@pytest.mark.parametrize("kind", ["manifest", "blob", "tags"])
+async def test_connection_refused_is_unavailable(
+    session: aiohttp.ClientSession, unused_tcp_port: int, kind: str
+) -> None:
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await call(upstream_for(f"http://127.0.0.1:{unused_tcp_port}", session), kind)
+    assert (caught.value.code, caught.value.status) == ("UPSTREAM_UNAVAILABLE", 502)
+    assert "unreachable" in caught.value.message
+
+
+@pytest.mark.usefixtures("fast_timeout")
+async def test_blob_that_stops_mid_body_times_out(
+    registry: FakeRegistry, session: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(512 * 1024)
+    digest = registry.put_blob(data)
+    registry.stall_blobs = True
+    received = b""
+    with pytest.raises(UpstreamTimeout):
+        async with upstream_for(registry.url, session).blob(
+            "library/x", parse_digest(digest)
+        ) as body:
+            assert body.length == len(data)
+            async for chunk in body.chunks():
+                received += chunk
+    assert received == data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_manifest_over_4mib_is_refused(
+    registry: FakeRegistry, session: aiohttp.ClientSession, chunked: bool
+) -> None:
+    registry.chunked = chunked
+    registry.put_manifest("library/x", "latest", manifest_bytes("big", MAX_MANIFEST_SIZE + 1))
+    registry.put_manifest("library/x", "limit", manifest_bytes("limit", MAX_MANIFEST_SIZE))
+    upstream = upstream_for(registry.url, session)
+
+    with pytest.raises(ManifestInvalid) as caught:
+        await upstream.get_manifest("library/x", "latest", ACCEPT)
+    assert (caught.value.code, caught.value.status) == ("MANIFEST_INVALID", 400)
+    exactly_4mib = await upstream.get_manifest("library/x", "limit", ACCEPT)
+    assert exactly_4mib.body is not None
+    assert len(exactly_4mib.body) == MAX_MANIFEST_SIZE
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_large_manifest_and_listing_arrive_whole(
+    make_mirror: MakeMirror, registry: FakeRegistry, chunked: bool
+) -> None:
+    # Regression: one `StreamReader.read(n)` returns what has arrived so far, so anything
+    # over a TCP read or two was cut short (and then failed its digest, or was cached cut).
+    registry.chunked = chunked
+    body = manifest_bytes("large", 1024 * 1024)
+    digest = registry.put_manifest("library/x", "latest", body)
+    tags = [f"v{i:05d}-with-a-long-suffix" for i in range(5000)]
+    for tag in tags:
+        registry.manifests[("library/x", tag)] = (body, OCI_MANIFEST)
+    mirror = await make_mirror(registry.url)
+
+    async with mirror.get(PATHS["manifest"], headers={"Accept": OCI_MANIFEST}) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Docker-Content-Digest"] == digest
+        assert await response.read() == body
+    async with mirror.get(PATHS["tags"]) as response:
+        assert response.status == 200, await response.text()
+        listing = await response.read()
+        assert len(listing) > 100 * 1024
+        assert json.loads(listing)["tags"] == sorted([*tags, "latest"])
+
+
+# --- the status table, as a client of the mirror sees it ------------------------------------
+
+PATHS = {
+    "manifest": "/v2/library/x/manifests/latest",
+    "blob": f"/v2/library/x/blobs/{MISSING}",
+    "tags": "/v2/library/x/tags/list",
+}
+
+
+async def expect_oci_error(
+    response: aiohttp.ClientResponse, status: int, code: str
+) -> dict[str, object]:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = json.loads(await response.read())
+    [entry] = body["errors"]
+    assert entry["code"] == code
+    assert isinstance(entry["message"], str)
+    assert entry["message"]
+    assert set(entry) <= {"code", "message", "detail"}
+    return dict(entry)
+
+
+@pytest.mark.parametrize(
+    ("kind", "failure", "status", "code"),
+    [
+        ("manifest", NOT_FOUND, 404, "MANIFEST_UNKNOWN"),
+        ("blob", NOT_FOUND, 404, "BLOB_UNKNOWN"),
+        ("tags", NOT_FOUND, 404, "NAME_UNKNOWN"),
+        ("manifest", Failure(mode="reject"), 401, "UNAUTHORIZED"),
+        ("manifest", Failure(403), 403, "DENIED"),
+        ("blob", Failure(403), 403, "DENIED"),
+        ("manifest", Failure(429, RETRY_AFTER), 429, "TOOMANYREQUESTS"),
+        ("blob", Failure(429, RETRY_AFTER), 429, "TOOMANYREQUESTS"),
+        ("tags", Failure(429, RETRY_AFTER), 429, "TOOMANYREQUESTS"),
+        ("manifest", Failure(503), 502, "UPSTREAM_ERROR"),
+        ("blob", Failure(500), 502, "UPSTREAM_ERROR"),
+        ("tags", Failure(503), 502, "UPSTREAM_ERROR"),
+        ("manifest", Failure(mode="drop"), 502, "UPSTREAM_UNAVAILABLE"),
+        ("blob", Failure(mode="drop"), 502, "UPSTREAM_UNAVAILABLE"),
+        ("manifest", Failure(mode="hang"), 504, "UPSTREAM_TIMEOUT"),
+        ("blob", Failure(mode="hang"), 504, "UPSTREAM_TIMEOUT"),
+    ],
+    ids=param_id,
+)
+@pytest.mark.usefixtures("fast_timeout")
+async def test_mirror_answers_upstream_failures_as_oci_errors(
+    make_mirror: MakeMirror,
+    registry: FakeRegistry,
+    kind: str,
+    failure: Failure,
+    status: int,
+    code: str,
+) -> None:
+    failure.apply(registry)
+    mirror = await make_mirror(registry.url)
+    async with mirror.get(PATHS[kind], headers={"Accept": OCI_MANIFEST}) as response:
+        await expect_oci_error(response, status, code)
+        if status == 429:
+            assert response.headers["Retry-After"] == "17"
+
+    # Nothing was cached: once the upstream has it and answers, so does the mirror.
+    registry.mode = "ok"
+    registry.put_manifest("library/x", "latest", manifest_bytes("x"))
+    registry.put_blob(b"no such blob")
+    async with mirror.get(PATHS[kind], headers={"Accept": OCI_MANIFEST}) as response:
+        assert response.status == 200
+
+
+async def test_mirror_answers_unreachable_upstream(
+    make_mirror: MakeMirror, unused_tcp_port: int
+) -> None:
+    mirror = await make_mirror(f"http://127.0.0.1:{unused_tcp_port}")
+    for path in PATHS.values():
+        async with mirror.get(path) as response:
+            entry = await expect_oci_error(response, 502, "UPSTREAM_UNAVAILABLE")
+            assert "unreachable" in str(entry["message"])
+
+
+async def test_mirror_refuses_an_oversized_manifest(
+    make_mirror: MakeMirror, registry: FakeRegistry
+) -> None:
+    registry.put_manifest("library/x", "latest", manifest_bytes("big", MAX_MANIFEST_SIZE + 1))
+    mirror = await make_mirror(registry.url)
+    async with mirror.get(PATHS["manifest"]) as response:
+        await expect_oci_error(response, 400, "MANIFEST_INVALID")
+
+
+@pytest.mark.usefixtures("fast_timeout")
+async def test_mirror_cuts_a_blob_whose_upstream_stalls(
+    make_mirror: MakeMirror, registry: FakeRegistry
+) -> None:
+    data = os.urandom(512 * 1024)
+    digest = registry.put_blob(data)
+    registry.stall_blobs = True
+    mirror = await make_mirror(registry.url)
+    async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
+        assert response.status == 200  # headers were sent before the upstream stalled
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+    registry.stall_blobs = False
+    async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def test_missing_password_env_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("FAKE_UPSTREAM_PASSWORD", raising=False)
+    config = UpstreamConfig(
+        name="hub",
+        url="https://registry-1.docker.io",
+        username="alice",
+        password_env="FAKE_UPSTREAM_PASSWORD",
+    )
+    # Upstream() must fail before it ever uses the session, so none is needed.
+    with pytest.raises(ConfigError) as caught:
+        Upstream(config, session=None)  # type: ignore[arg-type]
+    assert "password_env" in caught.value.key
+    assert "hub" in caught.value.key
+    assert "FAKE_UPSTREAM_PASSWORD" in str(caught.value)
