@@ -45,13 +45,16 @@ class Fetch:
         self.writer = writer
         self.length: int | None = None
         self.error: RegistryError | None = None
-        self.verified = False
         self.done = False
         self.started = asyncio.Event()
         self._progress = asyncio.Event()
         # Readers dup this descriptor: it stays valid across the rename at commit and the
         # unlink on failure, so a reader never races the file's move.
         self._fd = os.open(writer.temp_path, os.O_RDONLY)
+
+    @property
+    def verified(self) -> bool:
+        return self.done and self.error is None
 
     @property
     def written(self) -> int:
@@ -63,7 +66,6 @@ class Fetch:
 
     def finish(self, error: RegistryError | None) -> None:
         self.error = error
-        self.verified = error is None
         self.done = True
         self.started.set()
         self.notify()
