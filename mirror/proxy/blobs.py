@@ -194,9 +194,10 @@ class BlobProxy:
             log.exception("download of %s from %s failed", fetch.digest, upstream.name)
             error = UpstreamError(f"download failed: {exc!r}")
         finally:
-            fetch.writer.close()
-            del self._fetches[fetch.digest]
+            # Readers are released first: nothing after this may leave them waiting.
+            self._fetches.pop(fetch.digest, None)
             fetch.finish(error)
+            fetch.writer.close()
 
     async def _receive(self, fetch: Fetch, upstream: Upstream, repository: str) -> None:
         async with upstream.blob(repository, fetch.digest) as body:

@@ -40,7 +40,6 @@ class Manifest:
     body: bytes
     media_type: str
     digest: Digest
-    stale: bool = False
 
 
 class ManifestProxy:
@@ -48,16 +47,40 @@ class ManifestProxy:
         self.store = store
         self.index = index
         self._listings: OrderedDict[tuple[str, str], tuple[float, UpstreamListing]] = OrderedDict()
+        self._fetches: dict[Digest, asyncio.Task[Manifest]] = {}
 
     async def by_digest(
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
+        """Local first; on a miss one upstream GET per digest at a time, shared by all askers.
+
+        The fetch is a task of its own: a client that goes away does not cancel it. It asks
+        for every manifest type whatever this client accepts, since a digest names one
+        content (distribution refuses an OCI manifest to an Accept without its type).
+        """
         cached = await self._local(digest)
         if cached is not None:
             return cached
+        fetch = self._fetches.get(digest)
+        if fetch is None:
+            wanted = tuple(dict.fromkeys(accept + MANIFEST_TYPES))
+            fetch = asyncio.create_task(self._fetch_digest(upstream, repository, digest, wanted))
+            self._fetches[digest] = fetch
+            fetch.add_done_callback(lambda done: self._fetched(digest, done))
+        return await asyncio.shield(fetch)
+
+    async def _fetch_digest(
+        self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
+    ) -> Manifest:
         remote = await upstream.get_manifest(repository, str(digest), accept)
         assert remote.body is not None
         return await self._store(remote.body, remote.media_type, digest)
+
+    def _fetched(self, digest: Digest, done: asyncio.Task[Manifest]) -> None:
+        if self._fetches.get(digest) is done:
+            del self._fetches[digest]
+        if not done.cancelled():
+            done.exception()  # retrieved: every asker may have gone away
 
     async def by_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
@@ -76,7 +99,7 @@ class ManifestProxy:
             return await self._revalidate(upstream, repository, tag, accept, cached)
         except STALE_SERVABLE as exc:
             log.warning("serving %s:%s stale from cache: %s", repository, tag, exc.message)
-            return Manifest(cached.body, cached.media_type, cached.digest, stale=True)
+            return cached
 
     async def listing(
         self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
@@ -104,23 +127,34 @@ class ManifestProxy:
         """The referrers index of `digest`, filtered by `artifact_type` when given.
 
         From the referrers API when the upstream has it; else from the fallback tag
-        `<alg>-<hex>`; else an empty index.
+        `<alg>-<hex>`; else an empty index. When the upstream fails, a fallback index kept
+        from earlier is served stale (as `by_tag` does); with none, the failure is raised.
         """
         path = f"/v2/{repository}/referrers/{digest}"
+        fallback_tag = f"{digest.algorithm}-{digest.hex}"
         try:
             listing = await self.listing(upstream, repository, path, {})
             found = _descriptors(listing.body)
         except ManifestUnknown:
-            fallback_tag = f"{digest.algorithm}-{digest.hex}"
+            found = await self._fallback_referrers(upstream, repository, fallback_tag)
+        except STALE_SERVABLE as failure:
             try:
-                tagged = await self.by_tag(upstream, repository, fallback_tag, (OCI_INDEX,))
-                found = _descriptors(tagged.body)
-            except ManifestUnknown:
-                found = []
+                found = await self._fallback_referrers(upstream, repository, fallback_tag)
+            except STALE_SERVABLE:
+                raise failure from None
         if artifact_type is not None:
             found = [d for d in found if d.get("artifactType") == artifact_type]
         body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
         return json.dumps(body).encode()
+
+    async def _fallback_referrers(
+        self, upstream: Upstream, repository: str, tag: str
+    ) -> list[dict[str, Any]]:
+        try:
+            tagged = await self.by_tag(upstream, repository, tag, (OCI_INDEX,))
+        except ManifestUnknown:
+            return []
+        return _descriptors(tagged.body)
 
     async def _revalidate(
         self,
