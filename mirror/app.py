@@ -13,6 +13,7 @@ from mirror.proxy.manifests import ManifestProxy
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
 from mirror.upstream.client import Upstream
+from mirror.upstream.routing import Router
 from mirror.web import registry
 from mirror.web.middleware import api_version_header, registry_errors
 
@@ -37,12 +38,18 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     await index.open()
     session = aiohttp.ClientSession(auto_decompress=False)
     blobs = BlobProxy(store, index)
+    upstreams: dict[str, Upstream] = {}
     try:
-        app[registry.UPSTREAM] = Upstream(config.default_upstream, session)
+        for upstream in config.upstreams:
+            upstreams[upstream.name] = Upstream(upstream, session)
+        app[registry.ROUTER] = Router(config.upstreams)
+        app[registry.UPSTREAMS] = upstreams
         app[registry.BLOBS] = blobs
         app[registry.MANIFESTS] = ManifestProxy(store, index)
         yield
     finally:
         await blobs.close()
+        for upstream_client in upstreams.values():
+            await upstream_client.close()
         await session.close()
         await index.close()

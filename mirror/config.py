@@ -7,10 +7,10 @@ With no file at all the embedded default applies: listen on 0.0.0.0:5000, cache 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -18,6 +18,8 @@ import yaml
 from mirror.errors import ConfigError
 
 DOCKER_HUB_URL = "https://registry-1.docker.io"
+# The names clients use for Docker Hub (containerd's `?ns=`, registries.conf locations).
+DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 DEFAULT_MAX_SIZE = 20 * 1024**3
 DEFAULT_TAG_TTL = 300.0
 
@@ -30,6 +32,11 @@ _SIZE_UNITS = {
 _DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NUMBER_UNIT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?")
+_PREFIX = re.compile(r"[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*")
+_ECR_HOST = re.compile(r"(\d{12})\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
+
+AuthType = Literal["anonymous", "basic", "ecr"]
 
 
 @dataclass(frozen=True)
@@ -48,22 +55,53 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """How the mirror authenticates to one upstream.
+
+    anonymous: no credentials (anonymous Bearer tokens where the registry asks for them);
+    basic: `username` and a password from `password_env` or `password_file`, sent as Basic
+    auth or to the registry's token service; ecr: AWS `GetAuthorizationToken` for
+    `registry_id` in `region`, with credentials from the standard AWS chain.
+    """
+
+    type: AuthType = "anonymous"
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    region: str | None = None
+    registry_id: str | None = None
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     url: str
+    # Registry host names this upstream answers for (containerd's `?ns=`).
+    hosts: tuple[str, ...] = ()
+    # A leading repository path that routes here (`mirror:5000/<prefix>/<repo>`).
+    prefix: str | None = None
     default: bool = False
     tag_ttl: float = DEFAULT_TAG_TTL
-    username: str | None = None
-    password_env: str | None = None
+    auth: AuthConfig = AuthConfig()
+    # Counted pulls (Docker Hub's `ratelimit-remaining`) kept back, never spent.
+    ratelimit_reserve: int = 0
+
+    @property
+    def docker_hub(self) -> bool:
+        """Docker Hub keeps single-name images under `library/`."""
+        return "docker.io" in self.hosts
+
+
+DOCKER_HUB = UpstreamConfig(
+    name="docker-hub", url=DOCKER_HUB_URL, hosts=DOCKER_HUB_HOSTS, default=True
+)
 
 
 @dataclass(frozen=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    upstreams: tuple[UpstreamConfig, ...] = (
-        UpstreamConfig(name="docker-hub", url=DOCKER_HUB_URL, default=True),
-    )
+    upstreams: tuple[UpstreamConfig, ...] = (DOCKER_HUB,)
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -153,8 +191,17 @@ def with_overrides(
         url = parse_url(upstream, "--upstream")
         host = urlsplit(url).hostname or "upstream"
         name = re.sub(r"[^a-z0-9_.-]", "-", host.lower())
-        config = replace(config, upstreams=(UpstreamConfig(name=name, url=url, default=True),))
+        replacement = UpstreamConfig(name=name, url=url, hosts=default_hosts(url), default=True)
+        config = replace(config, upstreams=(replacement,))
     return config
+
+
+def default_hosts(url: str) -> tuple[str, ...]:
+    """The registry host names an upstream answers for when `hosts` is not given."""
+    parts = urlsplit(url)
+    if (parts.hostname or "").lower() == urlsplit(DOCKER_HUB_URL).hostname:
+        return DOCKER_HUB_HOSTS
+    return (parts.netloc.rpartition("@")[2].lower(),)
 
 
 def _storage(data: object) -> StorageConfig:
@@ -178,33 +225,128 @@ def _upstreams(data: object) -> tuple[UpstreamConfig, ...]:
         raise ConfigError(
             "upstreams", f"exactly one upstream needs default: true, found {defaults}"
         )
-    names = [u.name for u in upstreams]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ConfigError(f"upstreams[{i}].name", f"duplicate upstream name {name!r}")
+    _unique(upstreams, "name", lambda u: (u.name,))
+    _unique(upstreams, "hosts", lambda u: u.hosts)
+    _unique(upstreams, "prefix", lambda u: (u.prefix,) if u.prefix else ())
     return upstreams
 
 
+def _unique(
+    upstreams: tuple[UpstreamConfig, ...], key: str, values: Callable[[UpstreamConfig], Any]
+) -> None:
+    seen: dict[str, str] = {}
+    for i, upstream in enumerate(upstreams):
+        for value in values(upstream):
+            if value in seen:
+                where = f"upstreams[{i}].{key}"
+                raise ConfigError(where, f"{value!r} is already used by upstream {seen[value]!r}")
+            seen[value] = upstream.name
+
+
+_UPSTREAM_KEYS = {
+    "name", "url", "hosts", "prefix", "default", "tag_ttl", "auth", "ratelimit_reserve",
+}  # fmt: skip
+
+
 def _upstream(data: object, key: str) -> UpstreamConfig:
-    raw = _mapping(data, key, {"name", "url", "default", "tag_ttl", "username", "password_env"})
+    if isinstance(data, dict) and ("username" in data or "password_env" in data):
+        moved = "username" if "username" in data else "password_env"
+        raise ConfigError(f"{key}.{moved}", "moved under auth: (auth: {type: basic, ...})")
+    raw = _mapping(data, key, _UPSTREAM_KEYS)
     for required in ("name", "url"):
         if required not in raw:
             raise ConfigError(f"{key}.{required}", "is required")
     name = _typed(raw, "name", key, str, "")
     if not _UPSTREAM_NAME.fullmatch(name):
         raise ConfigError(f"{key}.name", f"invalid name {name!r}: lowercase letters, digits, -_.")
-    username = _typed(raw, "username", key, str, None)
-    password_env = _typed(raw, "password_env", key, str, None)
-    if (username is None) != (password_env is None):
-        raise ConfigError(f"{key}.password_env", "username and password_env go together")
+    url = parse_url(raw["url"], f"{key}.url")
+    reserve = _typed(raw, "ratelimit_reserve", key, int, 0)
+    if reserve < 0 or isinstance(reserve, bool):
+        raise ConfigError(f"{key}.ratelimit_reserve", f"must be a number >= 0, got {reserve!r}")
     return UpstreamConfig(
         name=name,
-        url=parse_url(raw["url"], f"{key}.url"),
+        url=url,
+        hosts=_hosts(raw, key, url),
+        prefix=_prefix(raw, key),
         default=_typed(raw, "default", key, bool, False),
         tag_ttl=parse_duration(raw.get("tag_ttl", DEFAULT_TAG_TTL), f"{key}.tag_ttl"),
-        username=username,
-        password_env=password_env,
+        auth=_auth(raw.get("auth", {}), f"{key}.auth", url),
+        ratelimit_reserve=reserve,
     )
+
+
+def _hosts(raw: Mapping[str, Any], key: str, url: str) -> tuple[str, ...]:
+    if "hosts" not in raw:
+        return default_hosts(url)
+    hosts = raw["hosts"]
+    if not isinstance(hosts, list) or not hosts:
+        raise ConfigError(f"{key}.hosts", "must be a non-empty list of registry host names")
+    for i, host in enumerate(hosts):
+        if not isinstance(host, str) or not _HOST.fullmatch(host.lower()):
+            raise ConfigError(f"{key}.hosts[{i}]", f"invalid host name {host!r}")
+    return tuple(dict.fromkeys(host.lower() for host in hosts))
+
+
+def _prefix(raw: Mapping[str, Any], key: str) -> str | None:
+    prefix = _typed(raw, "prefix", key, str, None)
+    if prefix is not None and not _PREFIX.fullmatch(prefix):
+        raise ConfigError(
+            f"{key}.prefix", f"invalid prefix {prefix!r}: a repository path such as ecr or quay/io"
+        )
+    return prefix
+
+
+_AUTH_KEYS = {"type", "username", "password_env", "password_file", "region", "registry_id"}
+_AUTH_TYPES: tuple[str, ...] = get_args(AuthType)
+
+
+def _auth(data: object, key: str, url: str) -> AuthConfig:
+    raw = _mapping(data, key, _AUTH_KEYS)
+    kind = _typed(raw, "type", key, str, "anonymous")
+    if kind not in _AUTH_TYPES:
+        raise ConfigError(f"{key}.type", f"must be one of {', '.join(_AUTH_TYPES)}, got {kind!r}")
+    fields = {name: _typed(raw, name, key, str, None) for name in sorted(_AUTH_KEYS - {"type"})}
+    allowed = {
+        "anonymous": set(),
+        "basic": {"username", "password_env", "password_file"},
+        "ecr": {"region", "registry_id"},
+    }[kind]
+    for name, value in fields.items():
+        if value is not None and name not in allowed:
+            raise ConfigError(f"{key}.{name}", f"does not apply to auth type {kind}")
+    if kind == "basic":
+        _basic_auth(fields, key)
+    if kind == "ecr":
+        fields = _ecr_auth(fields, key, url)
+    password_file = fields.pop("password_file")
+    return AuthConfig(
+        type=cast(AuthType, kind),
+        password_file=Path(password_file) if password_file else None,
+        **fields,
+    )
+
+
+def _basic_auth(fields: Mapping[str, str | None], key: str) -> None:
+    if fields["username"] is None:
+        raise ConfigError(f"{key}.username", "is required for auth type basic")
+    if (fields["password_env"] is None) == (fields["password_file"] is None):
+        raise ConfigError(f"{key}.password_env", "give exactly one of password_env, password_file")
+
+
+def _ecr_auth(fields: dict[str, str | None], key: str, url: str) -> dict[str, str | None]:
+    """Region and registry id default to what the ECR host name says."""
+    match = _ECR_HOST.fullmatch(urlsplit(url).hostname or "")
+    fields = {
+        **fields,
+        "registry_id": fields["registry_id"] or (match.group(1) if match else None),
+        "region": fields["region"] or (match.group(2) if match else None),
+    }
+    for name in ("region", "registry_id"):
+        if fields[name] is None:
+            raise ConfigError(
+                f"{key}.{name}", "is required: the url is no <account>.dkr.ecr.<region> host"
+            )
+    return fields
 
 
 def _mapping(data: object, key: str, allowed: set[str]) -> Mapping[str, Any]:

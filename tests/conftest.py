@@ -17,7 +17,7 @@ from pytest_aiohttp import AiohttpClient
 from upstream_registry import RegistryProcess, free_loopback_port
 
 from mirror.app import make_app
-from mirror.config import Config, Listen, StorageConfig, UpstreamConfig
+from mirror.config import Config, Listen, StorageConfig, UpstreamConfig, default_hosts
 
 MirrorClient = TestClient[web.Request, web.Application]
 
@@ -30,14 +30,22 @@ def registry(tmp_path: Path) -> Iterator[RegistryProcess]:
 
 
 def mirror_config(
-    storage: Path, upstream_url: str, tag_ttl: float = 300.0, port: int = 0
+    storage: Path,
+    upstream_url: str,
+    tag_ttl: float = 300.0,
+    port: int = 0,
+    hosts: tuple[str, ...] | None = None,
 ) -> Config:
+    """One upstream; `hosts` defaults to the upstream's own host:port."""
+    upstream = UpstreamConfig(
+        name="upstream",
+        url=upstream_url,
+        hosts=hosts or default_hosts(upstream_url),
+        default=True,
+        tag_ttl=tag_ttl,
+    )
     return Config(
-        listen=Listen("127.0.0.1", port),
-        storage=StorageConfig(path=storage),
-        upstreams=(
-            UpstreamConfig(name="upstream", url=upstream_url, default=True, tag_ttl=tag_ttl),
-        ),
+        listen=Listen("127.0.0.1", port), storage=StorageConfig(path=storage), upstreams=(upstream,)
     )
 
 
@@ -45,14 +53,18 @@ def mirror_config(
 def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> Callable[..., object]:
     """Start the mirror in-process (built by `make_app`, as in production) for an upstream URL.
 
-    `await make_mirror(url, tag_ttl=..., storage=...)` returns an aiohttp TestClient whose
-    `server.port` real clients such as skopeo can use.
+    `await make_mirror(url, tag_ttl=..., storage=..., hosts=...)` returns an aiohttp
+    TestClient whose `server.port` real clients such as skopeo can use.
     """
 
     async def start(
-        upstream_url: str, *, tag_ttl: float = 300.0, storage: Path | None = None
+        upstream_url: str,
+        *,
+        tag_ttl: float = 300.0,
+        storage: Path | None = None,
+        hosts: tuple[str, ...] | None = None,
     ) -> MirrorClient:
-        config = mirror_config(storage or tmp_path / "cache", upstream_url, tag_ttl)
+        config = mirror_config(storage or tmp_path / "cache", upstream_url, tag_ttl, hosts=hosts)
         return await aiohttp_client(make_app(config))
 
     return start

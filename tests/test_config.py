@@ -28,7 +28,12 @@ def test_embedded_default_needs_no_file() -> None:
     assert config.listen == Listen("0.0.0.0", 5000)
     assert config.storage.path == Path("data")
     upstream = config.default_upstream
-    assert (upstream.url, upstream.username, upstream.tag_ttl) == (DOCKER_HUB_URL, None, 300.0)
+    assert (upstream.url, upstream.auth.type, upstream.tag_ttl) == (
+        DOCKER_HUB_URL,
+        "anonymous",
+        300.0,
+    )
+    assert upstream.hosts == ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
 def test_shipped_configs_load() -> None:
@@ -51,7 +56,7 @@ def test_full_config(tmp_path: Path) -> None:
         "upstreams:\n"
         "  - {name: hub, url: 'https://registry-1.docker.io/', tag_ttl: 10m}\n"
         "  - {name: local, url: 'http://127.0.0.1:5001', default: true,"
-        " username: u, password_env: P}\n"
+        " auth: {type: basic, username: u, password_env: P}}\n"
     )
     config = load_config(path)
     assert config.listen == Listen("127.0.0.1", 6000)
@@ -59,7 +64,9 @@ def test_full_config(tmp_path: Path) -> None:
     hub, local = config.upstreams
     assert (hub.url, hub.tag_ttl, hub.default) == ("https://registry-1.docker.io", 600.0, False)
     assert config.default_upstream is local
-    assert (local.username, local.password_env) == ("u", "P")
+    assert (local.auth.username, local.auth.password_env) == ("u", "P")
+    assert hub.hosts == ("docker.io", "index.docker.io", "registry-1.docker.io")
+    assert local.hosts == ("127.0.0.1:5001",)
 
 
 def test_single_upstream_is_the_default() -> None:
@@ -92,7 +99,7 @@ def test_single_upstream_is_the_default() -> None:
         ({"upstreams": [{"name": "a", "url": "http://a", "default": "yes"}]},
          "upstreams[0].default"),
         ({"upstreams": [{"name": "a", "url": "http://a", "username": "u"}]},
-         "upstreams[0].password_env"),
+         "upstreams[0].username"),
         ({"upstreams": [{"name": "a", "url": "http://a", "extra": 1}]}, "upstreams[0].extra"),
         ({"upstreams": [{"name": "a", "url": "http://a"}, {"name": "b", "url": "http://b"}]},
          "upstreams"),

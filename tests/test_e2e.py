@@ -316,7 +316,8 @@ async def test_containerd_first_head_with_ns_query(
     registry: RegistryProcess, make_mirror: MakeMirror
 ) -> None:
     image = await push_image(registry.url, "library/alpine", "latest", [40 * KIB])
-    mirror = base_url(await make_mirror(registry.url))
+    # The upstream plays Docker Hub: it answers for docker.io.
+    mirror = base_url(await make_mirror(registry.url, hosts=("docker.io",)))
     ns = "?ns=docker.io"
 
     # containerd's very first request on a cold mirror: HEAD by tag with ?ns=.
@@ -327,6 +328,7 @@ async def test_containerd_first_head_with_ns_query(
     assert head.status == 200, head.body
     assert head.picked() == direct.picked()
     assert head.headers["Docker-Content-Digest"] == image.manifest_digest
+    assert head.headers["OCI-Namespace"] == "docker.io"
     assert head.body == b""
 
     path = f"/v2/library/alpine/manifests/{image.manifest_digest}{ns}"

@@ -17,8 +17,9 @@ CLIENT_HELLO = bytes.fromhex("16030100a5010000a10303") + bytes(32) + b"\x00\x00\
 
 @pytest.fixture
 async def mirror(make_mirror: Callable[..., Any]) -> Any:
-    """A mirror whose upstream is a closed loopback port: nothing can come from upstream."""
-    return await make_mirror(f"http://127.0.0.1:{free_loopback_port()}")
+    """A mirror whose upstream (standing in for docker.io) is a closed loopback port:
+    nothing can come from upstream."""
+    return await make_mirror(f"http://127.0.0.1:{free_loopback_port()}", hosts=("docker.io",))
 
 
 async def test_ping(mirror: Any) -> None:
@@ -85,6 +86,16 @@ async def test_unknown_query_parameters_are_ignored(mirror: Any) -> None:
     # Reaches the (closed) upstream rather than failing on the query: 502, not 400.
     resp = await mirror.get("/v2/library/alpine/manifests/latest?ns=docker.io&x=y")
     assert resp.status == 502
+    assert resp.headers["OCI-Namespace"] == "docker.io"
+
+
+async def test_a_namespace_no_upstream_serves_is_named(mirror: Any) -> None:
+    resp = await mirror.get("/v2/library/alpine/manifests/latest?ns=quay.io")
+    assert resp.status == 404
+    [error] = (await resp.json())["errors"]
+    assert error["code"] == "NAME_UNKNOWN"
+    assert "quay.io" in error["message"]
+    assert "OCI-Namespace" not in resp.headers
 
 
 async def test_stray_tls_handshake_does_not_disturb(mirror: Any) -> None:

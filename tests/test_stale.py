@@ -7,6 +7,7 @@ credentials, silence.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ class Outage:
 
     def apply(self, fake: FakeRegistry) -> None:
         if self.name == "429":
-            fake.fail(429, {"Retry-After": "30"})
+            fake.fail(429, {"Retry-After": self.retry_after or ""})
         elif self.name == "503":
             fake.fail(503)
         elif self.name == "drop":
@@ -83,7 +84,7 @@ class Outage:
 
 
 OUTAGES = [
-    Outage("429", 429, "TOOMANYREQUESTS", retry_after="30"),
+    Outage("429", 429, "TOOMANYREQUESTS", retry_after="1"),
     Outage("503", 502, "UPSTREAM_ERROR"),
     Outage("drop", 502, "UPSTREAM_UNAVAILABLE"),
     Outage("hang", 504, "UPSTREAM_TIMEOUT"),
@@ -127,6 +128,10 @@ async def test_cached_tag_is_served_stale_when_upstream_fails(
     # The stale answers changed nothing: once the upstream is back, revalidation goes on.
     registry.mode, registry.token_status = "ok", 200
     assert await fetch(mirror, TAG) == fresh
+    if outage.retry_after is not None:
+        # A 429 is honoured: no counted pull before its Retry-After has passed.
+        assert (await fetch(mirror, NEVER_CACHED)).status == 429
+        await asyncio.sleep(float(outage.retry_after) + 0.1)
     assert (await fetch(mirror, NEVER_CACHED)).status == 200
 
 

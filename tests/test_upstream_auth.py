@@ -17,17 +17,17 @@ from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
-from mirror.config import UpstreamConfig
+from mirror.config import AuthConfig, UpstreamConfig
 from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from mirror.upstream import auth
 from mirror.upstream.auth import (
     Authenticator,
     Challenge,
-    Credentials,
     parse_challenge,
     same_site,
 )
 from mirror.upstream.client import Upstream
+from mirror.upstream.credentials import PasswordCredentials
 
 ACCEPT = (OCI_MANIFEST,)
 PASSWORD = "s3cret-Pa55"
@@ -158,13 +158,12 @@ async def hub(aiohttp_server: AiohttpServer) -> AsyncIterator[FakeRegistry]:
 
 
 def upstream_for(url: str, session: aiohttp.ClientSession, username: str | None = None) -> Upstream:
-    config = UpstreamConfig(
-        name="fake",
-        url=url,
-        default=True,
-        username=username,
-        password_env="FAKE_UPSTREAM_PASSWORD" if username else None,
+    auth = (
+        AuthConfig("basic", username=username, password_env="FAKE_UPSTREAM_PASSWORD")
+        if username
+        else AuthConfig()
     )
+    config = UpstreamConfig(name="fake", url=url, default=True, auth=auth)
     return Upstream(config, session)
 
 
@@ -255,7 +254,7 @@ async def test_credentials_withheld_from_a_realm_on_another_site(
 async def test_which_realms_get_credentials(
     session: aiohttp.ClientSession, upstream: str, realm: str, trusted: bool
 ) -> None:
-    credentials = Credentials("alice", PASSWORD)
+    credentials = PasswordCredentials("alice", lambda: PASSWORD)
     auth = Authenticator("fake", URL(upstream), credentials, session)
     assert auth.trusts_realm(URL(realm)) is trusted
 

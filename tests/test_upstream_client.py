@@ -131,8 +131,9 @@ async def test_configured_credentials_never_reach_the_cdn(
         name="fake",
         url=registry.url,
         default=True,
-        username="alice",
-        password_env="FAKE_UPSTREAM_PASSWORD",
+        auth=mirror_config.AuthConfig(
+            "basic", username="alice", password_env="FAKE_UPSTREAM_PASSWORD"
+        ),
     )
     config = mirror_config.Config(
         storage=mirror_config.StorageConfig(path=tmp_path / "cache"), upstreams=(upstream,)
@@ -436,12 +437,13 @@ async def test_mirror_answers_upstream_failures_as_oci_errors(
         if status == 429:
             assert response.headers["Retry-After"] == "17"
 
-    # Nothing was cached: once the upstream has it and answers, so does the mirror.
+    # Nothing was cached: once the upstream has it and answers, so does the mirror; but a
+    # 429 to a manifest GET (a counted pull) holds further GETs back for its Retry-After.
     registry.mode = "ok"
     registry.put_manifest("library/x", "latest", manifest_bytes("x"))
     registry.put_blob(b"no such blob")
     async with mirror.get(PATHS[kind], headers={"Accept": OCI_MANIFEST}) as response:
-        assert response.status == 200
+        assert response.status == (429 if (kind, status) == ("manifest", 429) else 200)
 
 
 async def test_mirror_answers_unreachable_upstream(
@@ -492,8 +494,9 @@ def test_missing_password_env_is_a_config_error(
     config = UpstreamConfig(
         name="hub",
         url="https://registry-1.docker.io",
-        username="alice",
-        password_env="FAKE_UPSTREAM_PASSWORD",
+        auth=mirror_config.AuthConfig(
+            "basic", username="alice", password_env="FAKE_UPSTREAM_PASSWORD"
+        ),
     )
     # Upstream() must fail before it ever uses the session, so none is needed.
     with pytest.raises(ConfigError) as caught:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,27 +47,39 @@ class ManifestProxy:
         self.store = store
         self.index = index
         self._listings: OrderedDict[tuple[str, str], tuple[float, UpstreamListing]] = OrderedDict()
-        self._fetches: dict[Digest, asyncio.Task[Manifest]] = {}
+        # Upstream work under way, shared by every request that needs it: by digest, or
+        # by (upstream, repository, tag, accept).
+        self._fetches: dict[Hashable, asyncio.Task[Manifest]] = {}
 
     async def by_digest(
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
         """Local first; on a miss one upstream GET per digest at a time, shared by all askers.
 
-        The fetch is a task of its own: a client that goes away does not cancel it. It asks
-        for every manifest type whatever this client accepts, since a digest names one
-        content (distribution refuses an OCI manifest to an Accept without its type).
+        It asks for every manifest type whatever this client accepts, since a digest names
+        one content (distribution refuses an OCI manifest to an Accept without its type).
         """
         cached = await self._local(digest)
         if cached is not None:
             return cached
-        fetch = self._fetches.get(digest)
-        if fetch is None:
-            wanted = tuple(dict.fromkeys(accept + MANIFEST_TYPES))
-            fetch = asyncio.create_task(self._fetch_digest(upstream, repository, digest, wanted))
-            self._fetches[digest] = fetch
-            fetch.add_done_callback(lambda done: self._fetched(digest, done))
-        return await asyncio.shield(fetch)
+        wanted = tuple(dict.fromkeys(accept + MANIFEST_TYPES))
+        return await self._once(
+            digest, lambda: self._fetch_digest(upstream, repository, digest, wanted)
+        )
+
+    async def _once(
+        self, key: Hashable, work: Callable[[], Coroutine[object, object, Manifest]]
+    ) -> Manifest:
+        """The result of `work`, started only if no request started it already.
+
+        The work is a task of its own: a client that goes away does not cancel it.
+        """
+        task = self._fetches.get(key)
+        if task is None:
+            task = asyncio.create_task(work())
+            self._fetches[key] = task
+            task.add_done_callback(lambda done: self._fetched(key, done))
+        return await asyncio.shield(task)
 
     async def _fetch_digest(
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
@@ -76,28 +88,37 @@ class ManifestProxy:
         assert remote.body is not None
         return await self._store(remote.body, remote.media_type, digest)
 
-    def _fetched(self, digest: Digest, done: asyncio.Task[Manifest]) -> None:
-        if self._fetches.get(digest) is done:
-            del self._fetches[digest]
+    def _fetched(self, key: Hashable, done: asyncio.Task[Manifest]) -> None:
+        if self._fetches.get(key) is done:
+            del self._fetches[key]
         if not done.cancelled():
             done.exception()  # retrieved: every asker may have gone away
 
     async def by_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> Manifest:
+        """Fresh from cache within `tag_ttl`; else revalidated with a HEAD, which Docker Hub
+        does not count, so a counted GET is made only for a digest not cached yet."""
         row = await self.index.tag(upstream.name, repository, tag)
         cached = await self._local(parse_digest(row.digest)) if row else None
-        if row is None or cached is None:
-            return await self._fetch_tag(upstream, repository, tag, accept)
-        if not accepts(accept, cached.media_type):
+        if cached is not None and not accepts(accept, cached.media_type):
             # This client wants another form of the tag than the one we keep: ask upstream,
             # without replacing what the tag row says for everyone else.
             return await self._fetch_tag(upstream, repository, tag, accept, record=False)
-        if time.time() - row.checked_at < upstream.config.tag_ttl:
+        fresh = row is not None and time.time() - row.checked_at < upstream.config.tag_ttl
+        if cached is not None and fresh:
             return cached
+        key = (upstream.name, repository, tag, accept)
+        if cached is None and not upstream.counts_pulls:
+            # No pull quota to save: one GET by tag is quicker than a HEAD, then a GET.
+            return await self._once(key, lambda: self._fetch_tag(upstream, repository, tag, accept))
         try:
-            return await self._revalidate(upstream, repository, tag, accept, cached)
+            return await self._once(
+                key, lambda: self._revalidate(upstream, repository, tag, accept, cached)
+            )
         except STALE_SERVABLE as exc:
+            if cached is None:
+                raise
             log.warning("serving %s:%s stale from cache: %s", repository, tag, exc.message)
             return cached
 
@@ -162,10 +183,11 @@ class ManifestProxy:
         repository: str,
         tag: str,
         accept: tuple[str, ...],
-        cached: Manifest,
+        cached: Manifest | None,
     ) -> Manifest:
+        """What the tag points to now, by HEAD; the manifest fetched by digest if new."""
         head = await upstream.head_manifest(repository, tag, accept or MANIFEST_TYPES)
-        if head.digest == cached.digest:
+        if cached is not None and head.digest == cached.digest:
             await self.index.set_tag(
                 upstream.name, repository, tag, cached.digest, cached.media_type
             )

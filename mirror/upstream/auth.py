@@ -8,7 +8,6 @@ Credentials go to a token realm only when it is on the upstream's own domain.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import json
 import re
@@ -21,6 +20,7 @@ from publicsuffixlist import PublicSuffixList
 from yarl import URL
 
 from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from mirror.upstream.credentials import CredentialSource
 
 DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
 EXPIRY_MARGIN = 10.0  # renew a little early so a token never expires in flight
@@ -36,16 +36,6 @@ _SUFFIXES = PublicSuffixList()
 class Challenge:
     scheme: str
     params: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str
-
-    def basic(self) -> str:
-        pair = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(pair).decode()
 
 
 def parse_challenge(header: str | None) -> Challenge | None:
@@ -96,7 +86,7 @@ class Authenticator:
         self,
         upstream_name: str,
         upstream_url: URL,
-        credentials: Credentials | None,
+        credentials: CredentialSource | None,
         session: aiohttp.ClientSession,
     ) -> None:
         self.upstream_name = upstream_name
@@ -106,12 +96,12 @@ class Authenticator:
         self._tokens: dict[str, _Token] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def header(self, scope: str) -> str | None:
+    async def header(self, scope: str) -> str | None:
         """The header to send first: a live token for `scope`, else Basic credentials if any."""
         token = self._tokens.get(scope)
         if token is not None and token.expires > time.monotonic():
             return token.header
-        return self.credentials.basic() if self.credentials else None
+        return (await self.credentials.get()).basic() if self.credentials else None
 
     async def answer(self, challenge: Challenge, scope: str, rejected: str | None) -> str | None:
         """A header that may satisfy `challenge`, or None when there is nothing new to try.
@@ -120,18 +110,27 @@ class Authenticator:
         renewed the token meanwhile, the renewed one is returned without a new fetch.
         """
         if challenge.scheme == "basic":
-            basic = self.credentials.basic() if self.credentials else None
-            return basic if basic != rejected else None
+            return await self._renewed_basic(rejected)
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
         lock = self._locks.setdefault(scope, asyncio.Lock())
         async with lock:
-            current = self.header(scope)
+            current = await self.header(scope)
             if current is not None and current != rejected and current.startswith("Bearer "):
                 return current
             token = await self._fetch_token(challenge, scope)
             self._tokens[scope] = token
             return token.header
+
+    async def _renewed_basic(self, rejected: str | None) -> str | None:
+        """Basic credentials other than the ones just refused, renewed if need be."""
+        if self.credentials is None:
+            return None
+        current = await self.credentials.get()
+        if current.basic() != rejected:
+            return current.basic()
+        renewed = await self.credentials.renew(current)
+        return renewed.basic() if renewed is not None else None
 
     def trusts_realm(self, realm: URL) -> bool:
         """Whether the upstream's credentials may go to this token realm: on its site, and
@@ -147,7 +146,7 @@ class Authenticator:
         query["scope"] = challenge.params.get("scope", scope)
         headers = {}
         if self.credentials and self.trusts_realm(realm):
-            headers["Authorization"] = self.credentials.basic()
+            headers["Authorization"] = (await self.credentials.get()).basic()
         try:
             async with self.session.get(
                 realm.update_query({k: v for k, v in query.items() if v}),

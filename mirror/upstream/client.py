@@ -6,7 +6,7 @@ Every upstream answer that is not a success becomes one of our `RegistryError`s 
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +18,6 @@ from yarl import URL
 from mirror.config import UpstreamConfig
 from mirror.errors import (
     BlobUnknown,
-    ConfigError,
     Denied,
     ManifestInvalid,
     ManifestUnknown,
@@ -31,7 +30,9 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.reference import Digest, parse_digest
-from mirror.upstream.auth import Authenticator, Credentials, parse_challenge, read_at_most
+from mirror.upstream.auth import Authenticator, parse_challenge, read_at_most
+from mirror.upstream.credentials import credential_source
+from mirror.upstream.ratelimit import RateLimit
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 MAX_LISTING_SIZE = 4 * 1024 * 1024
@@ -85,11 +86,24 @@ class Upstream:
         self.name = config.name
         self.url = URL(config.url)
         self.session = session
-        self.auth = Authenticator(config.name, self.url, _credentials(config), session)
+        self.credentials = credential_source(config)
+        self.auth = Authenticator(config.name, self.url, self.credentials, session)
+        self.ratelimit = RateLimit(config.name, config.ratelimit_reserve)
+
+    async def close(self) -> None:
+        if self.credentials is not None:
+            await self.credentials.close()
+
+    @property
+    def counts_pulls(self) -> bool:
+        """Whether a manifest GET spends a pull of a quota (Docker Hub's, or one like it)."""
+        return self.config.docker_hub or self.ratelimit.limit is not None
 
     async def get_manifest(
         self, repository: str, reference: str, accept: tuple[str, ...]
     ) -> UpstreamManifest:
+        """A counted pull on Docker Hub: refused here while the quota is at its reserve."""
+        await self._check_quota(repository, reference, accept)
         path = f"/v2/{repository}/manifests/{reference}"
         async with self._request("GET", path, repository, "manifest", _accept(accept)) as resp:
             if (resp.content_length or 0) > MAX_MANIFEST_SIZE:
@@ -105,6 +119,19 @@ class Upstream:
         path = f"/v2/{repository}/manifests/{reference}"
         async with self._request("HEAD", path, repository, "manifest", _accept(accept)) as resp:
             return UpstreamManifest(None, _media_type(resp), _content_digest(resp))
+
+    async def _check_quota(self, repository: str, reference: str, accept: tuple[str, ...]) -> None:
+        if self.ratelimit.worth_probing:
+            # A HEAD costs no pull and brings fresh quota headers.
+            with contextlib.suppress(RegistryError):
+                await self.head_manifest(repository, reference, accept)
+        if self.ratelimit.blocked:
+            raise TooManyRequests(
+                f"upstream {self.name}: pull quota exhausted"
+                f" ({self.ratelimit.remaining} left, reserve {self.ratelimit.reserve});"
+                " only cached images are served",
+                str(self.ratelimit.retry_after),
+            )
 
     async def head_blob(self, repository: str, digest: Digest) -> int | None:
         """The blob's length, as the upstream declares it."""
@@ -143,8 +170,8 @@ class Upstream:
         """Send, answering one auth challenge; yields only successful responses."""
         scope = f"repository:{repository}:pull"
         url = self.url.with_path(path).with_query(params or {})
-        authorization = self.auth.header(scope)
         try:
+            authorization = await self.auth.header(scope)
             response = await self._follow(method, url, headers, authorization)
             if response.status == 401:
                 challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
@@ -155,7 +182,9 @@ class Upstream:
                     response.release()
                     response = await self._follow(method, url, headers, retry)
             try:
-                _raise_for_status(response, kind, self.name, f"{method} {path}")
+                if kind == "manifest" or response.status == 429:
+                    self.ratelimit.observe(response.headers, response.status)
+                self._raise_for_status(response, kind, f"{method} {path}")
                 yield response
             finally:
                 response.release()
@@ -201,23 +230,22 @@ class Upstream:
             url = target
         raise UpstreamError(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
 
-
-def _raise_for_status(response: aiohttp.ClientResponse, kind: str, name: str, what: str) -> None:
-    """The one table from upstream statuses to our errors."""
-    status = response.status
-    if 200 <= status < 300:
-        return
-    if status == 404:
-        raise _UNKNOWN[kind](f"{kind} unknown to upstream {name}", {"request": what})
-    if status == 401:
-        raise Unauthorized(f"upstream {name} requires authentication that failed")
-    if status == 403:
-        raise Denied(f"upstream {name} denied access")
-    if status == 429:
-        raise TooManyRequests(
-            f"upstream {name} is rate limiting pulls", response.headers.get("Retry-After")
-        )
-    raise UpstreamError(f"upstream {name} answered {status} to {what}")
+    def _raise_for_status(self, response: aiohttp.ClientResponse, kind: str, what: str) -> None:
+        """The one table from upstream statuses to our errors."""
+        status, name = response.status, self.name
+        if 200 <= status < 300:
+            return
+        if status == 404:
+            raise _UNKNOWN[kind](f"{kind} unknown to upstream {name}", {"request": what})
+        if status == 401:
+            raise Unauthorized(f"upstream {name} requires authentication that failed")
+        if status == 403:
+            raise Denied(f"upstream {name} denied access")
+        if status == 429:
+            raise TooManyRequests(
+                f"upstream {name} is rate limiting pulls", str(self.ratelimit.retry_after)
+            )
+        raise UpstreamError(f"upstream {name} answered {status} to {what}")
 
 
 def _accept(accept: tuple[str, ...]) -> dict[str, str]:
@@ -236,15 +264,3 @@ def _content_digest(response: aiohttp.ClientResponse) -> Digest | None:
         return parse_digest(value)
     except RegistryError:
         return None
-
-
-def _credentials(config: UpstreamConfig) -> Credentials | None:
-    if config.username is None or config.password_env is None:
-        return None
-    password = os.environ.get(config.password_env)
-    if password is None:
-        raise ConfigError(
-            f"upstreams.{config.name}.password_env",
-            f"environment variable {config.password_env} is not set",
-        )
-    return Credentials(config.username, password)

@@ -24,12 +24,15 @@ from mirror.reference import (
     validate_name,
 )
 from mirror.upstream.client import Upstream
+from mirror.upstream.routing import Router
 
 log = logging.getLogger(__name__)
 
 BLOBS = web.AppKey("blobs", BlobProxy)
 MANIFESTS = web.AppKey("manifests", ManifestProxy)
-UPSTREAM = web.AppKey("upstream", Upstream)
+ROUTER = web.AppKey("router", Router)
+UPSTREAMS = web.AppKey("upstreams", dict[str, Upstream])
+NAMESPACE = web.RequestKey("namespace", str)  # the `ns` that chose the upstream
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -42,6 +45,22 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(name + "/tags/list", tags)
     app.router.add_get(name + "/referrers/{digest}", referrers)
     app.router.add_route("*", "/v2/{tail:.*}", not_supported)
+    app.on_response_prepare.append(_echo_namespace)
+
+
+def _upstream(request: web.Request) -> tuple[Upstream, str]:
+    """The upstream this request is for, and the repository's name there."""
+    name = validate_name(request.match_info["name"])
+    route = request.app[ROUTER].route(name, request.query.get("ns"))
+    if route.namespace is not None:
+        request[NAMESPACE] = route.namespace
+    return request.app[UPSTREAMS][route.upstream.name], route.repository
+
+
+async def _echo_namespace(request: web.Request, response: web.StreamResponse) -> None:
+    """As the distribution spec suggests for `ns`; only a namespace that routed is echoed."""
+    if NAMESPACE in request:
+        response.headers["OCI-Namespace"] = request[NAMESPACE]
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -49,10 +68,10 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    name = validate_name(request.match_info["name"])
+    upstream, name = _upstream(request)
     reference = parse_reference(request.match_info["reference"])
     accept = parse_accept(request.headers.getall("Accept", ()))
-    proxy, upstream = request.app[MANIFESTS], request.app[UPSTREAM]
+    proxy = request.app[MANIFESTS]
     if isinstance(reference, Digest):
         found = await proxy.by_digest(upstream, name, reference, accept)
     else:
@@ -68,9 +87,9 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    name = validate_name(request.match_info["name"])
+    upstream, name = _upstream(request)
     digest = parse_digest(request.match_info["digest"])
-    proxy, upstream = request.app[BLOBS], request.app[UPSTREAM]
+    proxy = request.app[BLOBS]
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
     cached = proxy.local(digest)
     if cached is not None:
@@ -130,11 +149,10 @@ async def _stream(
 
 
 async def tags(request: web.Request) -> web.Response:
-    name = validate_name(request.match_info["name"])
+    upstream, name = _upstream(request)
     query = {key: request.query[key] for key in ("n", "last") if key in request.query}
     if "n" in query and not query["n"].isdigit():
         raise PaginationInvalid(f"invalid n={query['n']!r}: must be a non-negative number")
-    upstream = request.app[UPSTREAM]
     path = f"/v2/{name}/tags/list"
     listing = await request.app[MANIFESTS].listing(upstream, name, path, query)
     headers = {"Content-Type": listing.content_type}
@@ -144,10 +162,9 @@ async def tags(request: web.Request) -> web.Response:
 
 
 async def referrers(request: web.Request) -> web.Response:
-    name = validate_name(request.match_info["name"])
+    upstream, name = _upstream(request)
     digest = parse_digest(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
-    upstream = request.app[UPSTREAM]
     body = await request.app[MANIFESTS].referrers(upstream, name, digest, artifact_type)
     headers = {"Content-Type": OCI_INDEX}
     if artifact_type is not None:
