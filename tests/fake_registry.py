@@ -11,9 +11,11 @@ Nothing here is a fixture: tests wrap `FakeRegistry` and `FakeCDN` with `aiohttp
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 from urllib.parse import urlencode
@@ -99,10 +101,16 @@ class FakeRegistry:
     stall_blobs: bool = False  # send half of a blob, then nothing more
     blob_redirect: str | None = None  # where blob GETs are redirected: base URL or path
     manifest_redirects: int = 0  # same-origin hops before a manifest GET is answered
+    # Docker Hub's pull quota: remaining manifest GETs (HEADs are free), None for no quota.
+    quota: int | None = None
+    quota_limit: int = 100
+    quota_window: int = 21600
+    credentials: tuple[str, str] | None = None  # what the token service requires, if any
     manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
     tokens: dict[str, str] = field(default_factory=dict)  # token -> scope granted
+    token_expiry: dict[str, float] = field(default_factory=dict)  # token -> loop time
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -207,7 +215,8 @@ class FakeRegistry:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         granted = self.tokens.get(token) if scheme == "Bearer" else None
-        return granted is not None and (scope is None or granted == scope)
+        expired = self.token_expiry.get(token, math.inf) <= asyncio.get_running_loop().time()
+        return granted is not None and not expired and (scope is None or granted == scope)
 
     def _guard(self, request: web.Request, name: str) -> web.Response | None:
         scope = f"repository:{name}:pull"
@@ -220,11 +229,17 @@ class FakeRegistry:
         await asyncio.sleep(self.token_delay)
         if self.token_status != 200:
             return web.json_response({"details": "access denied"}, status=self.token_status)
+        if self.credentials is not None:
+            user, password = self.credentials
+            expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            if request.headers.get("Authorization") != expected:
+                return web.json_response({"details": "incorrect username or password"}, status=401)
         token = f"token-{len(self.token_requests)}"  # this request is counted already
         self.tokens[token] = request.query.get("scope", "")
         body: dict[str, object] = {"token": token, "issued_at": "2026-01-01T00:00:00Z"}
         if self.expires_in is not None:
             body["expires_in"] = self.expires_in
+            self.token_expiry[token] = asyncio.get_running_loop().time() + self.expires_in
         return web.json_response(body)
 
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
@@ -253,11 +268,16 @@ class FakeRegistry:
     async def _serve_manifest(
         self, request: web.Request, name: str, reference: str
     ) -> web.StreamResponse:
+        quota = self._spend_quota(request)
+        if quota is not None and quota.status == 429:
+            return quota
         found = self.manifests.get((name, reference))
         if found is None:
             return oci_error(404, "MANIFEST_UNKNOWN", f"{name}:{reference} unknown")
         body, media_type = found
         headers = {"Content-Type": media_type, "Docker-Content-Digest": sha256(body)}
+        if quota is not None:
+            headers.update(quota.headers)
         if not self.chunked:
             return web.Response(body=body, headers=headers)
         response = web.StreamResponse(headers=headers)
@@ -267,6 +287,28 @@ class FakeRegistry:
             await response.write(body[start : start + 64 * 1024])
         await response.write_eof()
         return response
+
+    def _spend_quota(self, request: web.Request) -> web.Response | None:
+        """Hub's accounting: a GET spends a pull, a HEAD does not; both say what is left.
+
+        Returns None without a quota, else a 429 when it is spent, else a response
+        carrying just the headers to add.
+        """
+        if self.quota is None:
+            return None
+        exhausted = request.method == "GET" and self.quota <= 0
+        if request.method == "GET" and not exhausted:
+            self.quota -= 1
+        headers = {
+            "ratelimit-limit": f"{self.quota_limit};w={self.quota_window}",
+            "ratelimit-remaining": f"{self.quota};w={self.quota_window}",
+            "docker-ratelimit-source": "127.0.0.1",
+        }
+        if exhausted:
+            response = oci_error(429, "TOOMANYREQUESTS", "You have reached your pull rate limit.")
+            response.headers.update(headers)
+            return response
+        return web.Response(headers=headers)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         name, digest = request.match_info["name"], request.match_info["digest"]

@@ -28,7 +28,7 @@ class RateLimit:
         self.reserve = reserve
         self.limit: int | None = None
         self.remaining: int | None = None
-        self.window: float | None = None
+        self.window: int | None = None
         self.source: str | None = None
         self.observed_at = -math.inf  # monotonic
         self._blocked_until = -math.inf  # monotonic
@@ -107,12 +107,12 @@ class RateLimit:
         self._blocked_until = -math.inf
 
 
-def _parse(value: str | None) -> tuple[int, float | None] | None:
-    """`76;w=21600` → (76, 21600.0); None when absent or unreadable."""
+def _parse(value: str | None) -> tuple[int, int | None] | None:
+    """`76;w=21600` → (76, 21600); None when absent or unreadable."""
     match = _VALUE.match(value) if value else None
     if match is None:
         return None
-    return int(match.group(1)), float(match.group(2)) if match.group(2) else None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
 
 
 def _seconds(value: str | None) -> float | None:
