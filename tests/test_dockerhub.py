@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +92,11 @@ async def hub(aiohttp_server: AiohttpServer) -> AsyncIterator[Hub]:
     registry.release.set()
 
 
+StartMirror = Callable[..., Awaitable[MirrorClient]]
+
+
 @pytest.fixture
-def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path, hub: Hub) -> AsyncIterator[object]:
+def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path, hub: Hub) -> StartMirror:
     async def start(**upstream: object) -> MirrorClient:
         config = Config(
             storage=StorageConfig(path=tmp_path / "cache"),
@@ -109,14 +112,14 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path, hub: Hub) -> Asy
         )
         return await aiohttp_client(make_app(config))
 
-    return start  # type: ignore[return-value]
+    return start
 
 
 async def test_warm_pull_inside_tag_ttl_makes_no_upstream_request(
-    hub: Hub, start_mirror: object
+    hub: Hub, start_mirror: StartMirror
 ) -> None:
     image = put_image(hub.registry, "alpine", "3.20")
-    mirror = await start_mirror()  # type: ignore[operator]
+    mirror = await start_mirror()
 
     assert await pull(mirror, image) == 200
     # Cold: one free HEAD for the tag, one counted GET for the digest; blobs via the CDN.
@@ -130,7 +133,7 @@ async def test_warm_pull_inside_tag_ttl_makes_no_upstream_request(
     assert hub.requests() == before
 
 
-async def test_after_tag_ttl_one_head_and_no_get(hub: Hub, start_mirror: object) -> None:
+async def test_after_tag_ttl_one_head_and_no_get(hub: Hub, start_mirror: StartMirror) -> None:
     image = put_image(hub.registry, "alpine", "3.20")
     mirror = await start_mirror(tag_ttl=0)
     assert await pull(mirror, image) == 200
@@ -143,7 +146,7 @@ async def test_after_tag_ttl_one_head_and_no_get(hub: Hub, start_mirror: object)
 
 
 async def test_a_tag_moved_costs_one_get_and_a_known_digest_none(
-    hub: Hub, start_mirror: object
+    hub: Hub, start_mirror: StartMirror
 ) -> None:
     first = put_image(hub.registry, "alpine", "3.20")
     mirror = await start_mirror(tag_ttl=0)
@@ -162,7 +165,7 @@ async def test_a_tag_moved_costs_one_get_and_a_known_digest_none(
 
 
 async def test_concurrent_cold_pulls_of_a_tag_spend_one_pull(
-    hub: Hub, start_mirror: object
+    hub: Hub, start_mirror: StartMirror
 ) -> None:
     image = put_image(hub.registry, "alpine", "3.20")
     mirror = await start_mirror()
@@ -173,7 +176,7 @@ async def test_concurrent_cold_pulls_of_a_tag_spend_one_pull(
 
 
 async def test_at_the_reserve_cached_images_pull_and_others_get_429(
-    hub: Hub, start_mirror: object, caplog: pytest.LogCaptureFixture
+    hub: Hub, start_mirror: StartMirror, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="mirror")
     cached = put_image(hub.registry, "alpine", "3.20")
@@ -205,7 +208,7 @@ async def test_at_the_reserve_cached_images_pull_and_others_get_429(
 
 
 async def test_a_blocked_upstream_is_probed_with_a_free_head(
-    hub: Hub, start_mirror: object, monkeypatch: pytest.MonkeyPatch
+    hub: Hub, start_mirror: StartMirror, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A by-digest miss has no tag HEAD of its own: the mirror HEADs the digest first."""
     monkeypatch.setattr(ratelimit, "PROBE_INTERVAL", 0.0)
@@ -227,7 +230,7 @@ async def test_a_blocked_upstream_is_probed_with_a_free_head(
 
 
 async def test_quota_spent_by_others_serves_cache_and_refuses_new_pulls(
-    hub: Hub, start_mirror: object
+    hub: Hub, start_mirror: StartMirror
 ) -> None:
     cached = put_image(hub.registry, "alpine", "3.20")
     put_image(hub.registry, "busybox", "1")
@@ -241,7 +244,7 @@ async def test_quota_spent_by_others_serves_cache_and_refuses_new_pulls(
 
 
 async def test_tokens_are_reused_then_refreshed_when_expired(
-    hub: Hub, start_mirror: object
+    hub: Hub, start_mirror: StartMirror
 ) -> None:
     # The mirror renews 10 s before expiry, 1 s at the least: a 2 s token lives 1 s here.
     hub.registry.expires_in = 2
@@ -260,7 +263,7 @@ async def test_tokens_are_reused_then_refreshed_when_expired(
 
 
 async def test_docker_id_with_an_access_token_from_a_file(
-    hub: Hub, start_mirror: object, tmp_path: Path
+    hub: Hub, start_mirror: StartMirror, tmp_path: Path
 ) -> None:
     secret = tmp_path / "hub-token"
     secret.write_text("dckr_pat_0123456789\n")
