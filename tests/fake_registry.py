@@ -54,6 +54,10 @@ def manifest_bytes(label: str, size: int = 0) -> bytes:
     return raw + b" " * max(size - len(raw), 0)
 
 
+def basic(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 def oci_error(status: int, code: str, message: str) -> web.Response:
     body = {"errors": [{"code": code, "message": message}]}
     return web.json_response(body, status=status)
@@ -106,6 +110,9 @@ class FakeRegistry:
     quota_limit: int = 100
     quota_window: int = 21600
     credentials: tuple[str, str] | None = None  # what the token service requires, if any
+    # ECR-style: Basic auth with these credentials on every request, no token service.
+    basic_auth: tuple[str, str] | None = None
+    refuse_next: int = 0  # answer this many more requests 401 whatever they carry
     manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
@@ -202,6 +209,8 @@ class FakeRegistry:
     def _challenge(self, scope: str) -> web.Response:
         realm = f"http://{self.realm_host}:{self.port}/token"
         challenge = f'Bearer realm="{realm}",service="fake",scope="{scope}"'
+        if self.basic_auth is not None:
+            challenge = f'Basic realm="http://{self.realm_host}:{self.port}/",service="ecr"'
         response = oci_error(401, "UNAUTHORIZED", "authentication required")
         response.headers["WWW-Authenticate"] = challenge
         return response
@@ -212,7 +221,12 @@ class FakeRegistry:
             return True
         if self.mode == "reject":
             return False
+        if self.refuse_next > 0:
+            self.refuse_next -= 1
+            return False
         header = request.headers.get("Authorization", "")
+        if self.basic_auth is not None:
+            return header == basic(*self.basic_auth)
         scheme, _, token = header.partition(" ")
         granted = self.tokens.get(token) if scheme == "Bearer" else None
         expired = self.token_expiry.get(token, math.inf) <= asyncio.get_running_loop().time()
@@ -229,11 +243,9 @@ class FakeRegistry:
         await asyncio.sleep(self.token_delay)
         if self.token_status != 200:
             return web.json_response({"details": "access denied"}, status=self.token_status)
-        if self.credentials is not None:
-            user, password = self.credentials
-            expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-            if request.headers.get("Authorization") != expected:
-                return web.json_response({"details": "incorrect username or password"}, status=401)
+        wanted = basic(*self.credentials) if self.credentials else None
+        if wanted is not None and request.headers.get("Authorization") != wanted:
+            return web.json_response({"details": "incorrect username or password"}, status=401)
         token = f"token-{len(self.token_requests)}"  # this request is counted already
         self.tokens[token] = request.query.get("scope", "")
         body: dict[str, object] = {"token": token, "issued_at": "2026-01-01T00:00:00Z"}

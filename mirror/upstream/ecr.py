@@ -63,7 +63,8 @@ class EcrCredentials:
             if time.monotonic() - self._fetched_at < RENEW_ON_REJECT_INTERVAL:
                 return None
             await self._fetch()
-            return self._current if self._current != rejected else None
+            # Tried again even if unchanged: the refusal may have been the registry's hiccup.
+            return self._current
 
     async def close(self) -> None:
         if self._refresher is not None:
