@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from mirror.config import (
+    DOCKER_HUB,
     DOCKER_HUB_URL,
     Config,
     Listen,
@@ -38,7 +39,18 @@ def test_embedded_default_needs_no_file() -> None:
 
 def test_shipped_configs_load() -> None:
     documented = load_config(REPO / "config" / "mirror.yaml")
-    assert documented == Config()  # the documented example spells out the defaults
+    # The documented example spells out the defaults, then adds ECR and GHCR.
+    defaults = Config()
+    assert (documented.listen, documented.storage) == (defaults.listen, defaults.storage)
+    hub, ecr, ghcr = documented.upstreams
+    assert hub == DOCKER_HUB == defaults.default_upstream
+    assert (ecr.prefix, ecr.auth.type, ecr.auth.region, ecr.auth.registry_id) == (
+        "ecr",
+        "ecr",
+        "eu-west-1",
+        "123456789012",
+    )
+    assert (ghcr.prefix, ghcr.hosts, ghcr.auth.type) == ("ghcr", ("ghcr.io",), "anonymous")
     minimal = load_config(REPO / "config" / "minimal.yaml")
     assert minimal.storage.max_size == 50 * 1024**3
 
