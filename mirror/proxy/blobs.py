@@ -138,7 +138,8 @@ class BlobProxy:
     def __init__(self, store: BlobStore, index: Index) -> None:
         self.store = store
         self.index = index
-        self._fetches: dict[Digest, Fetch] = {}
+        # Per upstream: a download failing on one upstream never cuts another's clients.
+        self._fetches: dict[tuple[str, Digest], Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def local(self, digest: Digest) -> CachedBlob | None:
@@ -154,17 +155,17 @@ class BlobProxy:
         cached = self.local(digest)
         if cached is not None:
             return cached.size
-        fetch = self._fetches.get(digest)
+        fetch = self._fetches.get((upstream.name, digest))
         if fetch is not None:
             return await fetch.wait_started()
         return await upstream.head_blob(repository, digest)
 
     def join(self, upstream: Upstream, repository: str, digest: Digest) -> BlobReader:
         """A reader of the download of `digest` under way, or of a new one."""
-        fetch = self._fetches.get(digest)
+        fetch = self._fetches.get((upstream.name, digest))
         if fetch is None:
             fetch = Fetch(self.store.writer(digest))
-            self._fetches[digest] = fetch
+            self._fetches[upstream.name, digest] = fetch
             task = asyncio.create_task(self._download(fetch, upstream, repository))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -195,7 +196,7 @@ class BlobProxy:
             error = UpstreamError(f"download failed: {exc!r}")
         finally:
             # Readers are released first: nothing after this may leave them waiting.
-            self._fetches.pop(fetch.digest, None)
+            self._fetches.pop((upstream.name, fetch.digest), None)
             fetch.finish(error)
             fetch.writer.close()
 

@@ -47,8 +47,8 @@ class ManifestProxy:
         self.store = store
         self.index = index
         self._listings: OrderedDict[tuple[str, str], tuple[float, UpstreamListing]] = OrderedDict()
-        # Upstream work under way, shared by every request that needs it: by digest, or
-        # by (upstream, repository, tag, accept).
+        # Upstream work under way, shared by every request that needs it: by (upstream,
+        # digest), or by (upstream, repository, tag, accept).
         self._fetches: dict[Hashable, asyncio.Task[Manifest]] = {}
 
     async def by_digest(
@@ -64,7 +64,8 @@ class ManifestProxy:
             return cached
         wanted = tuple(dict.fromkeys(accept + MANIFEST_TYPES))
         return await self._once(
-            digest, lambda: self._fetch_digest(upstream, repository, digest, wanted)
+            (upstream.name, digest),
+            lambda: self._fetch_digest(upstream, repository, digest, wanted),
         )
 
     async def _once(
