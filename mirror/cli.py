@@ -38,15 +38,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(config: Config) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    upstream = config.default_upstream
     log.info(
-        "mirror listening on %s, cache in %s (max %d bytes), upstream %s (%s)",
+        "mirror listening on %s, cache in %s (max %d bytes)",
         config.listen,
         config.storage.path,
         config.storage.max_size,
-        upstream.name,
-        upstream.url,
     )
+    for upstream in config.upstreams:
+        log.info(
+            "upstream %s: %s, auth %s, for %s%s%s",
+            upstream.name,
+            upstream.url,
+            upstream.auth.type,
+            ", ".join(upstream.hosts),
+            f" and /v2/{upstream.prefix}/..." if upstream.prefix else "",
+            " (default)" if upstream.default else "",
+        )
     web.run_app(make_app(config), host=config.listen.host, port=config.listen.port, print=None)
     return 0
 

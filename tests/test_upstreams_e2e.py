@@ -14,6 +14,14 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from podman import (
+    podman_cleanup,
+    podman_image_digest,
+    podman_pull_async,
+    podman_rmi,
+    push_tar_image,
+    require_podman,
+)
 from upstream_registry import (
     OCI_MANIFEST,
     PushedImage,
@@ -137,3 +145,47 @@ async def test_one_failing_upstream_leaves_the_other_alone(
     assert status == 502  # the first is down, and says so
     await skopeo_copy_async(f"{mirror.host}/second/team/tool:2", tmp_path / "tool")
     assert dir_digests(tmp_path / "tool") == files(on_second)
+
+
+@pytest.fixture
+def podman_work(tmp_path: Path) -> Iterator[Path]:
+    require_podman()
+    work = tmp_path / "podman"
+    yield work
+    podman_cleanup(work)
+
+
+async def test_podman_mirror_location_with_a_prefix_reaches_the_second_upstream(
+    registry: RegistryProcess,
+    second: RegistryProcess,
+    start_mirror_process: StartMirrorProcess,
+    tmp_path: Path,
+    podman_work: Path,
+) -> None:
+    """registries.conf: docker.io mirrored at `MIRROR/second`; podman asks for
+    `/v2/second/library/app/...`, which the mirror routes to the second upstream."""
+    await push_tar_image(registry.url, "library/app", "1")  # a decoy on the default
+    on_second = await push_tar_image(second.url, "library/app", "1")
+    config = write_config(tmp_path / "mirror.yaml", registry, second)
+    mirror = await asyncio.to_thread(start_mirror_process, "--config", str(config))
+    for upstream in (registry, second):
+        await upstream.settle()
+        upstream.reset_counts()
+
+    image = "docker.io/library/app:1"
+    location = f"{mirror.host}/second"
+    result = await podman_pull_async(image, location, podman_work)
+    assert result.escapes == ()
+    assert podman_image_digest(image, podman_work) == on_second.manifest_digest
+    await second.settle()
+    assert second.blob_gets() == len(on_second.blob_digests())
+    assert registry.requests() == []
+
+    # Warm, after `podman rmi`: podman pings, GETs the manifest and every blob again; the
+    # mirror answers all of it from its cache.
+    await asyncio.to_thread(podman_rmi, image, podman_work)
+    second.reset_counts()
+    await podman_pull_async(image, location, podman_work)
+    assert podman_image_digest(image, podman_work) == on_second.manifest_digest
+    await second.settle()
+    assert second.requests() == []
