@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from pytest_aiohttp import AiohttpServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 from upstream_registry import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -32,6 +32,9 @@ from upstream_registry import (
     sha256_digest,
     skopeo_copy_async,
 )
+
+from mirror.app import make_app
+from mirror.config import Config, StorageConfig, UpstreamConfig
 
 if TYPE_CHECKING:
     from conftest import MirrorClient, MirrorProcess
@@ -451,9 +454,16 @@ async def test_tags_list_passes_through(registry: RegistryProcess, make_mirror: 
 
 
 async def test_tags_list_pagination_and_link_pass_through(
-    make_mirror: MakeMirror, aiohttp_server: AiohttpServer
+    make_mirror: MakeMirror,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
 ) -> None:
-    """A paginating upstream (as the OCI spec describes; distribution 2.8 does not paginate)."""
+    """A paginating upstream (as the OCI spec describes; distribution 2.8 does not paginate).
+
+    The `Link` the client gets names the path it asked (prefix and ns included), never
+    the upstream's own: following it must reach the same upstream through the mirror.
+    """
     all_tags = [f"t{i}" for i in range(7)]
 
     async def tags_list(request: web.Request) -> web.Response:
@@ -472,24 +482,43 @@ async def test_tags_list_pagination_and_link_pass_through(
     app = web.Application()
     app.router.add_get("/v2/{name}/tags/list", tags_list)
     upstream = await aiohttp_server(app)
-    mirror = base_url(await make_mirror(str(upstream.make_url("")).rstrip("/")))
+    upstream_url = str(upstream.make_url("")).rstrip("/")
+    mirror = base_url(await make_mirror(upstream_url))
+    config = Config(
+        storage=StorageConfig(path=tmp_path / "routed"),
+        upstreams=(
+            UpstreamConfig(
+                name="hub", url="http://127.0.0.1:9", hosts=("docker.io",), default=True
+            ),
+            UpstreamConfig(name="paged", url=upstream_url, hosts=("paged.example",), prefix="p"),
+        ),
+    )
+    routed = base_url(await aiohttp_client(make_app(config)))
 
-    collected: list[str] = []
-    path: str | None = "/v2/paged/tags/list?n=3"
-    pages = 0
-    while path is not None:
-        answer = await call("GET", mirror + path)
-        assert answer.status == 200, answer.body
-        collected += answer.json()["tags"]
-        pages += 1
-        link = answer.headers.get("Link")
-        path = link[link.index("<") + 1 : link.index(">")] if link else None
-    assert collected == all_tags
-    assert pages == 3
+    for start in (
+        f"{mirror}/v2/paged/tags/list?n=3",
+        f"{routed}/v2/p/paged/tags/list?n=3",
+        f"{routed}/v2/paged/tags/list?n=3&ns=paged.example",
+    ):
+        base = start[: start.index("/v2/")]
+        collected: list[str] = []
+        path: str | None = start[len(base) :]
+        pages = 0
+        while path is not None:
+            answer = await call("GET", base + path)
+            assert answer.status == 200, answer.body
+            collected += answer.json()["tags"]
+            pages += 1
+            link = answer.headers.get("Link")
+            path = link[link.index("<") + 1 : link.index(">")] if link else None
+        assert collected == all_tags, start
+        assert pages == 3
 
     second = await call("GET", f"{mirror}/v2/paged/tags/list?n=3&last=t2")
     assert second.json()["tags"] == ["t3", "t4", "t5"]
     assert second.headers["Link"] == '</v2/paged/tags/list?n=3&last=t5>; rel="next"'
+    prefixed = await call("GET", f"{routed}/v2/p/paged/tags/list?n=3&last=t2")
+    assert prefixed.headers["Link"] == '</v2/p/paged/tags/list?n=3&last=t5>; rel="next"'
     assert_oci_error(await call("GET", f"{mirror}/v2/nope/tags/list"), {404}, "NAME_UNKNOWN")
 
 

@@ -7,9 +7,11 @@ pull-through proxy, and turns its answer into a response. Push methods are refus
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import aclosing
 
 from aiohttp import web
+from yarl import URL
 
 from mirror.errors import BlobUnknown, PaginationInvalid, RegistryError, Unsupported
 from mirror.proxy.blobs import BlobProxy, BlobReader, CachedBlob
@@ -35,6 +37,7 @@ UPSTREAMS = web.AppKey("upstreams", dict[str, Upstream])
 NAMESPACE = web.RequestKey("namespace", str)  # the `ns` that chose the upstream
 
 OCTET_STREAM = "application/octet-stream"
+_LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
 
 
 def add_routes(app: web.Application) -> None:
@@ -157,8 +160,20 @@ async def tags(request: web.Request) -> web.Response:
     listing = await request.app[MANIFESTS].listing(upstream, name, path, query)
     headers = {"Content-Type": listing.content_type}
     if listing.link:
-        headers["Link"] = listing.link
+        headers["Link"] = _client_link(listing.link, request)
     return web.Response(body=listing.body, headers=headers)
+
+
+def _client_link(link: str, request: web.Request) -> str:
+    """The upstream's `Link: <url>; rel="next"` pointed back at the path the client asked
+    (its prefix, and its `ns`), keeping the upstream's pagination query."""
+    match = _LINK.match(link)
+    if match is None:
+        return link
+    query = dict(URL(match.group(1)).query)
+    if "ns" in request.query:
+        query["ns"] = request.query["ns"]
+    return f"<{URL.build(path=request.path, query=query)}>{match.group(2)}"
 
 
 async def referrers(request: web.Request) -> web.Response:
