@@ -31,19 +31,17 @@ import importlib.util
 import json
 import os
 import secrets
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, BinaryIO, Self
+from typing import Any
 
 import pytest
+from server_process import ServerError, ServerProcess
 from upstream_registry import free_loopback_port
 
 INSTALL_HINT = "pip install 'moto[server]'"
@@ -212,11 +210,11 @@ def parse_recording_line(line: str) -> RecordedRequest:
 # --------------------------------------------------------------------------- process
 
 
-class MotoError(RuntimeError):
+class MotoError(ServerError):
     """moto's server did not come up (the message carries the log tail)."""
 
 
-class MotoServer:
+class MotoServer(ServerProcess):
     """moto's server on 127.0.0.1, recording every request it receives.
 
     The port is chosen once, at construction, so ``url`` is known before the first
@@ -226,8 +224,11 @@ class MotoServer:
 
     Start-up takes about half a second to a second (importing moto); ``start``/``stop``
     block, so from a test whose event loop also runs the mirror, call them via
-    ``await asyncio.to_thread(server.restart)``.
+    ``await asyncio.to_thread(server.restart)``.  SIGTERM stops it at once.
     """
+
+    name = "moto server"
+    error = MotoError
 
     def __init__(
         self,
@@ -238,41 +239,20 @@ class MotoServer:
         extra_env: Mapping[str, str] | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
+        super().__init__(
+            workdir, workdir / "moto-server.log", port or free_loopback_port(), startup_timeout
+        )
         self.command = list(command) if command is not None else require_moto_server()
-        self.workdir = workdir
         self.recording_path = workdir / "moto-recording.jsonl"
-        self.log_path = workdir / "moto-server.log"
-        self.port = port or free_loopback_port()
-        self.startup_timeout = startup_timeout
-        self.startup_seconds: float | None = None  # of the last successful start
         self._extra_env = dict(extra_env or {})
         # Readiness probes carry this User-Agent: a probe answered by some *other*
         # server that grabbed the port shows up as a probe missing from our recording.
         self._probe_agent = f"moto-readiness-probe-{secrets.token_hex(8)}"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: BinaryIO | None = None
-        self._run_log_offset = 0  # where this run's output starts (for error tails)
         self._count_offset = 0  # see reset_counts()
-
-    # ---- addresses
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def aws_env(self, home: Path, *, region: str = DEFAULT_REGION) -> dict[str, str]:
         """:func:`aws_env` for this server."""
         return aws_env(self.url, home, region=region)
-
-    # ---- lifecycle
 
     def server_env(self) -> dict[str, str]:
         """The server's environment, built from scratch (moto reads many ``MOTO_*``/``AWS_*``)."""
@@ -295,95 +275,25 @@ class MotoServer:
         env.update(self._extra_env)
         return env
 
-    def start(self) -> None:
-        """Start the server and wait until it answers (and it is ours that answers)."""
-        if self.running:
-            raise MotoError(f"moto server on {self.host} is already running")
-        self.stop()  # reap a crashed previous run and close its log handle
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> None:
         self.recording_path.touch()
-        began = time.monotonic()
-        self._spawn()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_seconds = time.monotonic() - began
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM (moto's handler calls ``sys.exit(0)`` at once), then SIGKILL."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _spawn(self) -> None:
         (self.workdir / "moto-home").mkdir(exist_ok=True)
-        self._log_file = self.log_path.open("ab")
-        self._run_log_offset = self._log_file.tell()
-        self._proc = subprocess.Popen(
-            [*self.command, "-H", "127.0.0.1", "-p", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            env=self.server_env(),
-        )
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise MotoError(
-                    f"moto server exited with {self._proc.returncode}:\n{self.log_tail()}"
-                )
-            if _probe(self.url + "/moto-api/config", self._probe_agent):
-                if self._probe_agent in _read_text(self.recording_path):
-                    return
-                raise MotoError(
-                    f"{self.host} answered, but not the moto server started here "
-                    f"(port taken?):\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
-        raise MotoError(
-            f"moto server not ready on {self.host} after {self.startup_timeout}s:\n"
-            f"{self.log_tail()}"
-        )
+    def _command(self) -> list[str]:
+        return [*self.command, "-H", "127.0.0.1", "-p", str(self.port)]
 
-    def log_tail(self, max_bytes: int = 4000) -> str:
-        """The end of the current run's output (werkzeug access log, tracebacks)."""
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(self._run_log_offset)
-                data = f.read()
-        except FileNotFoundError:
-            return ""
-        return data[-max_bytes:].decode("utf-8", "replace")
+    def _env(self) -> dict[str, str]:
+        return self.server_env()
+
+    def _ready(self) -> bool:
+        if not _probe(self.url + "/moto-api/config", self._probe_agent):
+            return False
+        if self._probe_agent not in _read_text(self.recording_path):
+            raise MotoError(
+                f"{self.host} answered, but not the moto server started here "
+                f"(port taken?):\n{self.log_tail()}"
+            )
+        return True
 
     # ---- request counting
 

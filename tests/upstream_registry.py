@@ -32,12 +32,12 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, BinaryIO, Literal, Self
+from typing import Any, BinaryIO, Literal
 from urllib.parse import urljoin
 
 import aiohttp
 import pytest
+from server_process import ServerError, ServerProcess
 
 INSTALL_HINT = "apt-get install -y docker-registry skopeo"
 
@@ -148,11 +148,11 @@ def free_loopback_port() -> int:
         return port
 
 
-class RegistryError(RuntimeError):
-    """The registry process did not come up (message carries the log tail)."""
+class RegistryError(ServerError):
+    pass
 
 
-class RegistryProcess:
+class RegistryProcess(ServerProcess):
     """``docker-registry serve`` on 127.0.0.1 with filesystem storage.
 
     The port is chosen once, at construction, so ``url`` is known before the first
@@ -162,7 +162,11 @@ class RegistryProcess:
 
     ``start``/``stop`` block for up to a few seconds; from a test whose event loop
     also runs the mirror, call them via ``await asyncio.to_thread(reg.restart)``.
+    (SIGTERM stops it at once: the 2.8 drain timeout defaults to 0.)
     """
+
+    name = "docker-registry"
+    error = RegistryError
 
     def __init__(
         self,
@@ -174,36 +178,16 @@ class RegistryProcess:
         extra_config: dict[str, Any] | None = None,
         startup_timeout: float = 15.0,
     ) -> None:
+        super().__init__(
+            workdir, workdir / "registry.log", port or free_loopback_port(), startup_timeout
+        )
         self.binary = binary or require_tool("docker-registry")
-        self.workdir = workdir
         self.storage_dir = storage_dir or workdir / "registry-storage"
         self.config_path = workdir / "registry-config.yml"
-        self.log_path = workdir / "registry.log"
-        self.port = port or free_loopback_port()
-        self.startup_timeout = startup_timeout
         self._extra_config = extra_config or {}
         # Shared by every start so uploads begun before a restart stay valid.
         self._http_secret = secrets.token_hex(16)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: BinaryIO | None = None
-        self._run_log_offset = 0  # where this run's output starts (for error tails)
         self._count_offset = 0  # see reset_counts()
-
-    # ---- addresses
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    # ---- lifecycle
 
     def config(self) -> dict[str, Any]:
         """The registry configuration (YAML is a superset of JSON, so it is written as JSON)."""
@@ -222,85 +206,20 @@ class RegistryProcess:
         }
         return _deep_merge(cfg, self._extra_config)
 
-    def start(self) -> None:
-        """Start the registry and wait until ``GET /v2/`` answers 200."""
-        if self.running:
-            raise RegistryError(f"registry on {self.host} is already running")
-        self.stop()  # reap a crashed previous run and close its log handle
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> None:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
-        self._spawn()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM (the 2.8 drain timeout defaults to 0, so it exits at once), then SIGKILL."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+    def _command(self) -> list[str]:
+        return [self.binary, "serve", str(self.config_path)]
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+    def _env(self) -> dict[str, str]:
+        # The registry reads REGISTRY_* variables as config overrides; keep the
+        # machine's environment from leaking in.
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _spawn(self) -> None:
-        # Append: counts and diagnostics survive restarts.
-        self._log_file = self.log_path.open("ab")
-        self._run_log_offset = self._log_file.tell()
-        self._proc = subprocess.Popen(
-            [self.binary, "serve", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            # The registry reads REGISTRY_* variables as config overrides; keep the
-            # machine's environment from leaking in.
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        )
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RegistryError(
-                    f"docker-registry exited with {self._proc.returncode}:\n{self.log_tail()}"
-                )
-            if _probe(self.url + "/v2/"):
-                return
-            time.sleep(0.05)
-        raise RegistryError(
-            f"docker-registry not ready on {self.host} after {self.startup_timeout}s:\n"
-            f"{self.log_tail()}"
-        )
-
-    def log_tail(self, max_bytes: int = 4000) -> str:
-        """The end of the current run's log output, for error messages."""
-        data = _read_from(self.log_path, self._run_log_offset)
-        return data[-max_bytes:].decode("utf-8", "replace")
+    def _ready(self) -> bool:
+        return _probe(self.url + "/v2/")
 
     # ---- request counting
 
