@@ -71,7 +71,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
 
 import aiohttp
 import pytest
@@ -84,6 +83,9 @@ from upstream_registry import (
     OCI_MANIFEST,
     Flavour,
     PushedImage,
+    json_bytes,
+    put_blob,
+    put_manifest,
     require_tool,
     sha256_digest,
 )
@@ -549,7 +551,7 @@ async def push_tar_image(
     layers = [tar_layer({f"layer-{i}.bin": os.urandom(n)}) for i, n in enumerate(file_sizes)]
     layer_digests = [sha256_digest(layer) for layer in layers]
     os_name, arch = platform
-    config = _json_bytes(
+    config = json_bytes(
         {
             "architecture": arch,
             "os": os_name,
@@ -560,7 +562,7 @@ async def push_tar_image(
         }
     )
     config_digest = sha256_digest(config)
-    manifest = _json_bytes(
+    manifest = json_bytes(
         {
             "schemaVersion": 2,
             "mediaType": manifest_type,
@@ -571,20 +573,15 @@ async def push_tar_image(
             ],
         }
     )
-    manifest_digest = sha256_digest(manifest)
     async with contextlib.AsyncExitStack() as stack:
         if session is None:
             session = await stack.enter_async_context(aiohttp.ClientSession())
         client = session
         for digest, blob in [*zip(layer_digests, layers, strict=True), (config_digest, config)]:
-            await _put_blob(client, registry_url, name, digest, blob)
-        async with client.put(
-            f"{registry_url}/v2/{name}/manifests/{tag or manifest_digest}",
-            data=manifest,
-            headers={"Content-Type": manifest_type},
-        ) as resp:
-            await _expect(resp, 201)
-            assert resp.headers.get("Docker-Content-Digest") == manifest_digest
+            await put_blob(client, registry_url, name, digest, blob)
+        manifest_digest = await put_manifest(
+            client, registry_url, name, tag, manifest, manifest_type
+        )
     return PushedImage(
         name=name,
         tag=tag,
@@ -596,31 +593,3 @@ async def push_tar_image(
         layer_sizes=[len(layer) for layer in layers],
         platform=platform,
     )
-
-
-def _json_bytes(obj: object) -> bytes:
-    return json.dumps(obj, indent=2).encode()
-
-
-async def _put_blob(
-    client: aiohttp.ClientSession, base: str, name: str, digest: str, blob: bytes
-) -> None:
-    """Monolithic upload: POST opens a session, one PUT with ``digest=`` completes it."""
-    async with client.post(f"{base}/v2/{name}/blobs/uploads/") as resp:
-        await _expect(resp, 202)
-        location = urljoin(f"{base}/", resp.headers["Location"])
-    separator = "&" if "?" in location else "?"
-    async with client.put(
-        f"{location}{separator}digest={digest}",
-        data=blob,
-        headers={"Content-Type": "application/octet-stream"},
-    ) as resp:
-        await _expect(resp, 201)
-
-
-async def _expect(resp: aiohttp.ClientResponse, status: int) -> None:
-    if resp.status != status:
-        body = await resp.text(errors="replace")
-        raise AssertionError(
-            f"{resp.method} {resp.url} -> {resp.status}, expected {status}: {body[:2000]}"
-        )

@@ -375,10 +375,10 @@ async def push_image(
             await _push_random_layer(client, registry_url, name, n, tmp_dir) for n in layer_sizes
         ]
         digests = [digest for digest, _ in layers]
-        config = _json_bytes(_image_config(platform, digests))
+        config = json_bytes(_image_config(platform, digests))
         config_digest = sha256_digest(config)
-        await _put_blob(client, registry_url, name, config_digest, config)
-        manifest = _json_bytes(
+        await put_blob(client, registry_url, name, config_digest, config)
+        manifest = json_bytes(
             {
                 "schemaVersion": 2,
                 "mediaType": manifest_type,
@@ -386,7 +386,7 @@ async def push_image(
                 "layers": [_descriptor(layer_type, d, n) for d, n in layers],
             }
         )
-        digest = await _put_manifest(client, registry_url, name, tag, manifest, manifest_type)
+        digest = await put_manifest(client, registry_url, name, tag, manifest, manifest_type)
     return PushedImage(
         name=name,
         tag=tag,
@@ -427,14 +427,14 @@ async def push_index(
             )
             for p in platforms
         ]
-        index = _json_bytes(
+        index = json_bytes(
             {
                 "schemaVersion": 2,
                 "mediaType": index_type,
                 "manifests": [_child_descriptor(child_type, c) for c in children],
             }
         )
-        digest = await _put_manifest(client, registry_url, name, tag, index, index_type)
+        digest = await put_manifest(client, registry_url, name, tag, index, index_type)
     return PushedImage(
         name=name,
         tag=tag,
@@ -446,7 +446,7 @@ async def push_index(
     )
 
 
-def _json_bytes(obj: object) -> bytes:
+def json_bytes(obj: object) -> bytes:
     # Indented, not canonical: a mirror that re-serialises would change the digest.
     return json.dumps(obj, indent=2).encode()
 
@@ -486,7 +486,7 @@ async def _push_random_layer(
     try:
         body = await asyncio.to_thread(path.open, "rb")
         try:
-            await _put_blob(client, base, name, digest, body)
+            await put_blob(client, base, name, digest, body)
         finally:
             body.close()
     finally:
@@ -514,7 +514,7 @@ def _write_random_file(size: int, tmp_dir: Path | None) -> tuple[Path, str]:
     return Path(name), "sha256:" + hasher.hexdigest()
 
 
-async def _put_blob(
+async def put_blob(
     client: aiohttp.ClientSession, base: str, name: str, digest: str, body: bytes | BinaryIO
 ) -> None:
     """Monolithic upload: POST opens a session, one PUT with ``digest=`` completes it."""
@@ -531,7 +531,7 @@ async def _put_blob(
         await _expect(resp, 201)
 
 
-async def _put_manifest(
+async def put_manifest(
     client: aiohttp.ClientSession,
     base: str,
     name: str,
