@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from podman import podman_cleanup, require_podman
 from pytest_aiohttp import AiohttpClient
 from upstream_registry import RegistryProcess, free_loopback_port
 
@@ -20,6 +21,15 @@ from mirror.app import make_app
 from mirror.config import Config, Listen, StorageConfig, UpstreamConfig, default_hosts
 
 MirrorClient = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+def podman_work(tmp_path: Path) -> Iterator[Path]:
+    """podman's sandbox directory; every image is removed again at teardown."""
+    require_podman()
+    work = tmp_path / "podman"
+    yield work
+    podman_cleanup(work)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from podman import (
     podman_pull_async,
     podman_rmi,
     push_tar_image,
-    require_podman,
     run_podman,
 )
 from pytest_aiohttp import AiohttpServer
@@ -31,15 +29,6 @@ from upstream_registry import PushedImage, RegistryProcess, push_image
 KIB = 1024
 IMAGE = "docker.io/library/busybox:1"
 HUB_FALLBACK = "CONNECT registry-1.docker.io:443 HTTP/1.1"
-
-
-@pytest.fixture
-def podman_work(tmp_path: Path) -> Iterator[Path]:
-    """podman's sandbox directory; every image is removed again at teardown."""
-    require_podman()
-    work = tmp_path / "podman"
-    yield work
-    podman_cleanup(work)
 
 
 Request = tuple[str, str, str, int]

@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING
 import aiohttp
 import pytest
 from podman import (
-    podman_cleanup,
     podman_image_digest,
     podman_pull_async,
     podman_rmi,
     push_tar_image,
-    require_podman,
 )
 from upstream_registry import (
     OCI_MANIFEST,
@@ -145,14 +143,6 @@ async def test_one_failing_upstream_leaves_the_other_alone(
     assert status == 502  # the first is down, and says so
     await skopeo_copy_async(f"{mirror.host}/second/team/tool:2", tmp_path / "tool")
     assert dir_digests(tmp_path / "tool") == files(on_second)
-
-
-@pytest.fixture
-def podman_work(tmp_path: Path) -> Iterator[Path]:
-    require_podman()
-    work = tmp_path / "podman"
-    yield work
-    podman_cleanup(work)
 
 
 async def test_podman_mirror_location_with_a_prefix_reaches_the_second_upstream(
