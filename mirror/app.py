@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from mirror.config import Config
+from mirror.eviction import Evictor, InUse
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.manifests import ManifestProxy
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
+from mirror.storage.reconcile import reconcile
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Router
 from mirror.web import registry
@@ -37,17 +41,25 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     index = Index(config.storage.path / INDEX_FILE)
     await index.open()
     session = aiohttp.ClientSession(auto_decompress=False)
-    blobs = BlobProxy(store, index)
+    evictor = Evictor(config, store, index, InUse())
+    blobs = BlobProxy(store, index, evictor)
     upstreams: dict[str, Upstream] = {}
+    evicting: asyncio.Task[None] | None = None
     try:
+        await reconcile(store, index)
+        evicting = asyncio.create_task(evictor.run())
         for upstream in config.upstreams:
             upstreams[upstream.name] = Upstream(upstream, session)
         app[registry.ROUTER] = Router(config.upstreams)
         app[registry.UPSTREAMS] = upstreams
         app[registry.BLOBS] = blobs
-        app[registry.MANIFESTS] = ManifestProxy(store, index)
+        app[registry.MANIFESTS] = ManifestProxy(store, index, evictor)
         yield
     finally:
+        if evicting is not None:
+            evicting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await evicting
         await blobs.close()
         for upstream_client in upstreams.values():
             await upstream_client.close()

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from mirror.errors import ConfigError
+from mirror.errors import ConfigError, RegistryError
+from mirror.reference import ImageReference, parse_image_reference
 
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 # The names clients use for Docker Hub (containerd's `?ns=`, registries.conf locations).
@@ -52,6 +53,11 @@ class Listen:
 class StorageConfig:
     path: Path = Path("data")
     max_size: int = DEFAULT_MAX_SIZE
+    # Eviction starts once the cache holds this share of max_size, and stops at the low one.
+    high_watermark: float = 0.90
+    low_watermark: float = 0.80
+    # Blobs unused for this long (seconds) are evicted whatever the budget; None: never.
+    max_age: float | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
     upstreams: tuple[UpstreamConfig, ...] = (DOCKER_HUB,)
+    # Images whose manifests and blobs are never evicted.
+    pins: tuple[ImageReference, ...] = ()
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -162,12 +170,14 @@ def load_config(path: Path | str | None = None) -> Config:
 
 
 def config_from_dict(data: object) -> Config:
-    root = _mapping(data, "", {"listen", "storage", "upstreams"})
+    root = _mapping(data, "", {"listen", "storage", "upstreams", "pins"})
     defaults = Config()
+    upstreams = _upstreams(root["upstreams"]) if "upstreams" in root else defaults.upstreams
     return Config(
         listen=parse_listen(root["listen"]) if "listen" in root else defaults.listen,
         storage=_storage(root.get("storage", {})),
-        upstreams=_upstreams(root["upstreams"]) if "upstreams" in root else defaults.upstreams,
+        upstreams=upstreams,
+        pins=_pins(root.get("pins", []), upstreams),
     )
 
 
@@ -205,13 +215,52 @@ def default_hosts(url: str) -> tuple[str, ...]:
 
 
 def _storage(data: object) -> StorageConfig:
-    raw = _mapping(data, "storage", {"path", "max_size"})
+    keys = {"path", "max_size", "high_watermark", "low_watermark", "max_age"}
+    raw = _mapping(data, "storage", keys)
     defaults = StorageConfig()
     path = _typed(raw, "path", "storage", str, str(defaults.path))
     if not path:
         raise ConfigError("storage.path", "must not be empty")
     max_size = raw.get("max_size", defaults.max_size)
-    return StorageConfig(path=Path(path), max_size=parse_size(max_size, "storage.max_size"))
+    high = _fraction(raw, "high_watermark", defaults.high_watermark)
+    low = _fraction(raw, "low_watermark", defaults.low_watermark)
+    if low >= high:
+        raise ConfigError("storage.low_watermark", f"must be below high_watermark ({high})")
+    max_age = raw.get("max_age")
+    return StorageConfig(
+        path=Path(path),
+        max_size=parse_size(max_size, "storage.max_size"),
+        high_watermark=high,
+        low_watermark=low,
+        max_age=None if max_age is None else parse_duration(max_age, "storage.max_age"),
+    )
+
+
+def _fraction(raw: Mapping[str, Any], name: str, default: float) -> float:
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(
+            f"storage.{name}", f"must be a fraction of max_size in (0, 1], got {value!r}"
+        )
+    return float(value)
+
+
+def _pins(data: object, upstreams: tuple[UpstreamConfig, ...]) -> tuple[ImageReference, ...]:
+    if not isinstance(data, list):
+        raise ConfigError("pins", "must be a list of image references")
+    hosts = {host for upstream in upstreams for host in upstream.hosts}
+    pins = []
+    for i, text in enumerate(data):
+        try:
+            pin = parse_image_reference(str(text)) if isinstance(text, str) else None
+        except RegistryError as exc:
+            raise ConfigError(f"pins[{i}]", exc.message) from None
+        if pin is None:
+            raise ConfigError(f"pins[{i}]", f"must be an image reference, got {text!r}")
+        if pin.host not in hosts:
+            raise ConfigError(f"pins[{i}]", f"no upstream lists the registry host {pin.host!r}")
+        pins.append(pin)
+    return tuple(pins)
 
 
 def _upstreams(data: object) -> tuple[UpstreamConfig, ...]:

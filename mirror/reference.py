@@ -75,6 +75,35 @@ def parse_reference(text: str) -> str | Digest:
 
 
 @dataclass(frozen=True)
+class ImageReference:
+    """`docker.io/library/alpine:3.20`, `ghcr.io/owner/app@sha256:...`, as users write them."""
+
+    host: str  # the registry, as containerd's `ns` would name it
+    repository: str  # as written: Docker Hub's `library/` is the router's to add
+    reference: str | Digest
+
+    def __str__(self) -> str:
+        sep = "@" if isinstance(self.reference, Digest) else ":"
+        return f"{self.host}/{self.repository}{sep}{self.reference}"
+
+
+def parse_image_reference(text: str) -> ImageReference:
+    """Docker's rules: the first path component is a registry host if it has a `.` or a
+    `:` or is `localhost`, else the image is on docker.io; no tag means `latest`."""
+    rest, _, digest = text.strip().partition("@")
+    first, slash, path = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        host = first.lower()
+    else:
+        host, path = "docker.io", rest
+    repository, colon, tag = path.rpartition(":")
+    if not colon:
+        repository, tag = path, "latest"
+    reference = parse_digest(digest) if digest else parse_reference(tag)
+    return ImageReference(host, validate_name(repository), reference)
+
+
+@dataclass(frozen=True)
 class ByteRange:
     """An inclusive byte range, resolved against a known size."""
 

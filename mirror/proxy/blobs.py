@@ -19,14 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirror.errors import RegistryError, UpstreamError
+from mirror.eviction import Evictor
 from mirror.reference import ByteRange, Digest
-from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch
 from mirror.storage.index import Index
 from mirror.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
 
+Hold = contextlib.AbstractContextManager[None]  # a digest held in use while it lives
+
 READ_CHUNK = 256 * 1024
+PASSTHROUGH_WINDOW = 4 * 1024 * 1024  # bytes kept in memory for readers of an uncached blob
+GROWTH_STEP = 16 * 1024 * 1024  # reserved at a time for a blob of undeclared length
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Fetch:
         self.digest = writer.digest
         self.writer = writer
         self.length: int | None = None
+        self.reserved = 0  # bytes of the cache budget held for this download
         self.error: RegistryError | None = None
         self.done = False
         self.started = asyncio.Event()
@@ -51,6 +57,13 @@ class Fetch:
         # Readers dup this descriptor: it stays valid across the rename at commit and the
         # unlink on failure, so a reader never races the file's move.
         self._fd = os.open(writer.temp_path, os.O_RDONLY)
+        # Pass-through only: the bytes not yet read by every reader, and where each is.
+        self.window: bytearray | None = None
+        self._window_start = 0
+        self._received = 0
+        self._hash = writer.digest.hasher()
+        self._positions: dict[int, int] = {}
+        self._reader_moved = asyncio.Event()
 
     @property
     def verified(self) -> bool:
@@ -58,7 +71,59 @@ class Fetch:
 
     @property
     def written(self) -> int:
-        return self.writer.written
+        return self.writer.written if self.window is None else self._received
+
+    @property
+    def readers(self) -> int:
+        return len(self._positions)
+
+    def pass_through(self) -> None:
+        """No room in the cache: keep bytes in memory only until every reader has them."""
+        self.window = bytearray()
+        self.writer.close()
+
+    def append(self, chunk: bytes) -> None:
+        if self.window is None:
+            self.writer.write(chunk)
+        else:
+            self.window += chunk
+            self._hash.update(chunk)
+            self._received += len(chunk)
+        self.notify()
+
+    def check(self) -> None:
+        """Pass-through: whether what went by hashes to the digest, with the declared length."""
+        actual = self._hash.hexdigest()
+        if actual != self.digest.hex or self.length not in (None, self._received):
+            raise DigestMismatch(
+                f"upstream sent {self._received} bytes hashing to {self.digest.algorithm}:"
+                f"{actual} for {self.digest} (expected length {self.length})"
+            )
+
+    async def make_room(self) -> None:
+        """Pass-through: wait until the window is small, dropping what every reader has."""
+        while self.window is not None and len(self.window) > PASSTHROUGH_WINDOW:
+            slowest = min(self._positions.values(), default=self.written)
+            if slowest > self._window_start:
+                del self.window[: slowest - self._window_start]
+                self._window_start = slowest
+                continue
+            self._reader_moved.clear()
+            await self._reader_moved.wait()
+
+    def read(self, fd: int, size: int, offset: int) -> bytes:
+        if self.window is None:
+            return os.pread(fd, size, offset)
+        start = offset - self._window_start
+        return bytes(self.window[start : start + size])
+
+    def reader_at(self, reader: int, offset: int | None) -> None:
+        """Where a reader is (None: gone), so pass-through knows what it may drop."""
+        if offset is None:
+            self._positions.pop(reader, None)
+        else:
+            self._positions[reader] = offset
+        self._reader_moved.set()
 
     def notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -94,17 +159,23 @@ class Fetch:
         held_back = self.written - 1 if stop is None else min(self.written, stop - 1)
         return max(held_back, 0)
 
-    def open_reader(self) -> BlobReader:
+    def open_reader(self, hold: Hold) -> BlobReader:
         """Only while the fetch is running (it is then in `BlobProxy._fetches`)."""
-        return BlobReader(self, os.dup(self._fd))
+        return BlobReader(self, os.dup(self._fd), hold)
 
 
 class BlobReader:
-    """One request's view of a `Fetch`: its own descriptor on the growing file."""
+    """One request's view of a `Fetch`: its own descriptor on the growing file.
 
-    def __init__(self, fetch: Fetch, fd: int) -> None:
+    While open it holds the digest in use, so the evictor leaves the blob alone.
+    """
+
+    def __init__(self, fetch: Fetch, fd: int, hold: Hold) -> None:
         self.fetch = fetch
         self._fd = fd
+        self._hold = hold
+        hold.__enter__()
+        fetch.reader_at(id(self), 0)
 
     def __enter__(self) -> BlobReader:
         return self
@@ -113,18 +184,22 @@ class BlobReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self.fetch.reader_at(id(self), None)
+            self._hold.__exit__(None, None, None)
 
     async def chunks(self, byte_range: ByteRange | None) -> AsyncGenerator[bytes, None]:
         """The bytes of `byte_range` (or the whole blob) as they arrive; raises on failure."""
         fetch = self.fetch
         offset = byte_range.start if byte_range else 0
         stop = byte_range.end + 1 if byte_range else fetch.length
+        fetch.reader_at(id(self), offset)
         while stop is None or offset < stop:
             limit = fetch.readable(stop)
             if offset < limit:
-                chunk = os.pread(self._fd, min(READ_CHUNK, limit - offset), offset)
+                chunk = fetch.read(self._fd, min(READ_CHUNK, limit - offset), offset)
                 offset += len(chunk)
                 yield chunk
+                fetch.reader_at(id(self), offset)
             elif fetch.error is not None:
                 raise fetch.error
             elif fetch.done:
@@ -135,15 +210,20 @@ class BlobReader:
 
 
 class BlobProxy:
-    def __init__(self, store: BlobStore, index: Index) -> None:
+    def __init__(self, store: BlobStore, index: Index, evictor: Evictor) -> None:
         self.store = store
         self.index = index
+        self.evictor = evictor
         # Per upstream: a download failing on one upstream never cuts another's clients.
         self._fetches: dict[tuple[str, Digest], Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def hold(self, digest: Digest) -> Hold:
+        """Keep the evictor off `digest` while a response reads it."""
+        return self.evictor.in_use.hold(digest)
+
     def local(self, digest: Digest) -> CachedBlob | None:
-        """The cached blob, recording the use; None on a miss."""
+        """The cached blob, recording the use; None on a miss. Call it under `hold`."""
         size = self.store.size(digest)
         if size is None:
             return None
@@ -169,7 +249,7 @@ class BlobProxy:
             task = asyncio.create_task(self._download(fetch, upstream, repository))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return fetch.open_reader()
+        return fetch.open_reader(self.hold(digest))
 
     async def close(self) -> None:
         """Stop downloads still running (at shutdown)."""
@@ -183,8 +263,11 @@ class BlobProxy:
         error: RegistryError | None = None
         try:
             await self._receive(fetch, upstream, repository)
-            await asyncio.to_thread(fetch.writer.commit, fetch.length)
-            await self.index.add_blob(fetch.digest, fetch.written)
+            if fetch.window is not None:
+                fetch.check()
+            else:
+                await asyncio.to_thread(fetch.writer.commit, fetch.length)
+                await self.index.add_blob(fetch.digest, fetch.written)
         except RegistryError as exc:
             error = exc
             log.warning("download of %s from %s failed: %s", fetch.digest, upstream.name, exc)
@@ -196,18 +279,46 @@ class BlobProxy:
             error = UpstreamError(f"download failed: {exc!r}")
         finally:
             # Readers are released first: nothing after this may leave them waiting.
-            self._fetches.pop((upstream.name, fetch.digest), None)
+            self._forget(upstream, fetch)
             fetch.finish(error)
             fetch.writer.close()
+            self.evictor.release(fetch.reserved)
+
+    def _forget(self, upstream: Upstream, fetch: Fetch) -> None:
+        """No new reader may join this download (it ended, or passes through)."""
+        if self._fetches.get((upstream.name, fetch.digest)) is fetch:
+            del self._fetches[upstream.name, fetch.digest]
 
     async def _receive(self, fetch: Fetch, upstream: Upstream, repository: str) -> None:
         async with upstream.blob(repository, fetch.digest) as body:
             fetch.length = body.length
+            await self._reserve(fetch, upstream, body.length or GROWTH_STEP)
             fetch.started.set()
             async for chunk in body.chunks():
-                fetch.writer.write(chunk)
+                await fetch.make_room()
+                if fetch.window is not None and not fetch.readers:
+                    raise UpstreamError("every client of an uncached download went away")
+                if fetch.window is None and fetch.written + len(chunk) > fetch.reserved:
+                    await self._grow(fetch)
+                fetch.append(chunk)
                 if fetch.length is not None and fetch.written > fetch.length:
                     raise UpstreamError(
                         f"upstream sent more than the {fetch.length} bytes it declared"
                     )
-                fetch.notify()
+
+    async def _reserve(self, fetch: Fetch, upstream: Upstream, size: int) -> None:
+        if await self.evictor.reserve(size):
+            fetch.reserved = size
+            return
+        self.evictor.passed_through(fetch.digest, fetch.length)
+        self._forget(upstream, fetch)
+        fetch.pass_through()
+
+    async def _grow(self, fetch: Fetch) -> None:
+        """A blob of undeclared length outgrew its reservation: reserve more, or give up."""
+        step = max(fetch.reserved, GROWTH_STEP)
+        if not await self.evictor.reserve(step):
+            raise UpstreamError(
+                f"blob {fetch.digest}, sent without a length, outgrew the room in the cache"
+            )
+        fetch.reserved += step

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirror.errors import STALE_SERVABLE, ManifestUnknown, UpstreamError
+from mirror.eviction import Evictor
 from mirror.reference import (
     MANIFEST_TYPES,
     OCI_INDEX,
@@ -43,9 +44,10 @@ class Manifest:
 
 
 class ManifestProxy:
-    def __init__(self, store: BlobStore, index: Index) -> None:
+    def __init__(self, store: BlobStore, index: Index, evictor: Evictor) -> None:
         self.store = store
         self.index = index
+        self.evictor = evictor
         self._listings: OrderedDict[tuple[str, str], tuple[float, UpstreamListing]] = OrderedDict()
         # Upstream work under way, shared by every request that needs it: by (upstream,
         # digest), or by (upstream, repository, tag, accept).
@@ -230,8 +232,14 @@ class ManifestProxy:
         if actual != digest:
             raise DigestMismatch(f"upstream manifest hashes to {actual}, not {digest}; not cached")
         media_type = media_type or _declared_media_type(body)
-        await asyncio.to_thread(self.store.write, digest, body)
-        await self.index.add_blob(digest, len(body), media_type)
+        if not await self.evictor.reserve(len(body)):
+            self.evictor.passed_through(digest, len(body))
+            return Manifest(body, media_type, digest)
+        try:
+            await asyncio.to_thread(self.store.write, digest, body)
+            await self.index.add_blob(digest, len(body), media_type)
+        finally:
+            self.evictor.release(len(body))
         return Manifest(body, media_type, digest)
 
     async def _local(self, digest: Digest) -> Manifest | None:

@@ -8,11 +8,12 @@ place when digest and length match.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from mirror.errors import UpstreamError
-from mirror.reference import Digest
+from mirror.errors import RegistryError, UpstreamError
+from mirror.reference import Digest, parse_digest
 
 
 class DigestMismatch(UpstreamError):
@@ -48,6 +49,32 @@ class BlobStore:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    def remove(self, digest: Digest) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def scan(self) -> dict[Digest, os.stat_result]:
+        """Every file under blobs/ named like a digest, with its stat; others are removed."""
+        found: dict[Digest, os.stat_result] = {}
+        root = self.root / "blobs"
+        for algorithm in _subdirs(root):
+            for fan in _subdirs(algorithm):
+                with os.scandir(fan) as entries:
+                    for entry in entries:
+                        digest = _digest_named(algorithm.name, fan.name, entry.name)
+                        if digest is not None and entry.is_file(follow_symlinks=False):
+                            found[digest] = entry.stat()
+                        else:
+                            _remove_tree(Path(entry.path))
+        return found
+
+    def verify(self, digest: Digest) -> bool:
+        """Whether the file under `digest` hashes to it."""
+        hasher = digest.hasher()
+        with self.path(digest).open("rb") as f:
+            while chunk := f.read(1024 * 1024):
+                hasher.update(chunk)
+        return hasher.hexdigest() == digest.hex
 
     def writer(self, digest: Digest) -> BlobWriter:
         return BlobWriter(self, digest)
@@ -103,6 +130,28 @@ class BlobWriter:
         if not self._file.closed:
             self._file.close()
         self.temp_path.unlink(missing_ok=True)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _digest_named(algorithm: str, fan: str, name: str) -> Digest | None:
+    try:
+        digest = parse_digest(f"{algorithm}:{name}")
+    except RegistryError:
+        return None
+    return digest if digest.hex[:2] == fan else None
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ import aiosqlite
 from mirror.reference import Digest
 
 FLUSH_INTERVAL = 1.0
+WAL_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,20 @@ class BlobRow:
     digest: str
     size: int
     media_type: str | None
+
+
+@dataclass(frozen=True)
+class LruRow:
+    digest: str
+    size: int
+    last_access: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    bytes: int
+    blobs: int
+    oldest_access: float | None
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,9 @@ class Index:
         await self._db.execute("PRAGMA journal_mode = WAL")
         await self._db.execute("PRAGMA synchronous = NORMAL")
         await self._db.execute("PRAGMA busy_timeout = 5000")
+        # The WAL counts against the disk budget: keep it checkpointed and short.
+        await self._db.execute("PRAGMA wal_autocheckpoint = 256")
+        await self._db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
         schema = resources.files("mirror.storage").joinpath("schema.sql").read_text()
         await self._db.executescript(schema)
         await self._db.commit()
@@ -84,6 +103,62 @@ class Index:
             (str(digest), size, media_type, now, now),
         )
         await self.db.commit()
+
+    async def remove_blobs(self, digests: Iterable[str]) -> None:
+        """Forget blobs, and the tags pointing at them (a later pull refetches those)."""
+        rows = [(digest,) for digest in digests]
+        await self.db.executemany("DELETE FROM tags WHERE digest = ?", rows)
+        await self.db.executemany("DELETE FROM blobs WHERE digest = ?", rows)
+        await self.db.commit()
+        for (digest,) in rows:
+            self._accessed.pop(digest, None)
+
+    async def adopt_blobs(self, found: Iterable[tuple[str, int, float]]) -> None:
+        """Rows for complete files found without one: (digest, size, last use)."""
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
+            " VALUES (?, ?, NULL, ?, ?)",
+            [(digest, size, used, used) for digest, size, used in found],
+        )
+        await self.db.commit()
+
+    async def usage(self) -> Usage:
+        async with self.db.execute(
+            "SELECT bytes, blobs, (SELECT min(last_access) FROM blobs) FROM totals"
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return Usage(row[0], row[1], row[2])
+
+    async def lru(self, after: tuple[float, str] | None, limit: int) -> list[LruRow]:
+        """Blobs least recently used first, from just past `after` (keyset pagination)."""
+        last_access, digest = after or (-1.0, "")
+        async with self.db.execute(
+            "SELECT digest, size, last_access FROM blobs WHERE (last_access, digest) > (?, ?)"
+            " ORDER BY last_access, digest LIMIT ?",
+            (last_access, digest, limit),
+        ) as cursor:
+            return [LruRow(*row) async for row in cursor]
+
+    async def digests(self) -> set[str]:
+        async with self.db.execute("SELECT digest FROM blobs") as cursor:
+            return {row[0] async for row in cursor}
+
+    async def recount(self) -> None:
+        """Set the totals from the rows themselves (after reconciliation at start)."""
+        await self.db.execute(
+            "UPDATE totals SET bytes = (SELECT coalesce(sum(size), 0) FROM blobs),"
+            " blobs = (SELECT count(*) FROM blobs)"
+        )
+        await self.db.commit()
+
+    def file_bytes(self) -> int:
+        """The index's own files on disk (database, WAL, shared memory)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += Path(f"{self.path}{suffix}").stat().st_size
+        return total
 
     def touch(self, digest: Digest) -> None:
         """Record a use now; written by the next flush."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import aclosing
+from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from mirror.errors import BlobUnknown, PaginationInvalid, RegistryError, Unsupported
-from mirror.proxy.blobs import BlobProxy, BlobReader, CachedBlob
+from mirror.proxy.blobs import BlobProxy, BlobReader, Hold
 from mirror.proxy.manifests import ManifestProxy
 from mirror.reference import (
     OCI_INDEX,
@@ -94,9 +96,9 @@ async def blob(request: web.Request) -> web.StreamResponse:
     digest = parse_digest(request.match_info["digest"])
     proxy = request.app[BLOBS]
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
-    cached = proxy.local(digest)
+    cached = _cached_response(request, proxy, digest, headers)
     if cached is not None:
-        return _file_response(request, cached, headers)
+        return cached
     if request.method == "HEAD":
         size = await proxy.size(upstream, name, digest)
         response = web.StreamResponse(headers=headers)
@@ -109,19 +111,44 @@ async def blob(request: web.Request) -> web.StreamResponse:
             return await _stream(request, reader, length, headers)
         # A range of a blob of undeclared length: answerable once it is complete.
         await reader.fetch.wait_done()
-    cached = proxy.local(digest)
+    cached = _cached_response(request, proxy, digest, headers)
     if cached is None:
         raise BlobUnknown(f"blob {digest} vanished from the cache")
-    return _file_response(request, cached, headers)
+    return cached
 
 
-def _file_response(
-    request: web.Request, cached: CachedBlob, headers: dict[str, str]
-) -> web.FileResponse:
+class _HeldFileResponse(web.FileResponse):
+    """A cached blob sent with sendfile, held in use (away from the evictor) from the
+    moment it was found until it has been sent."""
+
+    def __init__(self, path: Path, hold: Hold, headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self._hold = hold
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._hold.__exit__(None, None, None)
+
+
+def _cached_response(
+    request: web.Request, proxy: BlobProxy, digest: Digest, headers: dict[str, str]
+) -> web.FileResponse | None:
+    hold = proxy.hold(digest)
+    hold.__enter__()
+    cached = proxy.local(digest)
+    if cached is None:
+        hold.__exit__(None, None, None)
+        return None
     header = request.headers.get("Range")
     if header is not None:
-        parse_range(header, cached.size)  # the OCI 416 for what FileResponse would refuse
-    return web.FileResponse(cached.path, headers=headers)
+        try:
+            parse_range(header, cached.size)  # the OCI 416 for what FileResponse would refuse
+        except RegistryError:
+            hold.__exit__(None, None, None)
+            raise
+    return _HeldFileResponse(cached.path, hold, headers)
 
 
 async def _stream(

@@ -1,0 +1,207 @@
+"""Keeping the cache inside its disk budget: space reserved before downloads, LRU eviction.
+
+What the cache holds on disk is counted as: the blobs in the index (exact totals kept by
+SQLite triggers), plus the space reserved for downloads and manifest writes under way,
+plus the index's own files. A download reserves its declared length before writing a
+byte, so concurrent downloads cannot overshoot the budget together; when even eviction
+cannot make room, the blob is served without being cached.
+
+The evictor runs as a background task, woken when the cache crosses the high watermark
+and once a minute (for `max_age`). It walks blobs least recently used first (one indexed
+query per batch), deletes the file and then the row, and stops at the low watermark. It
+skips blobs that a request is reading or a download is writing (`InUse`) and the content
+of pinned images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from mirror.config import Config
+from mirror.errors import RegistryError
+from mirror.reference import Digest, parse_digest
+from mirror.storage.blobs import BlobStore
+from mirror.storage.index import Index
+from mirror.upstream.routing import Router
+
+log = logging.getLogger(__name__)
+
+PASS_INTERVAL = 60.0  # a pass at least this often, for max_age
+BATCH = 512
+
+
+class InUse:
+    """How many requests and downloads hold each digest right now (in-memory pin counts)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, digest: Digest) -> Iterator[None]:
+        key = str(digest)
+        self._counts[key] += 1
+        try:
+            yield
+        finally:
+            self._counts[key] -= 1
+            if self._counts[key] <= 0:
+                del self._counts[key]
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._counts
+
+
+@dataclass(frozen=True)
+class Evicted:
+    blobs: int
+    bytes: int
+    used: int  # bytes counted against the budget after the pass
+
+
+class Evictor:
+    def __init__(self, config: Config, store: BlobStore, index: Index, in_use: InUse) -> None:
+        self.storage = config.storage
+        self.pins = config.pins
+        self.router = Router(config.upstreams)
+        self.store = store
+        self.index = index
+        self.in_use = in_use
+        self.reserved = 0
+        self.passthroughs = 0  # blobs served without caching: no room in the budget
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    @property
+    def high(self) -> int:
+        return int(self.storage.max_size * self.storage.high_watermark)
+
+    @property
+    def low(self) -> int:
+        return int(self.storage.max_size * self.storage.low_watermark)
+
+    async def used(self) -> int:
+        """Bytes counted against the budget now."""
+        stored = (await self.index.usage()).bytes
+        return stored + self.reserved + self.index.file_bytes()
+
+    async def reserve(self, size: int) -> bool:
+        """Room for `size` more bytes, evicting if need be; False when there is none."""
+        if size > self.storage.max_size:
+            return False  # larger than the whole budget: never cached
+        async with self._lock:
+            if await self.used() + size > self.storage.max_size:
+                await self._evict(max(min(self.low, self.storage.max_size - size), 0))
+            if await self.used() + size > self.storage.max_size:
+                return False
+            self.reserved += size
+            return True
+
+    def release(self, size: int) -> None:
+        """A reservation is over: its bytes were committed (now in the index) or dropped."""
+        self.reserved -= size
+        self._wake.set()
+
+    def passed_through(self, digest: Digest, size: int | None) -> None:
+        self.passthroughs += 1
+        log.warning(
+            "no room in the %d-byte cache budget for %s (%s bytes): served without caching",
+            self.storage.max_size,
+            digest,
+            size,
+        )
+
+    async def run(self) -> None:
+        """The background task: a pass when woken and over the high watermark, and
+        periodically (for max_age)."""
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            # that arrives just as the event is set, and the task would never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PASS_INTERVAL):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.run_pass()
+            except (OSError, RegistryError) as exc:
+                log.warning("eviction pass failed: %s", exc)
+
+    async def run_pass(self, force: bool = False) -> Evicted:
+        """One pass: down to the low watermark once over the high one (or over the low one
+        when `force`d, as `mirror gc` does), and everything older than max_age."""
+        async with self._lock:
+            used = await self.used()
+            over = used > (self.low if force else self.high)
+            return await self._evict(self.low if over else None)
+
+    async def _evict(self, target: int | None) -> Evicted:
+        """Under the lock: evict LRU first until `target` bytes, and what max_age expires."""
+        await self.index.flush()  # the latest hits count
+        pinned = await self.pinned()
+        cutoff = time.time() - self.storage.max_age if self.storage.max_age else None
+        used = await self.used()
+        count = freed = 0
+        after: tuple[float, str] | None = None
+        while rows := await self.index.lru(after, BATCH):
+            for row in rows:
+                expired = cutoff is not None and row.last_access < cutoff
+                if not expired and (target is None or used <= target):
+                    return self._done(count, freed, used)
+                if row.digest in pinned or row.digest in self.in_use:
+                    continue
+                await asyncio.to_thread(self.store.remove, parse_digest(row.digest))
+                await self.index.remove_blobs([row.digest])
+                count, freed, used = count + 1, freed + row.size, used - row.size
+            after = (rows[-1].last_access, rows[-1].digest)
+        return self._done(count, freed, used)
+
+    def _done(self, count: int, freed: int, used: int) -> Evicted:
+        if count:
+            log.info("evicted %d blobs (%d bytes); %d bytes in use", count, freed, used)
+        return Evicted(count, freed, used)
+
+    async def pinned(self) -> set[str]:
+        """Every digest of the pinned images that is cached: manifests, children, blobs."""
+        found: set[str] = set()
+        todo: list[str] = []
+        for pin in self.pins:
+            route = self.router.route(pin.repository, pin.host)
+            if isinstance(pin.reference, Digest):
+                todo.append(str(pin.reference))
+                continue
+            tag = await self.index.tag(route.upstream.name, route.repository, pin.reference)
+            if tag is not None:
+                todo.append(tag.digest)
+        while todo:
+            digest = parse_digest(todo.pop())
+            if str(digest) in found:
+                continue
+            found.add(str(digest))
+            blob = await self.index.blob(digest)
+            if blob is not None and blob.media_type is not None:  # a manifest: follow it
+                todo.extend(await asyncio.to_thread(self._referenced, digest))
+        return found
+
+    def _referenced(self, digest: Digest) -> list[str]:
+        """The digests a cached manifest names (config, layers, index children)."""
+        try:
+            manifest = json.loads(self.store.path(digest).read_bytes())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(manifest, dict):
+            return []
+        entries = [manifest.get("config"), *_list(manifest.get("layers"))]
+        entries += _list(manifest.get("manifests"))
+        return [
+            e["digest"] for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)
+        ]
+
+
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
