@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -45,8 +46,10 @@ def mirror_config(
     tag_ttl: float = 300.0,
     port: int = 0,
     hosts: tuple[str, ...] | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> Config:
-    """One upstream; `hosts` defaults to the upstream's own host:port."""
+    """One upstream; `hosts` defaults to the upstream's own host:port; `budget` holds
+    StorageConfig fields (max_size, watermarks, max_age)."""
     upstream = UpstreamConfig(
         name="upstream",
         url=upstream_url,
@@ -55,7 +58,9 @@ def mirror_config(
         tag_ttl=tag_ttl,
     )
     return Config(
-        listen=Listen("127.0.0.1", port), storage=StorageConfig(path=storage), upstreams=(upstream,)
+        listen=Listen("127.0.0.1", port),
+        storage=StorageConfig(path=storage, **(budget or {})),
+        upstreams=(upstream,),
     )
 
 
@@ -63,7 +68,7 @@ def mirror_config(
 def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> Callable[..., object]:
     """Start the mirror in-process (built by `make_app`, as in production) for an upstream URL.
 
-    `await make_mirror(url, tag_ttl=..., storage=..., hosts=...)` returns an aiohttp
+    `await make_mirror(url, tag_ttl=..., storage=..., hosts=..., budget=...)` returns an aiohttp
     TestClient whose `server.port` real clients such as skopeo can use.
     """
 
@@ -73,8 +78,11 @@ def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> Callable[..., 
         tag_ttl: float = 300.0,
         storage: Path | None = None,
         hosts: tuple[str, ...] | None = None,
+        budget: dict[str, Any] | None = None,
     ) -> MirrorClient:
-        config = mirror_config(storage or tmp_path / "cache", upstream_url, tag_ttl, hosts=hosts)
+        config = mirror_config(
+            storage or tmp_path / "cache", upstream_url, tag_ttl, hosts=hosts, budget=budget
+        )
         return await aiohttp_client(make_app(config))
 
     return start

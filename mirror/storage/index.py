@@ -19,7 +19,8 @@ import aiosqlite
 from mirror.reference import Digest
 
 FLUSH_INTERVAL = 1.0
-WAL_LIMIT = 1024 * 1024
+WAL_PAGES = 64  # checkpoint the WAL at this many pages (of 4 KiB)...
+WAL_LIMIT = 512 * 1024  # ...and truncate it to this; the budget counts it at this size
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Index:
         await self._db.execute("PRAGMA synchronous = NORMAL")
         await self._db.execute("PRAGMA busy_timeout = 5000")
         # The WAL counts against the disk budget: keep it checkpointed and short.
-        await self._db.execute("PRAGMA wal_autocheckpoint = 256")
+        await self._db.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
         await self._db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
         schema = resources.files("mirror.storage").joinpath("schema.sql").read_text()
         await self._db.executescript(schema)
@@ -153,12 +154,15 @@ class Index:
         await self.db.commit()
 
     def file_bytes(self) -> int:
-        """The index's own files on disk (database, WAL, shared memory)."""
-        total = 0
+        """The index's own files on disk (database, WAL, shared memory), with the WAL at
+        the most it grows to between checkpoints."""
+        sizes = {}
         for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                total += Path(f"{self.path}{suffix}").stat().st_size
-        return total
+            try:
+                sizes[suffix] = Path(f"{self.path}{suffix}").stat().st_size
+            except FileNotFoundError:
+                sizes[suffix] = 0
+        return sizes[""] + max(sizes["-wal"], WAL_LIMIT) + sizes["-shm"]
 
     def touch(self, digest: Digest) -> None:
         """Record a use now; written by the next flush."""
