@@ -1,7 +1,11 @@
-"""The `mirror` command: check-config, serve on the embedded default, python -m mirror."""
+"""The `mirror` command: check-config, serve on the embedded default, python -m mirror,
+du and gc."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import subprocess
 import sys
 import time
@@ -12,8 +16,12 @@ import pytest
 from upstream_registry import free_loopback_port
 
 from mirror.cli import main
+from mirror.reference import Digest, digest_of
+from mirror.storage.blobs import BlobStore
+from mirror.storage.index import Index
 
 REPO = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
 
 
 def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,3 +72,53 @@ def test_python_m_mirror_serves_on_the_embedded_default(tmp_path: Path) -> None:
         _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0  # SIGTERM is a clean shutdown
     assert "https://registry-1.docker.io" in stderr
+
+
+async def make_cache(root: Path, sizes: list[int]) -> list[Digest]:
+    """A cache directory with blobs of these sizes, used in this order (oldest first)."""
+    store = BlobStore(root)
+    store.open()
+    index = Index(root / "index.db")
+    await index.open()
+    digests = []
+    for size in sizes:
+        data = os.urandom(size)
+        digests.append(digest_of(data))
+        store.write(digests[-1], data)
+        await index.add_blob(digests[-1], size)
+    await index.close()
+    return digests
+
+
+async def test_du_prints_budget_use_and_oldest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await make_cache(tmp_path / "cache", [MIB, MIB])
+    code = await asyncio.to_thread(
+        main, ["du", "--storage", str(tmp_path / "cache"), "--max-size", "4MiB"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "budget      4.0 MiB; eviction from 90% down to 80%" in out
+    assert "blobs       2 (2.0 MiB)" in out
+    assert re.search(r"used        2\.\d MiB \(\d+\.\d% of the budget\)", out), out
+    assert re.search(r"oldest use  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(0h00m ago\)", out), out
+
+
+def test_du_without_a_cache_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["du", "--storage", str(tmp_path)]) == 2
+    assert "no cache index at" in capsys.readouterr().err
+
+
+async def test_gc_evicts_the_oldest_down_to_the_low_watermark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "cache"
+    oldest, *rest = await make_cache(root, [MIB, MIB, MIB])
+    code = await asyncio.to_thread(main, ["gc", "--storage", str(root), "--max-size", "4MiB"])
+    assert code == 0
+    assert capsys.readouterr().out.startswith("evicted 1 blobs (1.0 MiB); ")
+    assert not BlobStore(root).path(oldest).exists()
+    assert all(BlobStore(root).path(d).exists() for d in rest)
+    assert await asyncio.to_thread(main, ["gc", "--storage", str(root), "--max-size", "4MiB"]) == 0
+    assert capsys.readouterr().out.startswith("evicted 0 blobs (0 B); ")

@@ -14,6 +14,7 @@ import pytest
 from mirror.reference import Digest, digest_of
 from mirror.storage.blobs import BlobStore, DigestMismatch
 from mirror.storage.index import Index
+from mirror.storage.reconcile import reconcile
 
 
 def make_store(tmp_path: Path) -> BlobStore:
@@ -129,3 +130,56 @@ async def _last_access(path: Path, digest: Digest) -> float:
         row = await cursor.fetchone()
     assert row is not None
     return float(row[0])
+
+
+async def test_reconcile_makes_index_and_files_agree(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    index = Index(tmp_path / "cache" / "index.db")
+    await index.open()
+    kept, lost, stray, corrupt = (os.urandom(1000 + n) for n in range(4))
+    for data in (kept, lost):
+        store.write(digest_of(data), data)
+        await index.add_blob(digest_of(data), len(data))
+    store.remove(digest_of(lost))  # a row with no file
+    store.write(digest_of(stray), stray)  # a file with no row, intact: adopted
+    bad = store.path(digest_of(corrupt))  # a file with no row, wrong bytes: removed
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"not what the name says")
+    (bad.parent / "junk.txt").write_text("foreign")
+    (store.tmp / "half-a-download").write_bytes(b"x" * 10)
+    await index.db.execute("UPDATE totals SET bytes = 1, blobs = 99")  # a lost update
+    await index.db.commit()
+
+    store.open()  # as at start: temp files go
+    result = await reconcile(store, index)
+    assert (result.blobs, result.dropped_rows, result.adopted_files, result.removed_files) == (
+        2,
+        1,
+        1,
+        1,
+    )
+    assert await index.digests() == {str(digest_of(kept)), str(digest_of(stray))}
+    files = {p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "blobs" in p.parts}
+    assert files == {store.path(digest_of(kept)), store.path(digest_of(stray))}
+    assert list(store.tmp.iterdir()) == []
+    usage = await index.usage()
+    assert (usage.bytes, usage.blobs) == (len(kept) + len(stray), 2)
+    await index.close()
+
+
+async def test_totals_follow_every_change(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.db")
+    await index.open()
+    a, b = digest_of(b"a"), digest_of(b"b")
+    await index.add_blob(a, 100)
+    await index.add_blob(b, 50)
+    await index.add_blob(a, 120)  # rewritten: its size changes, it is not counted twice
+    assert (await index.usage()).bytes == 170
+    await index.remove_blobs([str(b)])
+    usage = await index.usage()
+    assert (usage.bytes, usage.blobs) == (120, 1)
+    await index.close()
+    reopened = Index(tmp_path / "index.db")
+    await reopened.open()
+    assert (await reopened.usage()).bytes == 120  # exact across restarts
+    await reopened.close()
