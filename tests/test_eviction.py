@@ -11,10 +11,13 @@ import json
 import logging
 import os
 import socket
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -25,7 +28,7 @@ from mirror.cli import main as cli
 from mirror.reference import parse_image_reference
 
 if TYPE_CHECKING:
-    from conftest import MirrorClient
+    from conftest import MirrorClient, MirrorProcess
 
     MakeMirror = Callable[..., Awaitable[MirrorClient]]
 
@@ -222,3 +225,60 @@ async def test_a_blob_larger_than_the_budget_passes_through_uncached(
     assert not blob_path(storage, image.layer_digests[0]).exists()
     assert caplog.text.count("served without caching") == 2
     assert disk_bytes(storage) <= 2 * MIB
+
+
+def index_state(storage: Path) -> tuple[dict[str, int], tuple[int, int]]:
+    """The index's rows (digest: size) and its totals, read straight from SQLite."""
+    with sqlite3.connect(storage / "index.db") as db:
+        rows = dict(db.execute("SELECT digest, size FROM blobs").fetchall())
+        totals = db.execute("SELECT bytes, blobs FROM totals").fetchone()
+    return rows, totals
+
+
+def files_state(storage: Path) -> dict[str, int]:
+    return {
+        f"sha256:{p.name}": p.stat().st_size for p in (storage / "blobs").rglob("*") if p.is_file()
+    }
+
+
+async def test_kill_9_mid_download_then_restart(
+    aiohttp_server: AiohttpServer,
+    start_mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "cache"
+    data = os.urandom(4 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    upstream = await slow_upstream(aiohttp_server, {digest: data})
+    args = ("--storage", str(storage), "--upstream", upstream)
+    first = await asyncio.to_thread(start_mirror_process, *args)
+
+    async def get(base: str) -> bytes:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{base}/v2/x/blobs/{digest}") as resp,
+        ):
+            return await resp.read()
+
+    pending = asyncio.create_task(get(first.url))
+    deadline = time.monotonic() + 10
+    while sum(p.stat().st_size for p in (storage / "tmp").glob("*")) < 512 * KIB:
+        assert time.monotonic() < deadline, "the download never got going"
+        await asyncio.sleep(0.01)
+    first.proc.kill()  # SIGKILL, mid-download
+    await asyncio.to_thread(first.proc.wait)
+    with pytest.raises(aiohttp.ClientError):
+        await pending  # the client was cut short, not handed a short body as complete
+    assert not blob_path(storage, digest).exists()
+
+    second = await asyncio.to_thread(start_mirror_process, *args)
+    assert list((storage / "tmp").iterdir()) == []  # the half download is gone
+    rows, totals = index_state(storage)
+    assert rows == files_state(storage) == {}
+    assert totals == (0, 0)
+
+    assert await get(second.url) == data
+    await asyncio.sleep(0.1)  # the index row is written just after the last byte
+    rows, totals = index_state(storage)
+    assert rows == files_state(storage) == {digest: len(data)}
+    assert totals == (len(data), 1)
