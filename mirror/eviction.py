@@ -148,18 +148,29 @@ class Evictor:
         used = await self.used()
         count = freed = 0
         after: tuple[float, str] | None = None
-        while rows := await self.index.lru(after, BATCH):
+        enough = False
+        while not enough and (rows := await self.index.lru(after, BATCH)):
+            victims = []
             for row in rows:
                 expired = cutoff is not None and row.last_access < cutoff
-                if not expired and (target is None or used <= target):
-                    return self._done(count, freed, used)
-                if row.digest in pinned or row.digest in self.in_use:
-                    continue
-                await asyncio.to_thread(self.store.remove, parse_digest(row.digest))
-                await self.index.remove_blobs([row.digest])
-                count, freed, used = count + 1, freed + row.size, used - row.size
+                if not expired and (target is None or used - freed <= target):
+                    enough = True
+                    break
+                if row.digest not in pinned and row.digest not in self.in_use:
+                    victims.append(row.digest)
+                    freed += row.size
+            # Files first, then rows: a crash in between leaves rows without files, which
+            # the next start drops. The unlinks run on the loop, between the checks above
+            # and any request that could take a hold or commit the same digest anew.
+            self._remove_files(victims)
+            await self.index.remove_blobs(victims)
+            count += len(victims)
             after = (rows[-1].last_access, rows[-1].digest)
-        return self._done(count, freed, used)
+        return self._done(count, freed, used - freed)
+
+    def _remove_files(self, digests: list[str]) -> None:
+        for digest in digests:
+            self.store.remove(parse_digest(digest))
 
     def _done(self, count: int, freed: int, used: int) -> Evicted:
         if count:
