@@ -161,6 +161,16 @@ def test_single_upstream_is_the_default() -> None:
         ({"upstreams": [{"name": "a", "url": "https://ecr.example",
                          "auth": {"type": "ecr", "region": "us-east-1"}}]},
          "upstreams[0].auth.registry_id"),
+        ({"storage": {"high_watermark": 1.5}}, "storage.high_watermark"),
+        ({"storage": {"high_watermark": "90%"}}, "storage.high_watermark"),
+        ({"storage": {"low_watermark": 0}}, "storage.low_watermark"),
+        ({"storage": {"low_watermark": 0.95}}, "storage.low_watermark"),  # above the high
+        ({"storage": {"max_age": "a month"}}, "storage.max_age"),
+        ({"pins": "docker.io/library/alpine"}, "pins"),
+        ({"pins": [5]}, "pins[0]"),
+        ({"pins": ["docker.io/Library/alpine"]}, "pins[0]"),
+        ({"pins": ["alpine:bad tag"]}, "pins[0]"),
+        ({"pins": ["quay.io/org/app:1"]}, "pins[0]"),  # no upstream serves quay.io
     ],
 )  # fmt: skip
 def test_mistakes_name_the_key(data: dict[str, Any], key: str) -> None:
@@ -245,3 +255,24 @@ def test_ipv6_listen() -> None:
     config = with_overrides(Config(), listen="[::1]:5000")
     assert config.listen == Listen("::1", 5000)
     assert str(config.listen) == "[::1]:5000"
+
+
+def test_budget_and_pins() -> None:
+    config = config_from_dict(
+        {
+            "storage": {"max_size": "1GiB", "high_watermark": 0.95, "low_watermark": 0.5,
+                        "max_age": "30d"},
+            "pins": ["alpine:3.20", "docker.io/library/busybox@sha256:" + "a" * 64],
+        }
+    )  # fmt: skip
+    storage = config.storage
+    assert (storage.high_watermark, storage.low_watermark, storage.max_age) == (
+        0.95,
+        0.5,
+        30 * 86400.0,
+    )
+    assert [str(pin) for pin in config.pins] == [
+        "docker.io/alpine:3.20",
+        "docker.io/library/busybox@sha256:" + "a" * 64,
+    ]
+    assert Config().storage.max_age is None

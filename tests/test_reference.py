@@ -12,6 +12,7 @@ from mirror.reference import (
     digest_of,
     parse_accept,
     parse_digest,
+    parse_image_reference,
     parse_range,
     parse_reference,
     validate_name,
@@ -166,3 +167,27 @@ def test_every_registry_error_has_code_and_status() -> None:
     for error in (NameInvalid("x"), TagInvalid("x"), DigestInvalid("x"), RangeInvalid("x")):
         assert isinstance(error, RegistryError)
         assert error.code and 400 <= error.status < 500
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "repository", "reference"),
+    [
+        ("alpine", "docker.io", "alpine", "latest"),
+        ("library/alpine:3.20", "docker.io", "library/alpine", "3.20"),
+        ("docker.io/library/alpine:3.20", "docker.io", "library/alpine", "3.20"),
+        ("ghcr.io/owner/app:v1", "ghcr.io", "owner/app", "v1"),
+        ("localhost/app", "localhost", "app", "latest"),
+        ("127.0.0.1:5000/team/app:2", "127.0.0.1:5000", "team/app", "2"),
+        ("Quay.IO/org/x", "quay.io", "org/x", "latest"),
+        ("bitnami/redis@sha256:" + "b" * 64, "docker.io", "bitnami/redis", "sha256:" + "b" * 64),
+    ],
+)
+def test_image_references(text: str, host: str, repository: str, reference: str) -> None:
+    parsed = parse_image_reference(text)
+    assert (parsed.host, parsed.repository, str(parsed.reference)) == (host, repository, reference)
+
+
+@pytest.mark.parametrize("text", ["", "UPPER/case", "a:b:c", "x@sha256:123", "ghcr.io/"])
+def test_bad_image_references(text: str) -> None:
+    with pytest.raises(RegistryError):
+        parse_image_reference(text)
