@@ -93,8 +93,8 @@ class Evictor:
 
     async def reserve(self, size: int) -> bool:
         """Room for `size` more bytes, evicting if need be; False when there is none."""
-        if size > self.storage.max_size:
-            return False  # larger than the whole budget: never cached
+        if size > self.storage.max_size - self.index.file_bytes():
+            return False  # larger than all the budget could ever hold: evict nothing for it
         async with self._lock:
             if await self.used() + size > self.storage.max_size:
                 await self._evict(max(min(self.low, self.storage.max_size - size), 0))
