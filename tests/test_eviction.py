@@ -13,6 +13,7 @@ import os
 import socket
 import sqlite3
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -282,3 +283,40 @@ async def test_kill_9_mid_download_then_restart(
     rows, totals = index_state(storage)
     assert rows == files_state(storage) == {digest: len(data)}
     assert totals == (len(data), 1)
+
+
+async def test_pass_through_keeps_memory_bounded_for_slow_and_departing_readers(
+    aiohttp_server: AiohttpServer, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """No room in the budget: readers share a bounded window; the download waits for the
+    slowest; one that leaves does not hold the others back."""
+    data = os.urandom(12 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    upstream = await slow_upstream(aiohttp_server, {digest: data})
+    storage = tmp_path / "cache"
+    mirror = await make_mirror(upstream, storage=storage, budget={"max_size": 2 * MIB})
+
+    async def read(pause: float, leave_after: int | None = None) -> tuple[str, int]:
+        """The digest of what arrived, and how much; nothing kept, to measure the mirror."""
+        hasher, received = hashlib.sha256(), 0
+        async with mirror.get(f"/v2/x/blobs/{digest}") as resp:
+            assert resp.status == 200
+            async for chunk in resp.content.iter_chunked(256 * KIB):
+                hasher.update(chunk)
+                received += len(chunk)
+                if leave_after is not None and received >= leave_after:
+                    break
+                await asyncio.sleep(pause)
+        return "sha256:" + hasher.hexdigest(), received
+
+    tracemalloc.start()
+    try:
+        fast, slow, leaver = await asyncio.gather(read(0), read(0.02), read(0, 1 * MIB))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert fast == slow == (digest, len(data))
+    assert MIB <= leaver[1] < len(data)
+    assert not blob_path(storage, digest).exists()
+    # Bounded by the window (4 MiB) and socket buffers, not by the 12 MiB blob.
+    assert peak < 10 * MIB, peak
