@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
@@ -66,15 +67,22 @@ class Evicted:
 
 
 class Evictor:
-    def __init__(self, config: Config, store: BlobStore, index: Index, in_use: InUse) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: BlobStore,
+        index: Index,
+        in_use: InUse,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.storage = config.storage
+        self.metrics = metrics or Metrics()
         self.pins = config.pins
         self.router = Router(config.upstreams)
         self.store = store
         self.index = index
         self.in_use = in_use
         self.reserved = 0
-        self.passthroughs = 0  # blobs served without caching: no room in the budget
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
@@ -109,7 +117,7 @@ class Evictor:
         self._wake.set()
 
     def passed_through(self, digest: Digest, size: int | None) -> None:
-        self.passthroughs += 1
+        self.metrics.uncached_passthrough.inc()
         log.warning(
             "no room in the %d-byte cache budget for %s (%s bytes): served without caching",
             self.storage.max_size,
@@ -159,6 +167,8 @@ class Evictor:
                 if row.digest not in pinned and row.digest not in self.in_use:
                     victims.append(row.digest)
                     freed += row.size
+                    self.metrics.evictions.labels("age" if expired else "size").inc()
+                    self.metrics.evicted_bytes.inc(row.size)
             # Files first, then rows: a crash in between leaves rows without files, which
             # the next start drops. The unlinks run on the loop, between the checks above
             # and any request that could take a hold or commit the same digest anew.

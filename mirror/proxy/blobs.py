@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mirror.errors import RegistryError, UpstreamError
 from mirror.eviction import Evictor
+from mirror.metrics import Metrics
 from mirror.reference import ByteRange, Digest
 from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch
 from mirror.storage.index import Index
@@ -210,10 +211,13 @@ class BlobReader:
 
 
 class BlobProxy:
-    def __init__(self, store: BlobStore, index: Index, evictor: Evictor) -> None:
+    def __init__(
+        self, store: BlobStore, index: Index, evictor: Evictor, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
         self.index = index
         self.evictor = evictor
+        self.metrics = metrics or Metrics()
         # Per upstream: a download failing on one upstream never cuts another's clients.
         self._fetches: dict[tuple[str, Digest], Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -243,7 +247,9 @@ class BlobProxy:
     def join(self, upstream: Upstream, repository: str, digest: Digest) -> BlobReader:
         """A reader of the download of `digest` under way, or of a new one."""
         fetch = self._fetches.get((upstream.name, digest))
-        if fetch is None:
+        if fetch is not None:
+            self.metrics.fetch_joins.inc()
+        else:
             fetch = Fetch(self.store.writer(digest))
             self._fetches[upstream.name, digest] = fetch
             task = asyncio.create_task(self._download(fetch, upstream, repository))
@@ -261,6 +267,7 @@ class BlobProxy:
 
     async def _download(self, fetch: Fetch, upstream: Upstream, repository: str) -> None:
         error: RegistryError | None = None
+        self.metrics.fetches_in_flight.inc()
         try:
             await self._receive(fetch, upstream, repository)
             if fetch.window is not None:
@@ -270,6 +277,8 @@ class BlobProxy:
                 await self.index.add_blob(fetch.digest, fetch.written)
         except RegistryError as exc:
             error = exc
+            if isinstance(exc, DigestMismatch):
+                self.metrics.digest_mismatches.labels(upstream.name).inc()
             log.warning("download of %s from %s failed: %s", fetch.digest, upstream.name, exc)
         except asyncio.CancelledError:
             error = UpstreamError("the mirror is shutting down")
@@ -283,6 +292,7 @@ class BlobProxy:
             fetch.finish(error)
             fetch.writer.close()
             self.evictor.release(fetch.reserved)
+            self.metrics.fetches_in_flight.dec()
 
     def _forget(self, upstream: Upstream, fetch: Fetch) -> None:
         """No new reader may join this download (it ended, or passes through)."""

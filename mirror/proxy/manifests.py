@@ -14,11 +14,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mirror.errors import STALE_SERVABLE, ManifestUnknown, UpstreamError
 from mirror.eviction import Evictor
+from mirror.metrics import Metrics
 from mirror.reference import (
     MANIFEST_TYPES,
     OCI_INDEX,
@@ -41,13 +42,17 @@ class Manifest:
     body: bytes
     media_type: str
     digest: Digest
+    result: str = "miss"  # what the cache could do: hit, miss (fetched), stale
 
 
 class ManifestProxy:
-    def __init__(self, store: BlobStore, index: Index, evictor: Evictor) -> None:
+    def __init__(
+        self, store: BlobStore, index: Index, evictor: Evictor, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
         self.index = index
         self.evictor = evictor
+        self.metrics = metrics or Metrics()
         self._listings: OrderedDict[tuple[str, str], tuple[float, UpstreamListing]] = OrderedDict()
         # Upstream work under way, shared by every request that needs it: by (upstream,
         # digest), or by (upstream, repository, tag, accept).
@@ -89,7 +94,11 @@ class ManifestProxy:
     ) -> Manifest:
         remote = await upstream.get_manifest(repository, str(digest), accept)
         assert remote.body is not None
-        return await self._store(remote.body, remote.media_type, digest)
+        try:
+            return await self._store(remote.body, remote.media_type, digest)
+        except DigestMismatch:
+            self.metrics.digest_mismatches.labels(upstream.name).inc()
+            raise
 
     def _fetched(self, key: Hashable, done: asyncio.Task[Manifest]) -> None:
         if self._fetches.get(key) is done:
@@ -110,7 +119,7 @@ class ManifestProxy:
             return await self._fetch_tag(upstream, repository, tag, accept, record=False)
         fresh = row is not None and time.time() - row.checked_at < upstream.config.tag_ttl
         if cached is not None and fresh:
-            return cached
+            return cached  # a hit, as _local says
         key = (upstream.name, repository, tag, accept)
         if cached is None and not upstream.counts_pulls:
             # No pull quota to save: one GET by tag is quicker than a HEAD, then a GET.
@@ -123,7 +132,7 @@ class ManifestProxy:
             if cached is None:
                 raise
             log.warning("serving %s:%s stale from cache: %s", repository, tag, exc.message)
-            return cached
+            return replace(cached, result="stale")
 
     async def listing(
         self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
@@ -194,7 +203,7 @@ class ManifestProxy:
             await self.index.set_tag(
                 upstream.name, repository, tag, cached.digest, cached.media_type
             )
-            return cached
+            return cached  # still a hit: only a HEAD went upstream
         if head.digest is None:
             return await self._fetch_tag(upstream, repository, tag, accept)
         manifest = await self.by_digest(upstream, repository, head.digest, accept)
@@ -251,7 +260,7 @@ class ManifestProxy:
         except FileNotFoundError:
             return None
         self.index.touch(digest)
-        return Manifest(body, row.media_type, digest)
+        return Manifest(body, row.media_type, digest, "hit")
 
 
 def _descriptors(index: bytes) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict
+from prometheus_client import Counter
 from yarl import URL
 
 from mirror.config import UpstreamConfig
@@ -29,6 +30,7 @@ from mirror.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.upstream.auth import Authenticator, parse_challenge, read_at_most
 from mirror.upstream.credentials import credential_source
@@ -64,13 +66,15 @@ class UpstreamListing:
 class UpstreamBlob:
     """An upstream blob body being received, in bounded chunks."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, received: Counter) -> None:
         self._response = response
+        self._received = received
         self.length = response.content_length
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                self._received.inc(len(chunk))
                 yield chunk
         except TimeoutError as exc:
             raise UpstreamTimeout("upstream stopped sending the blob") from exc
@@ -81,11 +85,18 @@ class UpstreamBlob:
 class Upstream:
     """One configured upstream registry, reached through the shared session."""
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.url = URL(config.url)
         self.session = session
+        self.metrics = metrics or Metrics()
+        self._received = self.metrics.upstream_bytes.labels(config.name)
         self.credentials = credential_source(config)
         self.auth = Authenticator(config.name, self.url, self.credentials, session)
         self.ratelimit = RateLimit(config.name, config.ratelimit_reserve)
@@ -109,6 +120,7 @@ class Upstream:
             if (resp.content_length or 0) > MAX_MANIFEST_SIZE:
                 raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_SIZE} bytes")
             body = await read_at_most(resp.content, MAX_MANIFEST_SIZE)
+            self._received.inc(len(body))
             if len(body) > MAX_MANIFEST_SIZE:
                 raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_SIZE} bytes")
             return UpstreamManifest(body, _media_type(resp), _content_digest(resp))
@@ -143,7 +155,7 @@ class Upstream:
     async def blob(self, repository: str, digest: Digest) -> AsyncIterator[UpstreamBlob]:
         path = f"/v2/{repository}/blobs/{digest}"
         async with self._request("GET", path, repository, "blob") as resp:
-            yield UpstreamBlob(resp)
+            yield UpstreamBlob(resp, self._received)
 
     async def listing(
         self, repository: str, path: str, query: Mapping[str, str]
@@ -152,6 +164,7 @@ class Upstream:
         kind = "repository" if path.endswith("tags/list") else "manifest"
         async with self._request("GET", path, repository, kind, params=query) as resp:
             body = await read_at_most(resp.content, MAX_LISTING_SIZE)
+            self._received.inc(len(body))
             if len(body) > MAX_LISTING_SIZE:
                 raise UpstreamError(f"upstream {self.name} sent a listing over 4 MiB")
             content_type = resp.headers.get("Content-Type", "application/json")
@@ -215,9 +228,14 @@ class Upstream:
         if authorization:
             send["Authorization"] = authorization
         for _ in range(MAX_REDIRECTS + 1):
-            response = await self.session.request(
-                method, url, headers=send, allow_redirects=False, timeout=TIMEOUT
-            )
+            try:
+                response = await self.session.request(
+                    method, url, headers=send, allow_redirects=False, timeout=TIMEOUT
+                )
+            except (TimeoutError, aiohttp.ClientError):
+                self.metrics.upstream_requests.labels(self.name, method, "error").inc()
+                raise
+            self.metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or location is None:
                 return response

@@ -1,15 +1,20 @@
-"""The one place errors become responses: OCI error JSON with the error's status and headers."""
+"""Around every handler: the one place errors become responses (OCI error JSON with the
+error's status and headers), and the request metrics."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
+from mirror.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+METRICS = web.AppKey("metrics", Metrics)
 
 API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
 
@@ -41,3 +46,22 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
 async def api_version_header(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer, errors included, names the API version, as distribution does."""
     response.headers.setdefault(*API_VERSION)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by route: a fixed name, never the path."""
+    began = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        route = request.match_info.route.name or "other"
+        metrics = request.app[METRICS]
+        metrics.http_requests.labels(route, request.method, str(status)).inc()
+        metrics.http_duration.labels(route).observe(time.monotonic() - began)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from prometheus_client import Counter
 from yarl import URL
 
 from mirror.errors import BlobUnknown, PaginationInvalid, RegistryError, Unsupported
@@ -29,6 +30,7 @@ from mirror.reference import (
 )
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Router
+from mirror.web.middleware import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,12 @@ _LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
 
 def add_routes(app: web.Application) -> None:
     name = "/v2/{name:[^?#]+?}"
-    app.router.add_get("/v2/", ping)
-    app.router.add_get(name + "/manifests/{reference}", manifest)
-    app.router.add_get(name + "/blobs/{digest}", blob)
-    app.router.add_get(name + "/tags/list", tags)
-    app.router.add_get(name + "/referrers/{digest}", referrers)
-    app.router.add_route("*", "/v2/{tail:.*}", not_supported)
+    app.router.add_get("/v2/", ping, name="ping")
+    app.router.add_get(name + "/manifests/{reference}", manifest, name="manifest")
+    app.router.add_get(name + "/blobs/{digest}", blob, name="blob")
+    app.router.add_get(name + "/tags/list", tags, name="tags")
+    app.router.add_get(name + "/referrers/{digest}", referrers, name="referrers")
+    app.router.add_route("*", "/v2/{tail:.*}", not_supported, name="unsupported")
     app.on_response_prepare.append(_echo_namespace)
 
 
@@ -81,6 +83,11 @@ async def manifest(request: web.Request) -> web.Response:
         found = await proxy.by_digest(upstream, name, reference, accept)
     else:
         found = await proxy.by_tag(upstream, name, reference, accept)
+    metrics = request.app[METRICS]
+    metrics.cache_requests.labels("manifest", found.result).inc()
+    if request.method == "GET":
+        source = "upstream" if found.result == "miss" else "cache"
+        metrics.served_bytes.labels(source).inc(len(found.body))
     return web.Response(
         body=found.body,
         headers={
@@ -96,9 +103,12 @@ async def blob(request: web.Request) -> web.StreamResponse:
     digest = parse_digest(request.match_info["digest"])
     proxy = request.app[BLOBS]
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
+    metrics = request.app[METRICS]
     cached = _cached_response(request, proxy, digest, headers)
     if cached is not None:
+        metrics.cache_requests.labels("blob", "hit").inc()
         return cached
+    metrics.cache_requests.labels("blob", "miss").inc()
     if request.method == "HEAD":
         size = await proxy.size(upstream, name, digest)
         response = web.StreamResponse(headers=headers)
@@ -121,15 +131,19 @@ class _HeldFileResponse(web.FileResponse):
     """A cached blob sent with sendfile, held in use (away from the evictor) from the
     moment it was found until it has been sent."""
 
-    def __init__(self, path: Path, hold: Hold, headers: dict[str, str]) -> None:
+    def __init__(self, path: Path, hold: Hold, headers: dict[str, str], served: Counter) -> None:
         super().__init__(path, headers=headers)
         self._hold = hold
+        self._served = served
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         try:
-            return await super().prepare(request)
+            writer = await super().prepare(request)
         finally:
             self._hold.__exit__(None, None, None)
+        if request.method == "GET":
+            self._served.inc(self.content_length or 0)
+        return writer
 
 
 def _cached_response(
@@ -148,7 +162,8 @@ def _cached_response(
         except RegistryError:
             hold.__exit__(None, None, None)
             raise
-    return _HeldFileResponse(cached.path, hold, headers)
+    served = request.app[METRICS].served_bytes.labels("cache")
+    return _HeldFileResponse(cached.path, hold, headers, served)
 
 
 async def _stream(
@@ -166,8 +181,10 @@ async def _stream(
     await response.prepare(request)
     try:
         async with aclosing(reader.chunks(byte_range)) as chunks:
+            served = request.app[METRICS].served_bytes.labels("upstream")
             async for chunk in chunks:
                 await response.write(chunk)
+                served.inc(len(chunk))
     except RegistryError as error:
         # Headers are gone already: cutting the connection is the only way to say "failed".
         log.warning("cut %s %s mid-body: %s", request.method, request.path, error.message)

@@ -1,0 +1,72 @@
+"""The mirror's Prometheus metrics, on a registry of their own (passed in, never global).
+
+No label takes unbounded values: no repository, tag or digest ever becomes a label.
+Gauges that mirror state held elsewhere (cache size, Hub quota) are set when scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "mirror_http_requests_total", "Requests answered.", ["route", "method", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.http_duration = Histogram(
+            "mirror_http_request_duration_seconds", "Time to answer a request.", ["route"],
+            registry=r,
+        )  # fmt: skip
+        self.cache_requests = Counter(
+            "mirror_cache_requests_total",
+            "Manifests and blobs asked for, by what the cache could do.",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes_total", "Body bytes sent to clients.", ["source"], registry=r
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests_total", "Requests sent upstream, by answer.",
+            ["upstream", "method", "status"], registry=r,
+        )  # fmt: skip
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes_total", "Body bytes received from upstreams.", ["upstream"],
+            registry=r,
+        )  # fmt: skip
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining", "Pulls left, per the upstream's headers.",
+            ["upstream"], registry=r,
+        )  # fmt: skip
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit", "Pulls per window, per the upstream's headers.",
+            ["upstream"], registry=r,
+        )  # fmt: skip
+        self.fetches_in_flight = Gauge(
+            "mirror_fetches_in_flight", "Blob downloads under way.", registry=r
+        )
+        self.fetch_joins = Counter(
+            "mirror_fetch_joins_total", "Requests that joined a download under way.", registry=r
+        )
+        self.digest_mismatches = Counter(
+            "mirror_digest_mismatches_total", "Upstream bytes that failed verification.",
+            ["upstream"], registry=r,
+        )  # fmt: skip
+        self.cache_size = Gauge(
+            "mirror_cache_size_bytes", "Bytes counted against the budget.", registry=r
+        )
+        self.cache_max = Gauge("mirror_cache_max_bytes", "The budget.", registry=r)
+        self.cache_blobs = Gauge("mirror_cache_blobs", "Blobs cached.", registry=r)
+        self.evictions = Counter(
+            "mirror_evictions_total", "Blobs evicted, by why.", ["reason"], registry=r
+        )
+        self.evicted_bytes = Counter("mirror_evicted_bytes_total", "Bytes evicted.", registry=r)
+        self.uncached_passthrough = Counter(
+            "mirror_uncached_passthrough_total",
+            "Blobs and manifests served without caching: no room in the budget.",
+            registry=r,
+        )
