@@ -70,3 +70,17 @@ class Metrics:
             "Blobs and manifests served without caching: no room in the budget.",
             registry=r,
         )
+        # Series with fixed label values exist from the start, so a dashboard shows 0 and
+        # rate() has a beginning, rather than no data.
+        for kind in ("manifest", "blob"):
+            for result in ("hit", "miss", "stale"):
+                self.cache_requests.labels(kind, result)
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
+        for reason in ("size", "age"):
+            self.evictions.labels(reason)
+
+    def add_upstream(self, name: str) -> None:
+        """The series of a configured upstream, at 0 until it is used."""
+        self.upstream_bytes.labels(name)
+        self.digest_mismatches.labels(name)

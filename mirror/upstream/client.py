@@ -96,6 +96,7 @@ class Upstream:
         self.url = URL(config.url)
         self.session = session
         self.metrics = metrics or Metrics()
+        self.metrics.add_upstream(config.name)
         self._received = self.metrics.upstream_bytes.labels(config.name)
         self.credentials = credential_source(config)
         self.auth = Authenticator(config.name, self.url, self.credentials, session)
