@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from mirror import logs
 from mirror.app import INDEX_FILE, make_app
 from mirror.config import Config, load_config, with_overrides
 from mirror.errors import ConfigError
@@ -25,6 +26,8 @@ from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
 
 log = logging.getLogger("mirror")
+
+SHUTDOWN_TIMEOUT = 30.0  # SIGTERM: responses under way get this long to finish
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(config: Config) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(config.log)
     log.info(
         "mirror listening on %s, cache in %s (max %d bytes)",
         config.listen,
@@ -64,7 +67,15 @@ def serve(config: Config) -> int:
             f" and /v2/{upstream.prefix}/..." if upstream.prefix else "",
             " (default)" if upstream.default else "",
         )
-    web.run_app(make_app(config), host=config.listen.host, port=config.listen.port, print=None)
+    web.run_app(
+        make_app(config),
+        host=config.listen.host,
+        port=config.listen.port,
+        print=None,
+        access_log=logging.getLogger(logs.ACCESS),
+        access_log_class=logs.AccessLogger,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    )
     return 0
 
 

@@ -103,6 +103,16 @@ DOCKER_HUB = UpstreamConfig(
 )
 
 
+LogFormat = Literal["text", "json"]
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: LogFormat = "text"
+    level: str = "info"
+
+
 @dataclass(frozen=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
@@ -110,6 +120,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = (DOCKER_HUB,)
     # Images whose manifests and blobs are never evicted.
     pins: tuple[ImageReference, ...] = ()
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -170,7 +181,7 @@ def load_config(path: Path | str | None = None) -> Config:
 
 
 def config_from_dict(data: object) -> Config:
-    root = _mapping(data, "", {"listen", "storage", "upstreams", "pins"})
+    root = _mapping(data, "", {"listen", "storage", "upstreams", "pins", "log"})
     defaults = Config()
     upstreams = _upstreams(root["upstreams"]) if "upstreams" in root else defaults.upstreams
     return Config(
@@ -178,7 +189,19 @@ def config_from_dict(data: object) -> Config:
         storage=_storage(root.get("storage", {})),
         upstreams=upstreams,
         pins=_pins(root.get("pins", []), upstreams),
+        log=_log(root.get("log", {})),
     )
+
+
+def _log(data: object) -> LogConfig:
+    raw = _mapping(data, "log", {"format", "level"})
+    kind = _typed(raw, "format", "log", str, "text")
+    if kind not in ("text", "json"):
+        raise ConfigError("log.format", f"must be text or json, got {kind!r}")
+    level = _typed(raw, "level", "log", str, "info").lower()
+    if level not in _LOG_LEVELS:
+        raise ConfigError("log.level", f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
+    return LogConfig(format=cast(LogFormat, kind), level=level)
 
 
 def with_overrides(

@@ -171,6 +171,9 @@ def test_single_upstream_is_the_default() -> None:
         ({"pins": ["docker.io/Library/alpine"]}, "pins[0]"),
         ({"pins": ["alpine:bad tag"]}, "pins[0]"),
         ({"pins": ["quay.io/org/app:1"]}, "pins[0]"),  # no upstream serves quay.io
+        ({"log": {"format": "xml"}}, "log.format"),
+        ({"log": {"level": "loud"}}, "log.level"),
+        ({"log": {"colour": True}}, "log.colour"),
     ],
 )  # fmt: skip
 def test_mistakes_name_the_key(data: dict[str, Any], key: str) -> None:

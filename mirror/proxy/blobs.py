@@ -279,7 +279,9 @@ class BlobProxy:
             error = exc
             if isinstance(exc, DigestMismatch):
                 self.metrics.digest_mismatches.labels(upstream.name).inc()
-            log.warning("download of %s from %s failed: %s", fetch.digest, upstream.name, exc)
+                log.warning("%s from %s: %s", fetch.digest, upstream.name, exc.message)
+            else:  # an outage is logged once, by the upstream client
+                log.debug("download of %s from %s failed: %s", fetch.digest, upstream.name, exc)
         except asyncio.CancelledError:
             error = UpstreamError("the mirror is shutting down")
             raise

@@ -131,7 +131,8 @@ class ManifestProxy:
         except STALE_SERVABLE as exc:
             if cached is None:
                 raise
-            log.warning("serving %s:%s stale from cache: %s", repository, tag, exc.message)
+            # The outage itself is logged once, by the upstream client.
+            log.debug("serving %s:%s stale from cache: %s", repository, tag, exc.message)
             return replace(cached, result="stale")
 
     async def listing(

@@ -7,6 +7,7 @@ Every upstream answer that is not a success becomes one of our `RegistryError`s 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from yarl import URL
 
 from mirror.config import UpstreamConfig
 from mirror.errors import (
+    STALE_SERVABLE,
     BlobUnknown,
     Denied,
     ManifestInvalid,
@@ -35,6 +37,8 @@ from mirror.reference import Digest, parse_digest
 from mirror.upstream.auth import Authenticator, parse_challenge, read_at_most
 from mirror.upstream.credentials import credential_source
 from mirror.upstream.ratelimit import RateLimit
+
+log = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 MAX_LISTING_SIZE = 4 * 1024 * 1024
@@ -101,6 +105,7 @@ class Upstream:
         self.credentials = credential_source(config)
         self.auth = Authenticator(config.name, self.url, self.credentials, session)
         self.ratelimit = RateLimit(config.name, config.ratelimit_reserve)
+        self.failing = False
 
     async def close(self) -> None:
         if self.credentials is not None:
@@ -199,23 +204,45 @@ class Upstream:
                 if kind == "manifest" or response.status == 429:
                     self.ratelimit.observe(response.headers, response.status)
                 self._raise_for_status(response, kind, f"{method} {path}")
+                self._answering()
                 yield response
             finally:
                 response.release()
+        except STALE_SERVABLE as error:
+            self._failing(error)
+            raise
         except RegistryError:
             raise
         except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"upstream {self.name} did not answer {method} {path} in time"
+            raise self._failing(
+                UpstreamTimeout(f"upstream {self.name} did not answer {method} {path} in time")
             ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable(
-                f"upstream {self.name} ({self.url.host}) is unreachable: {exc.os_error}"
+            raise self._failing(
+                UpstreamUnavailable(
+                    f"upstream {self.name} ({self.url.host}) is unreachable: {exc.os_error}"
+                )
             ) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(
-                f"upstream {self.name} failed {method} {path}: {exc!r}"
+            raise self._failing(
+                UpstreamUnavailable(f"upstream {self.name} failed {method} {path}: {exc!r}")
             ) from exc
+
+    def _failing(self, error: RegistryError) -> RegistryError:
+        """Log an outage once, when it begins, however many requests meet it."""
+        if not self.failing:
+            self.failing = True
+            log.warning(
+                "upstream %s is failing: %s (logged once, until it answers again)",
+                self.name,
+                error.message,
+            )
+        return error
+
+    def _answering(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.info("upstream %s answers again", self.name)
 
     async def _follow(
         self,

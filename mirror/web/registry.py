@@ -17,6 +17,7 @@ from prometheus_client import Counter
 from yarl import URL
 
 from mirror.errors import BlobUnknown, PaginationInvalid, RegistryError, Unsupported
+from mirror.logs import CACHE_RESULT, UPSTREAM_NAME
 from mirror.proxy.blobs import BlobProxy, BlobReader, Hold
 from mirror.proxy.manifests import ManifestProxy
 from mirror.reference import (
@@ -61,6 +62,7 @@ def _upstream(request: web.Request) -> tuple[Upstream, str]:
     route = request.app[ROUTER].route(name, request.query.get("ns"))
     if route.namespace is not None:
         request[NAMESPACE] = route.namespace
+    request[UPSTREAM_NAME] = route.upstream.name
     return request.app[UPSTREAMS][route.upstream.name], route.repository
 
 
@@ -85,6 +87,7 @@ async def manifest(request: web.Request) -> web.Response:
         found = await proxy.by_tag(upstream, name, reference, accept)
     metrics = request.app[METRICS]
     metrics.cache_requests.labels("manifest", found.result).inc()
+    request[CACHE_RESULT] = found.result
     if request.method == "GET":
         source = "upstream" if found.result == "miss" else "cache"
         metrics.served_bytes.labels(source).inc(len(found.body))
@@ -107,8 +110,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
     cached = _cached_response(request, proxy, digest, headers)
     if cached is not None:
         metrics.cache_requests.labels("blob", "hit").inc()
+        request[CACHE_RESULT] = "hit"
         return cached
     metrics.cache_requests.labels("blob", "miss").inc()
+    request[CACHE_RESULT] = "miss"
     if request.method == "HEAD":
         size = await proxy.size(upstream, name, digest)
         response = web.StreamResponse(headers=headers)

@@ -1,0 +1,173 @@
+"""Logs of `mirror serve`: an access line per request, text or JSON; outages logged once;
+never a credential or token; SIGTERM lets a response under way finish."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+import pytest
+from aiohttp import web
+from fake_registry import OCI_MANIFEST, FakeCDN, FakeRegistry, manifest_bytes, serve
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+from upstream_registry import RegistryProcess, push_image
+
+from mirror.app import make_app
+from mirror.config import AuthConfig, Config, StorageConfig, UpstreamConfig
+
+if TYPE_CHECKING:
+    from conftest import MirrorClient, MirrorProcess
+
+    MakeMirror = Callable[..., Awaitable[MirrorClient]]
+    StartMirrorProcess = Callable[..., MirrorProcess]
+
+KIB = 1024
+
+
+async def fetch(url: str) -> bytes:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200
+        return await resp.read()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_one_access_line_per_request(
+    registry: RegistryProcess,
+    start_mirror_process: StartMirrorProcess,
+    tmp_path: Path,
+    log_format: str,
+) -> None:
+    image = await push_image(registry.url, "logs/app", "v1", [40 * KIB])
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage: {{path: {tmp_path / 'cache'}}}\n"
+        f"upstreams: [{{name: up, url: '{registry.url}'}}]\n"
+        f"log: {{format: {log_format}}}\n"
+    )
+    mirror = await asyncio.to_thread(start_mirror_process, "--config", str(config))
+    layer = image.layer_digests[0]
+    for _ in range(2):
+        await fetch(f"{mirror.url}/v2/logs/app/blobs/{layer}")
+    await asyncio.sleep(0.2)
+    await asyncio.to_thread(mirror.stop)
+    lines = mirror.log().splitlines()
+    path = f"/v2/logs/app/blobs/{layer}"
+    if log_format == "json":
+        entries = [json.loads(line) for line in lines]  # every line is one JSON object
+        access = [e for e in entries if e["logger"] == "mirror.access" and e["path"] == path]
+        assert [(e["status"], e["cache"], e["upstream"], e["bytes"]) for e in access] == [
+            (200, "miss", "up", 40 * KIB),
+            (200, "hit", "up", 40 * KIB),
+        ]
+        assert all(e["method"] == "GET" and e["duration"] >= 0 for e in access)
+    else:
+        access = [line for line in lines if f"GET {path} 200" in line]
+        assert len(access) == 2
+        assert re.search(rf"GET {path} 200 {40 * KIB} \d+\.\d{{3}}s cache=miss upstream=up$",
+                         access[0])  # fmt: skip
+        assert access[1].endswith("cache=hit upstream=up")
+
+
+async def test_no_credential_or_token_in_any_log(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cret-Pa55-9f7e1c"
+    hub = await serve(aiohttp_server, FakeRegistry(credentials=("alice", secret)))
+    cdn = await serve(aiohttp_server, FakeCDN(hub.blobs))
+    hub.blob_redirect = f"http://localhost:{cdn.port}/blobs"
+    hub.put_manifest("library/x", "1", manifest_bytes("x"))
+    data = os.urandom(10 * KIB)
+    digest = hub.put_blob(data)
+    monkeypatch.setenv("MIRROR_TEST_SECRET", secret)
+    auth = AuthConfig("basic", username="alice", password_env="MIRROR_TEST_SECRET")
+    upstream = UpstreamConfig(
+        name="hub", url=hub.url, hosts=("docker.io",), default=True, tag_ttl=0, auth=auth
+    )
+    config = Config(storage=StorageConfig(path=tmp_path / "cache"), upstreams=(upstream,))
+    mirror = await aiohttp_client(make_app(config))
+    for path in ("/v2/x/manifests/1", f"/v2/x/blobs/{digest}", "/v2/x/manifests/1"):
+        async with mirror.get(path, headers={"Accept": OCI_MANIFEST}) as resp:
+            assert resp.status == 200
+    hub.revoke()
+    hub.credentials = ("alice", "another")  # the token service now refuses: logs an outage
+    async with mirror.get("/v2/x/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
+        assert resp.status == 200  # stale from cache
+    assert hub.token_requests  # the token flow ran, with the secret in its Basic header
+    basic = base64.b64encode(f"alice:{secret}".encode()).decode()
+    text = caplog.text
+    for leaked in (secret, basic, "Bearer ", "token-1", "token-2"):
+        assert leaked not in text
+    hub.release.set()
+
+
+async def test_an_outage_is_logged_once(
+    aiohttp_server: AiohttpServer, make_mirror: MakeMirror, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    hub = await serve(aiohttp_server, FakeRegistry(auth=False))
+    hub.put_manifest("library/x", "1", manifest_bytes("x"))
+    mirror = await make_mirror(hub.url, tag_ttl=0)
+    headers = {"Accept": OCI_MANIFEST}
+    async with mirror.get("/v2/library/x/manifests/1", headers=headers) as resp:
+        assert resp.status == 200
+    hub.fail(503)
+    for _ in range(5):
+        async with mirror.get("/v2/library/x/manifests/1", headers=headers) as resp:
+            assert resp.status == 200  # stale
+    hub.mode = "ok"
+    for _ in range(2):
+        async with mirror.get("/v2/library/x/manifests/1", headers=headers) as resp:
+            assert resp.status == 200
+    assert caplog.text.count("upstream upstream is failing") == 1
+    assert caplog.text.count("upstream upstream answers again") == 1
+    hub.release.set()
+
+
+async def test_sigterm_lets_a_download_under_way_finish(
+    aiohttp_server: AiohttpServer,
+    start_mirror_process: StartMirrorProcess,
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(2 * 1024 * KIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    async def slow_blob(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = len(data)
+        await response.prepare(request)
+        for start in range(0, len(data), 64 * KIB):
+            await response.write(data[start : start + 64 * KIB])
+            await asyncio.sleep(0.03)  # about a second in all
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/blobs/{digest}", slow_blob)
+    upstream = await aiohttp_server(app)
+    url = str(upstream.make_url("")).rstrip("/")
+    mirror = await asyncio.to_thread(
+        start_mirror_process, "--storage", str(tmp_path / "cache"), "--upstream", url
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{mirror.url}/v2/x/blobs/{digest}") as resp,
+    ):
+        first = await resp.content.readexactly(64 * KIB)
+        mirror.proc.send_signal(signal.SIGTERM)
+        rest = await resp.read()
+    assert hashlib.sha256(first + rest).hexdigest() == digest.split(":")[1]
+    assert await asyncio.to_thread(mirror.proc.wait, 30) == 0
