@@ -15,7 +15,7 @@ from mirror.metrics import Metrics
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.manifests import ManifestProxy
 from mirror.storage.blobs import BlobStore
-from mirror.storage.index import Index
+from mirror.storage.index import INDEX_FILE, Index
 from mirror.storage.reconcile import reconcile
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Router
@@ -23,7 +23,6 @@ from mirror.web import ops, registry
 from mirror.web.middleware import METRICS, api_version_header, observe, registry_errors
 
 CONFIG = web.AppKey("config", Config)
-INDEX_FILE = "index.db"
 
 
 def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:

@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
 
 from aiohttp import web
 
-from mirror import logs
-from mirror.app import INDEX_FILE, make_app
+from mirror import admin, logs
+from mirror.app import make_app
 from mirror.config import Config, load_config, with_overrides
 from mirror.errors import ConfigError
-from mirror.eviction import Evictor, InUse
-from mirror.storage.blobs import BlobStore
-from mirror.storage.index import Index
 
 log = logging.getLogger("mirror")
 
@@ -43,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = with_overrides(load_config(args.config), **overrides)
         if args.command == "serve":
             return serve(config)
-        return asyncio.run(ADMIN[args.command](config))
+        return asyncio.run(admin.COMMANDS[args.command](config, args))
     except ConfigError as error:
         print(f"mirror: config error: {error}", file=sys.stderr)
         return 2
@@ -79,75 +73,6 @@ def serve(config: Config) -> int:
     return 0
 
 
-async def disk_usage(config: Config) -> int:
-    """`mirror du`: the budget, bytes used, blob count, the oldest last use."""
-    async with _storage(config) as (evictor, index):
-        usage = await index.usage()
-        used = await evictor.used()
-    storage = config.storage
-    print(f"storage     {storage.path}")
-    print(
-        f"budget      {_size(storage.max_size)}; eviction from "
-        f"{storage.high_watermark:.0%} down to {storage.low_watermark:.0%}"
-        + (f", and after {_age(storage.max_age)} unused" if storage.max_age else "")
-    )
-    print(f"used        {_size(used)} ({used / storage.max_size:.1%} of the budget)")
-    print(f"blobs       {usage.blobs} ({_size(usage.bytes)})")
-    oldest = "-" if usage.oldest_access is None else _when(usage.oldest_access)
-    print(f"oldest use  {oldest}")
-    return 0
-
-
-async def collect_garbage(config: Config) -> int:
-    """`mirror gc`: one eviction pass now, down to the low watermark, and max_age."""
-    async with _storage(config) as (evictor, _):
-        evicted = await evictor.run_pass(force=True)
-    print(
-        f"evicted {evicted.blobs} blobs ({_size(evicted.bytes)}); "
-        f"{_size(evicted.used)} of {_size(config.storage.max_size)} used"
-    )
-    return 0
-
-
-ADMIN: dict[str, Callable[[Config], Coroutine[object, object, int]]] = {
-    "du": disk_usage,
-    "gc": collect_garbage,
-}
-
-
-@contextlib.asynccontextmanager
-async def _storage(config: Config) -> AsyncIterator[tuple[Evictor, Index]]:
-    """The index and an evictor, for a storage directory a server may be using now."""
-    path = config.storage.path / INDEX_FILE
-    if not path.exists():
-        raise ConfigError("storage.path", f"no cache index at {path}")
-    index = Index(path)
-    await index.open()
-    try:
-        # No BlobStore.open(): its temp files may be a running server's downloads.
-        yield Evictor(config, BlobStore(config.storage.path), index, InUse()), index
-    finally:
-        await index.close()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _age(seconds: float) -> str:
-    days, rest = divmod(int(seconds), 86400)
-    return f"{days}d" if days else f"{rest // 3600}h{rest % 3600 // 60:02d}m"
-
-
-def _when(timestamp: float) -> str:
-    moment = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"{moment} ({_age(max(time.time() - timestamp, 0))} ago)"
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description="Pull-through registry mirror")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     _storage_flags(commands.add_parser("du", help="show the cache's disk use and budget"))
     _storage_flags(commands.add_parser("gc", help="run one eviction pass now"))
+    ls = commands.add_parser("ls", help="list cached images: tags, size, last use")
+    ls.add_argument("repository", nargs="?", help="only this repository")
+    _storage_flags(ls)
+    _storage_flags(commands.add_parser("verify", help="re-hash every blob, remove corrupt ones"))
+    rm = commands.add_parser("rm", help="remove an image from the cache")
+    rm.add_argument("image", help="e.g. docker.io/library/alpine:3.20")
+    _storage_flags(rm)
+    warm = commands.add_parser("warm", help="pull images into the cache of a running mirror")
+    warm.add_argument("images", nargs="+", help="e.g. docker.io/library/alpine:3.20")
+    warm.add_argument("--mirror", default="http://127.0.0.1:5000", help="the mirror's URL")
+    _storage_flags(warm)
     return parser
 
 

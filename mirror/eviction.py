@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from mirror.errors import RegistryError
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.storage.blobs import BlobStore
+from mirror.storage.images import content_of
 from mirror.storage.index import Index
 from mirror.upstream.routing import Router
 
@@ -189,40 +189,13 @@ class Evictor:
 
     async def pinned(self) -> set[str]:
         """Every digest of the pinned images that is cached: manifests, children, blobs."""
-        found: set[str] = set()
-        todo: list[str] = []
+        roots: list[str] = []
         for pin in self.pins:
             route = self.router.route(pin.repository, pin.host)
             if isinstance(pin.reference, Digest):
-                todo.append(str(pin.reference))
+                roots.append(str(pin.reference))
                 continue
             tag = await self.index.tag(route.upstream.name, route.repository, pin.reference)
             if tag is not None:
-                todo.append(tag.digest)
-        while todo:
-            digest = parse_digest(todo.pop())
-            if str(digest) in found:
-                continue
-            found.add(str(digest))
-            blob = await self.index.blob(digest)
-            if blob is not None and blob.media_type is not None:  # a manifest: follow it
-                todo.extend(await asyncio.to_thread(self._referenced, digest))
-        return found
-
-    def _referenced(self, digest: Digest) -> list[str]:
-        """The digests a cached manifest names (config, layers, index children)."""
-        try:
-            manifest = json.loads(self.store.path(digest).read_bytes())
-        except (OSError, ValueError):
-            return []
-        if not isinstance(manifest, dict):
-            return []
-        entries = [manifest.get("config"), *_list(manifest.get("layers"))]
-        entries += _list(manifest.get("manifests"))
-        return [
-            e["digest"] for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)
-        ]
-
-
-def _list(value: object) -> list[object]:
-    return value if isinstance(value, list) else []
+                roots.append(tag.digest)
+        return await content_of(self.index, self.store, roots)

@@ -7,6 +7,7 @@ should see.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -162,3 +163,23 @@ def parse_accept(values: Iterable[str]) -> tuple[str, ...]:
 def accepts(accepted: tuple[str, ...], media_type: str) -> bool:
     """Whether a client sending `accepted` takes `media_type` (no Accept takes anything)."""
     return not accepted or media_type in accepted or "*/*" in accepted
+
+
+def manifest_references(body: bytes) -> list[str]:
+    """The digests a manifest names: its config and layers, or an index's manifests.
+    Unreadable content names nothing."""
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(manifest, dict):
+        return []
+    entries = [manifest.get("config"), *_list(manifest.get("layers"))]
+    entries += _list(manifest.get("manifests"))
+    return [
+        e["digest"] for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)
+    ]
+
+
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []

@@ -18,6 +18,7 @@ import aiosqlite
 
 from mirror.reference import Digest
 
+INDEX_FILE = "index.db"  # under storage.path
 FLUSH_INTERVAL = 1.0
 WAL_PAGES = 64  # checkpoint the WAL at this many pages (of 4 KiB)...
 WAL_LIMIT = 512 * 1024  # ...and truncate it to this; the budget counts it at this size
@@ -49,6 +50,14 @@ class TagRow:
     digest: str
     media_type: str
     checked_at: float
+
+
+@dataclass(frozen=True)
+class TaggedImage:
+    upstream: str
+    repository: str
+    tag: str
+    digest: str
 
 
 class Index:
@@ -140,6 +149,24 @@ class Index:
             (last_access, digest, limit),
         ) as cursor:
             return [LruRow(*row) async for row in cursor]
+
+    async def tagged(self) -> list[TaggedImage]:
+        async with self.db.execute(
+            "SELECT upstream, repository, tag, digest FROM tags ORDER BY upstream, repository, tag"
+        ) as cursor:
+            return [TaggedImage(*row) async for row in cursor]
+
+    async def remove_tag(self, upstream: str, repository: str, tag: str) -> None:
+        await self.db.execute(
+            "DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
+            (upstream, repository, tag),
+        )
+        await self.db.commit()
+
+    async def blobs(self) -> dict[str, tuple[int, float]]:
+        """Every blob: its size and last use."""
+        async with self.db.execute("SELECT digest, size, last_access FROM blobs") as cursor:
+            return {row[0]: (row[1], row[2]) async for row in cursor}
 
     async def digests(self) -> set[str]:
         async with self.db.execute("SELECT digest FROM blobs") as cursor:

@@ -1,0 +1,248 @@
+"""The admin commands: `du`, `gc`, `ls`, `verify`, `rm` on a storage directory, and `warm`
+through a running mirror.
+
+The storage commands work while the server runs: they go through the SQLite index (and
+its locking) and never touch the temp files of downloads in progress. What a running
+server holds in memory (blobs being sent) they cannot see; a file removed under a reader
+keeps serving that reader (POSIX), so no client gets a short body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime
+
+import aiohttp
+
+from mirror.config import Config
+from mirror.errors import ConfigError, RegistryError
+from mirror.eviction import Evictor, InUse
+from mirror.reference import MANIFEST_TYPES, Digest, parse_image_reference
+from mirror.storage.blobs import BlobStore
+from mirror.storage.images import content_of
+from mirror.storage.index import INDEX_FILE, Index
+from mirror.upstream.routing import Router
+
+Command = Callable[[Config, argparse.Namespace], Coroutine[object, object, int]]
+
+
+async def disk_usage(config: Config, args: argparse.Namespace) -> int:
+    """`mirror du`: the budget, bytes used, blob count, the oldest last use."""
+    async with _storage(config) as (evictor, index):
+        usage = await index.usage()
+        used = await evictor.used()
+    storage = config.storage
+    print(f"storage     {storage.path}")
+    print(
+        f"budget      {_size(storage.max_size)}; eviction from "
+        f"{storage.high_watermark:.0%} down to {storage.low_watermark:.0%}"
+        + (f", and after {_age(storage.max_age)} unused" if storage.max_age else "")
+    )
+    print(f"used        {_size(used)} ({used / storage.max_size:.1%} of the budget)")
+    print(f"blobs       {usage.blobs} ({_size(usage.bytes)})")
+    oldest = "-" if usage.oldest_access is None else _when(usage.oldest_access)
+    print(f"oldest use  {oldest}")
+    return 0
+
+
+async def collect_garbage(config: Config, args: argparse.Namespace) -> int:
+    """`mirror gc`: one eviction pass now, down to the low watermark, and max_age."""
+    async with _storage(config) as (evictor, _):
+        evicted = await evictor.run_pass(force=True)
+    print(
+        f"evicted {evicted.blobs} blobs ({_size(evicted.bytes)}); "
+        f"{_size(evicted.used)} of {_size(config.storage.max_size)} used"
+    )
+    return 0
+
+
+async def list_images(config: Config, args: argparse.Namespace) -> int:
+    """`mirror ls [REPO]`: cached tags with their size (what of them is cached) and last use."""
+    async with _storage(config) as (evictor, index):
+        blobs = await index.blobs()
+        rows = []
+        for image in await index.tagged():
+            if args.repository and args.repository not in (
+                image.repository,
+                image.repository.removeprefix("library/"),
+            ):
+                continue
+            content = await content_of(index, evictor.store, [image.digest])
+            cached = [blobs[d] for d in content if d in blobs]
+            size = sum(s for s, _ in cached)
+            last = max((used for _, used in cached), default=0.0)
+            rows.append((image, size, last))
+    if not rows:
+        print("no cached images" + (f" of {args.repository}" if args.repository else ""))
+        return 1 if args.repository else 0
+    print(f"{'UPSTREAM':<12} {'IMAGE':<48} {'DIGEST':<19} {'SIZE':>10}  LAST USE")
+    for image, size, last in rows:
+        name = f"{image.repository}:{image.tag}"
+        print(f"{image.upstream:<12} {name:<48} {image.digest[:19]:<19} {_size(size):>10}  "
+              f"{_when(last)}")  # fmt: skip
+    return 0
+
+
+async def verify(config: Config, args: argparse.Namespace) -> int:
+    """`mirror verify`: re-hash every blob; remove the corrupt ones. Exit 1 if any."""
+    async with _storage(config) as (evictor, index):
+        digests = sorted(await index.digests())
+        corrupt = []
+        for text in digests:
+            digest = Digest(*text.split(":", 1))
+            try:
+                intact = await asyncio.to_thread(evictor.store.verify, digest)
+            except FileNotFoundError:
+                intact = False
+            if not intact:
+                corrupt.append(text)
+                evictor.store.remove(digest)
+                print(f"corrupt, removed: {text}")
+        await index.remove_blobs(corrupt)
+    print(f"verified {len(digests)} blobs: {len(corrupt)} corrupt")
+    return 1 if corrupt else 0
+
+
+async def remove_image(config: Config, args: argparse.Namespace) -> int:
+    """`mirror rm IMAGE`: forget a tag and remove what no other cached tag or pin uses."""
+    try:
+        ref = parse_image_reference(args.image)
+        route = Router(config.upstreams).route(ref.repository, ref.host)
+    except RegistryError as exc:
+        print(f"mirror: {args.image}: {exc.message}", file=sys.stderr)
+        return 2
+    async with _storage(config) as (evictor, index):
+        tagged = await index.tagged()
+        mine = [
+            t
+            for t in tagged
+            if t.upstream == route.upstream.name
+            and t.repository == route.repository
+            and (t.digest if isinstance(ref.reference, Digest) else t.tag) == str(ref.reference)
+        ]
+        if not mine and not isinstance(ref.reference, Digest):
+            print(f"{args.image}: not cached")
+            return 1
+        roots = [t.digest for t in mine] or [str(ref.reference)]
+        others = [t.digest for t in tagged if t not in mine]
+        keep = await content_of(index, evictor.store, others) | await evictor.pinned()
+        victims = sorted(await content_of(index, evictor.store, roots) - keep)
+        present = await index.blobs()
+        victims = [v for v in victims if v in present]
+        for image in mine:
+            await index.remove_tag(image.upstream, image.repository, image.tag)
+        for victim in victims:
+            evictor.store.remove(Digest(*victim.split(":", 1)))
+        await index.remove_blobs(victims)
+    freed = sum(present[v][0] for v in victims)
+    print(f"removed {args.image}: {len(victims)} blobs ({_size(freed)})")
+    return 0
+
+
+async def warm(config: Config, args: argparse.Namespace) -> int:
+    """`mirror warm IMAGE...`: pull images through the running mirror into its cache."""
+    failed = 0
+    total = 0
+    began = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        for text in args.images:
+            try:
+                total += await _warm_one(session, args.mirror.rstrip("/"), text)
+            except (RegistryError, aiohttp.ClientError, ValueError, KeyError) as exc:
+                failed += 1
+                print(f"\r{text}: failed: {exc}", file=sys.stderr)
+    took = time.monotonic() - began
+    print(f"warmed {len(args.images) - failed} of {len(args.images)} images, "
+          f"{_size(total)} in {took:.1f}s")  # fmt: skip
+    return 1 if failed else 0
+
+
+async def _warm_one(session: aiohttp.ClientSession, mirror: str, text: str) -> int:
+    """Every manifest and blob of one image (all platforms), with a progress line."""
+    ref = parse_image_reference(text)
+    base, ns = f"{mirror}/v2/{ref.repository}", {"ns": ref.host}
+    accept = {"Accept": ", ".join(MANIFEST_TYPES)}
+    todo, blobs = [str(ref.reference)], {}
+    while todo:
+        async with session.get(f"{base}/manifests/{todo.pop()}", params=ns, headers=accept) as r:
+            if r.status != 200:
+                raise ValueError(f"manifest answered {r.status}: {await r.text()}")
+            manifest = json.loads(await r.read())
+        for child in manifest.get("manifests", []):
+            todo.append(child["digest"])
+        for blob in [manifest.get("config"), *manifest.get("layers", [])]:
+            if blob:
+                blobs[blob["digest"]] = int(blob["size"])
+    done, size = 0, sum(blobs.values())
+    for digest in blobs:
+        hasher = hashlib.sha256()
+        async with session.get(f"{base}/blobs/{digest}", params=ns) as r:
+            if r.status != 200:
+                raise ValueError(f"blob {digest} answered {r.status}")
+            async for chunk in r.content.iter_chunked(1024 * 1024):
+                hasher.update(chunk)
+                done += len(chunk)
+                _progress(text, done, size)
+        if "sha256:" + hasher.hexdigest() != digest:
+            raise ValueError(f"blob {digest} arrived with other bytes")
+    _progress(text, done, size, end="\n")
+    return done
+
+
+def _progress(name: str, done: int, size: int, end: str = "") -> None:
+    width = 30
+    filled = width * done // size if size else width
+    bar = "#" * filled + " " * (width - filled)
+    print(f"\r{name}  [{bar}] {_size(done)} / {_size(size)}", end=end, file=sys.stderr)
+
+
+COMMANDS: dict[str, Command] = {
+    "du": disk_usage,
+    "gc": collect_garbage,
+    "ls": list_images,
+    "verify": verify,
+    "rm": remove_image,
+    "warm": warm,
+}
+
+
+@contextlib.asynccontextmanager
+async def _storage(config: Config) -> AsyncIterator[tuple[Evictor, Index]]:
+    """The index and an evictor, for a storage directory a server may be using now."""
+    path = config.storage.path / INDEX_FILE
+    if not path.exists():
+        raise ConfigError("storage.path", f"no cache index at {path}")
+    index = Index(path)
+    await index.open()
+    try:
+        # No BlobStore.open(): its temp files may be a running server's downloads.
+        yield Evictor(config, BlobStore(config.storage.path), index, InUse()), index
+    finally:
+        await index.close()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    return f"{days}d" if days else f"{rest // 3600}h{rest % 3600 // 60:02d}m"
+
+
+def _when(timestamp: float) -> str:
+    if not timestamp:
+        return "-"
+    moment = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{moment} ({_age(max(time.time() - timestamp, 0))} ago)"

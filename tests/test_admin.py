@@ -1,0 +1,128 @@
+"""`mirror ls`, `verify`, `rm` and `warm` against a real storage dir filled by real pulls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from upstream_registry import OCI_MANIFEST, PushedImage, RegistryProcess, push_image
+
+from mirror.cli import main
+
+if TYPE_CHECKING:
+    from conftest import MirrorClient
+
+    MakeMirror = Callable[..., Awaitable[MirrorClient]]
+
+KIB = 1024
+
+
+async def pull(mirror: MirrorClient, image: PushedImage) -> None:
+    headers = {"Accept": OCI_MANIFEST}
+    async with mirror.get(f"/v2/{image.name}/manifests/{image.tag}", headers=headers) as resp:
+        manifest = json.loads(await resp.read())
+    for entry in [manifest["config"], *manifest["layers"]]:
+        async with mirror.get(f"/v2/{image.name}/blobs/{entry['digest']}") as resp:
+            assert resp.status == 200
+            await resp.read()
+
+
+def blob_file(storage: Path, digest: str) -> Path:
+    hex_digest = digest.split(":", 1)[1]
+    return storage / "blobs" / "sha256" / hex_digest[:2] / hex_digest
+
+
+async def cli(*args: str) -> int:
+    return await asyncio.to_thread(main, list(args))
+
+
+async def test_ls_verify_and_rm(
+    registry: RegistryProcess,
+    make_mirror: MakeMirror,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    storage = tmp_path / "cache"
+    a = await push_image(registry.url, "adm/a", "v1", [64 * KIB])
+    b = await push_image(registry.url, "adm/b", "v2", [32 * KIB, 32 * KIB])
+    mirror = await make_mirror(registry.url, storage=storage)
+    for image in (a, b):
+        await pull(mirror, image)
+    await asyncio.sleep(1.2)  # access times flushed
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage: {{path: {storage}}}\nupstreams: [{{name: upstream, url: '{registry.url}'}}]\n"
+    )
+    flags = ("--config", str(config))
+
+    assert await cli("ls", *flags) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["UPSTREAM", "IMAGE", "DIGEST", "SIZE", "LAST"]
+    assert [line.split()[1] for line in lines[1:]] == ["adm/a:v1", "adm/b:v2"]
+    config_size = json.loads(a.manifest_bytes)["config"]["size"]
+    size_a = len(a.manifest_bytes) + config_size + 64 * KIB
+    assert f" {size_a / KIB:.1f} KiB " in lines[1]
+    assert a.manifest_digest[:19] in lines[1]
+    assert await cli("ls", "adm/b", *flags) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["adm/b:v2"]
+    assert await cli("ls", "adm/none", *flags) == 1
+    capsys.readouterr()
+
+    # verify: a blob changed on disk is found, reported and removed; the index follows.
+    victim = blob_file(storage, b.layer_digests[0])
+    victim.write_bytes(b"rotten" + victim.read_bytes()[6:])
+    assert await cli("verify", *flags) == 1
+    out = capsys.readouterr().out
+    assert f"corrupt, removed: {b.layer_digests[0]}" in out
+    assert "verified 7 blobs: 1 corrupt" in out
+    assert not victim.exists()
+    assert await cli("verify", *flags) == 0
+    assert "verified 6 blobs: 0 corrupt" in capsys.readouterr().out
+    await pull(mirror, b)  # the removed blob is simply fetched again
+    assert victim.exists()
+
+    # rm: the image's tag and blobs go; the other image is untouched.
+    assert await cli("rm", f"{registry.host}/adm/a:v1", *flags) == 0
+    assert "removed" in capsys.readouterr().out
+    for digest in [a.manifest_digest, *a.blob_digests()]:
+        assert not blob_file(storage, digest).exists()
+    for digest in [b.manifest_digest, *b.blob_digests()]:
+        assert blob_file(storage, digest).exists()
+    assert await cli("rm", f"{registry.host}/adm/a:v1", *flags) == 1
+    assert "not cached" in capsys.readouterr().out
+    assert await cli("rm", "quay.io/adm/a:v1", *flags) == 2
+    assert "no upstream of this mirror serves registry 'quay.io'" in capsys.readouterr().err
+    assert await cli("ls", *flags) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["adm/b:v2"]
+
+
+async def test_warm_pulls_through_the_running_mirror(
+    registry: RegistryProcess,
+    make_mirror: MakeMirror,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    storage = tmp_path / "cache"
+    image = await push_image(registry.url, "adm/warm", "v1", [100 * KIB, 50 * KIB])
+    mirror = await make_mirror(registry.url, storage=storage)
+    url = f"http://127.0.0.1:{mirror.server.port}"
+    code = await cli("warm", "--mirror", url, f"{registry.host}/adm/warm:v1")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "warmed 1 of 1 images" in captured.out
+    assert "adm/warm:v1  [" in captured.err  # the progress bar
+    for digest in [image.manifest_digest, *image.blob_digests()]:
+        assert blob_file(storage, digest).exists()
+    await registry.settle()
+    registry.reset_counts()
+    await pull(mirror, image)
+    await registry.settle()
+    assert registry.blob_gets() == 0
+
+    code = await cli("warm", "--mirror", url, f"{registry.host}/adm/missing:v1")
+    assert code == 1
+    assert "failed" in capsys.readouterr().err
