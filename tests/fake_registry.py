@@ -406,3 +406,28 @@ async def serve(aiohttp_server: AiohttpServer, fake: F, host: str = "127.0.0.1")
     assert server.port is not None
     fake.port = server.port
     return fake
+
+
+async def slow_blobs(
+    aiohttp_server: AiohttpServer,
+    blobs: dict[str, bytes],
+    chunk: int = 32 * 1024,
+    pause: float = 0.005,
+) -> str:
+    """A registry that sends blobs `chunk` bytes at a time, `pause` seconds apart, so
+    downloads overlap and last; returns its base URL."""
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        data = blobs[request.match_info["digest"]]
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        for start in range(0, len(data), chunk):
+            await response.write(data[start : start + chunk])
+            await asyncio.sleep(pause)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/blobs/{digest}", blob)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")

@@ -7,28 +7,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
 from server_process import ServerError, ServerProcess
-from upstream_registry import free_loopback_port
+from upstream_registry import free_loopback_port, require_tool
 
 INSTALL_HINT = "apt-get install -y prometheus"
 
 
 def require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is not None:
-        return path
-    message = f"{tool!r} not found on PATH; install it with: {INSTALL_HINT}"
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    return require_tool(tool, INSTALL_HINT)
 
 
 class PrometheusError(ServerError):

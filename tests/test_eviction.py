@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
-from aiohttp import web
+from fake_registry import slow_blobs
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from upstream_registry import OCI_MANIFEST, PushedImage, RegistryProcess, push_image
 
@@ -120,25 +120,6 @@ async def test_a_blob_streaming_to_a_slow_client_is_not_evicted(
     assert body[64 * KIB :] == rest
 
 
-async def slow_upstream(aiohttp_server: AiohttpServer, blobs: dict[str, bytes]) -> str:
-    """A registry that sends blobs in small, slow chunks, so downloads overlap."""
-
-    async def blob(request: web.Request) -> web.StreamResponse:
-        data = blobs[request.match_info["digest"]]
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = len(data)
-        await response.prepare(request)
-        for start in range(0, len(data), 32 * KIB):
-            await response.write(data[start : start + 32 * KIB])
-            await asyncio.sleep(0.005)
-        return response
-
-    app = web.Application()
-    app.router.add_get("/v2/{name:.+}/blobs/{digest}", blob)
-    server = await aiohttp_server(app)
-    return str(server.make_url("")).rstrip("/")
-
-
 async def test_concurrent_cold_downloads_hold_the_budget_at_every_moment(
     aiohttp_server: AiohttpServer,
     make_mirror: MakeMirror,
@@ -150,7 +131,7 @@ async def test_concurrent_cold_downloads_hold_the_budget_at_every_moment(
     blobs = {"sha256:" + hashlib.sha256(d).hexdigest(): d for d in datas}
     budget = 4 * MIB  # half of what the 16 downloads bring
     mirror = await make_mirror(
-        await slow_upstream(aiohttp_server, blobs), storage=storage, budget={"max_size": budget}
+        await slow_blobs(aiohttp_server, blobs), storage=storage, budget={"max_size": budget}
     )
     samples: list[int] = []
     done = asyncio.Event()
@@ -250,7 +231,7 @@ async def test_kill_9_mid_download_then_restart(
     storage = tmp_path / "cache"
     data = os.urandom(4 * MIB)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    upstream = await slow_upstream(aiohttp_server, {digest: data})
+    upstream = await slow_blobs(aiohttp_server, {digest: data})
     args = ("--storage", str(storage), "--upstream", upstream)
     first = await asyncio.to_thread(start_mirror_process, *args)
 
@@ -292,7 +273,7 @@ async def test_pass_through_keeps_memory_bounded_for_slow_and_departing_readers(
     slowest; one that leaves does not hold the others back."""
     data = os.urandom(12 * MIB)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    upstream = await slow_upstream(aiohttp_server, {digest: data})
+    upstream = await slow_blobs(aiohttp_server, {digest: data})
     storage = tmp_path / "cache"
     mirror = await make_mirror(upstream, storage=storage, budget={"max_size": 2 * MIB})
 

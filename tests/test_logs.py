@@ -17,8 +17,14 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
-from aiohttp import web
-from fake_registry import OCI_MANIFEST, FakeCDN, FakeRegistry, manifest_bytes, serve
+from fake_registry import (
+    OCI_MANIFEST,
+    FakeCDN,
+    FakeRegistry,
+    manifest_bytes,
+    serve,
+    slow_blobs,
+)
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from upstream_registry import RegistryProcess, push_image
 
@@ -146,19 +152,7 @@ async def test_sigterm_lets_a_download_under_way_finish(
     data = os.urandom(2 * 1024 * KIB)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
 
-    async def slow_blob(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.content_length = len(data)
-        await response.prepare(request)
-        for start in range(0, len(data), 64 * KIB):
-            await response.write(data[start : start + 64 * KIB])
-            await asyncio.sleep(0.03)  # about a second in all
-        return response
-
-    app = web.Application()
-    app.router.add_get("/v2/{name:.+}/blobs/{digest}", slow_blob)
-    upstream = await aiohttp_server(app)
-    url = str(upstream.make_url("")).rstrip("/")
+    url = await slow_blobs(aiohttp_server, {digest: data}, 64 * KIB, 0.03)  # about 1 s
     mirror = await asyncio.to_thread(
         start_mirror_process, "--storage", str(tmp_path / "cache"), "--upstream", url
     )

@@ -11,8 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve
+from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve, slow_blobs
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
 from upstream_registry import RegistryProcess, push_image
@@ -96,19 +95,8 @@ async def test_joined_requests_are_counted(
     data = os.urandom(2 * 1024 * KIB)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
 
-    async def slow_blob(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.content_length = len(data)
-        await response.prepare(request)
-        for start in range(0, len(data), 64 * KIB):
-            await response.write(data[start : start + 64 * KIB])
-            await asyncio.sleep(0.01)
-        return response
-
-    app = web.Application()
-    app.router.add_get("/v2/{name:.+}/blobs/{digest}", slow_blob)
-    upstream = await aiohttp_server(app)
-    mirror = await make_mirror(str(upstream.make_url("")).rstrip("/"))
+    upstream = await slow_blobs(aiohttp_server, {digest: data}, 64 * KIB, 0.01)
+    mirror = await make_mirror(upstream)
 
     async def get() -> bytes:
         async with mirror.get(f"/v2/x/blobs/{digest}") as resp:

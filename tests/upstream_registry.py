@@ -65,7 +65,7 @@ PROBE_USER_AGENT = "upstream-registry-readiness-probe"
 CHUNK_SIZE = 1024 * 1024
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, hint: str = INSTALL_HINT) -> str:
     """Return the path of an external tool, or skip (fail on CI) when it is missing.
 
     On CI a missing tool is a broken image, not a reason to quietly skip the real
@@ -74,7 +74,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
-    message = f"{name!r} not found on PATH; install it with: {INSTALL_HINT}"
+    message = f"{name!r} not found on PATH; install it with: {hint}"
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
