@@ -1,0 +1,172 @@
+"""What deploy/ ships: the Dockerfile (no Docker engine here: its paths and its command),
+compose, Kubernetes, systemd, and the client snippets, the latter used by real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from podman import podman_image_digest, podman_rmi, push_tar_image, run_podman
+from upstream_registry import RegistryProcess, free_loopback_port
+
+from mirror.config import config_from_dict, load_config
+
+if TYPE_CHECKING:
+    from conftest import MirrorProcess
+
+    StartMirrorProcess = Callable[..., MirrorProcess]
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of each Dockerfile line, continuations joined."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def test_dockerfile_copies_what_exists_and_runs_non_root() -> None:
+    steps = dockerfile()
+    froms = [args for step, args in steps if step == "FROM"]
+    assert froms[0].startswith("python:3.11-slim") and froms[-1] == "python:3.11-slim"
+    for step, args in steps:
+        if step == "COPY" and not args.startswith("--from"):
+            *sources, _ = shlex.split(args)
+            for source in sources:
+                assert (REPO / source).exists(), source
+    final = steps[[i for i, (s, _) in enumerate(steps) if s == "FROM"][-1] :]
+    assert ("USER", "mirror") in final
+    assert ("VOLUME", "/var/lib/mirror") in final
+    assert ("EXPOSE", "5000") in final
+    assert any(s == "HEALTHCHECK" and "/healthz" in a for s, a in final)
+    assert not any(s == "RUN" and "build-essential" in a for s, a in final)
+    config = load_config(DEPLOY / "mirror.yaml")  # what COPY puts in /etc/mirror/mirror.yaml
+    assert (str(config.storage.path), config.listen.port) == ("/var/lib/mirror", 5000)
+
+
+def test_dockerfile_command_starts_the_mirror_with_its_config(tmp_path: Path) -> None:
+    """The CMD, run as the image would (sh -c with MIRROR_CONFIG), on a copy of the config
+    whose storage and port suit this machine."""
+    steps = dict(dockerfile())
+    assert steps["ENV"] == "MIRROR_CONFIG=/etc/mirror/mirror.yaml"
+    command = json.loads(steps["CMD"])
+    port = free_loopback_port()
+    shipped = (DEPLOY / "mirror.yaml").read_text()
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        shipped.replace("0.0.0.0:5000", f"127.0.0.1:{port}").replace(
+            "/var/lib/mirror", str(tmp_path / "cache")
+        )
+    )
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "MIRROR_CONFIG": str(config)}
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError(proc.stderr.read() if proc.stderr else b"") from None
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the image's command did not start the mirror")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert (tmp_path / "cache" / "index.db").exists()
+
+
+def yaml_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def test_kubernetes_manifests() -> None:
+    kube = DEPLOY / "kubernetes"
+    kinds = {}
+    for path in sorted(kube.glob("*.yaml")):
+        for doc in yaml_documents(path):
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
+            kinds[doc["kind"]] = doc
+    kustomization = kinds.pop("Kustomization")
+    assert all((kube / r).exists() for r in kustomization["resources"])
+    for kind in ("StatefulSet", "DaemonSet"):
+        container = kinds[kind]["spec"]["template"]["spec"]["containers"][0]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["resources"]["requests"]
+    assert kinds["StatefulSet"]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "cache"
+    assert {"Service", "ConfigMap", "ServiceMonitor", "Namespace"} <= kinds.keys()
+    config_text = kinds["ConfigMap"]["data"]["mirror.yaml"]
+    assert config_from_dict(yaml.safe_load(config_text)).storage.max_size == 45 * 1024**3
+
+
+def test_compose_systemd_and_client_snippets() -> None:
+    compose = yaml_documents(DEPLOY / "compose.yaml")[0]
+    assert {"mirror", "prometheus", "grafana"} <= compose["services"].keys()
+    assert "mirror-cache" in compose["volumes"]
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), source
+    unit = (DEPLOY / "systemd" / "mirror.service").read_text()
+    for option in ("DynamicUser=yes", "StateDirectory=mirror", "ProtectSystem=strict"):
+        assert re.search(rf"^{re.escape(option)}$", unit, re.MULTILINE), option
+    daemon = json.loads((DEPLOY / "clients" / "daemon.json").read_text())
+    assert daemon["registry-mirrors"] == ["http://mirror:5000"]
+    for registry in ("docker.io", "ghcr.io"):
+        hosts = tomllib.loads(
+            (DEPLOY / "clients" / "certs.d" / registry / "hosts.toml").read_text()
+        )
+        assert hosts["host"]["http://mirror:5000"]["capabilities"] == ["pull", "resolve"]
+    conf = tomllib.loads((DEPLOY / "clients" / "registries.conf").read_text())
+    assert [r["location"] for r in conf["registry"]] == ["docker.io", "ghcr.io"]
+
+
+async def test_podman_with_the_shipped_registries_conf(
+    registry: RegistryProcess,
+    start_mirror_process: StartMirrorProcess,
+    tmp_path: Path,
+    podman_work: Path,
+) -> None:
+    """Docker Hub's entry of deploy/clients/registries.conf, pointed at this test's mirror
+    (whose upstream, a real docker-registry, plays docker.io)."""
+    image = await push_tar_image(registry.url, "library/busybox", "1")
+    mirror = await asyncio.to_thread(
+        start_mirror_process, "--storage", str(tmp_path / "cache"), "--upstream", registry.url
+    )
+    shipped = (DEPLOY / "clients" / "registries.conf").read_text()
+    conf = shipped.replace("mirror:5000", mirror.host)
+    await registry.settle()
+    registry.reset_counts()
+    ref = "docker.io/library/busybox:1"
+    for attempt in range(2):
+        result = await asyncio.to_thread(run_podman, podman_work, "pull", ref, registries_conf=conf)
+        assert result.escapes == ()
+        assert podman_image_digest(ref, podman_work) == image.manifest_digest
+        await registry.settle()
+        if attempt == 0:
+            assert registry.blob_gets() == len(image.blob_digests())
+            await asyncio.to_thread(podman_rmi, ref, podman_work)
+            registry.reset_counts()
+        else:
+            assert registry.blob_gets() == 0
