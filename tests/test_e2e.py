@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from upstream_registry import (
     push_index,
     sha256_digest,
     skopeo_copy_async,
+    skopeo_inspect,
 )
 
 from mirror.app import make_app
@@ -739,3 +741,23 @@ async def test_concurrent_manifest_by_digest_fetched_once(
     assert all(a.status == 200 and a.body == image.manifest_bytes for a in answers)
     await registry.settle()
     assert registry.count("GET", f"/manifests/{image.manifest_digest}") == 1
+
+
+async def test_skopeo_inspect_and_single_platform_copy_of_an_index(
+    registry: RegistryProcess, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    index = await push_index(registry.url, "e2e/multi", "v1", layer_size=24 * KIB)
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}[platform.machine()]
+    native = next(c for c in index.children if c.platform == ("linux", arch))
+    mirror = f"127.0.0.1:{(await make_mirror(registry.url)).server.port}"
+
+    for ref in ("e2e/multi:v1", f"e2e/multi@{index.manifest_digest}"):
+        raw = await asyncio.to_thread(skopeo_inspect, f"{mirror}/{ref}", raw=True)
+        assert raw.encode() == index.manifest_bytes  # the index, byte for byte
+        info = json.loads(await asyncio.to_thread(skopeo_inspect, f"{mirror}/{ref}"))
+        assert info["Architecture"] == arch  # resolved to this machine's platform
+        assert info["Layers"] == native.layer_digests
+
+    # Without --all, skopeo copies the one platform it runs on: that image alone arrives.
+    await skopeo_copy_async(f"{mirror}/e2e/multi:v1", tmp_path / "one")
+    assert dir_digests(tmp_path / "one") == native.manifest_digests() | native.blob_digests()

@@ -598,6 +598,22 @@ def skopeo_copy(
     return result
 
 
+def skopeo_inspect(src: str, *, raw: bool = False, timeout: float = 60) -> str:
+    """``skopeo inspect [--raw] docker://SRC`` over plain HTTP; its standard output."""
+    skopeo = require_tool("skopeo")
+    with tempfile.TemporaryDirectory(prefix="skopeo-") as scratch:
+        root = Path(scratch)
+        _write_isolation_files(root)
+        cmd = [skopeo, "--registries.d", str(root / "registries.d"), "inspect",
+               "--tls-verify=false", *(["--raw"] if raw else []), f"docker://{src}"]  # fmt: skip
+        result = subprocess.run(
+            cmd, env=_isolated_env(root), capture_output=True, text=True, timeout=timeout
+        )
+    if result.returncode != 0:
+        raise AssertionError(f"skopeo inspect {src} failed ({result.returncode}):\n{result.stderr}")
+    return result.stdout
+
+
 async def skopeo_copy_async(
     src: str,
     dest_dir: Path,
