@@ -55,6 +55,7 @@ class AccessLogger(AbstractAccessLogger):
         fields = {
             "method": request.method,
             "path": request.path,
+            "query": request.query_string,  # containerd's ns= among others
             "status": response.status,
             # The body's declared length: sendfile bypasses aiohttp's own byte count.
             "bytes": 0 if request.method == "HEAD" else response.content_length or 0,
@@ -65,7 +66,7 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info(
             "%s %s %d %d %.3fs cache=%s upstream=%s",
             fields["method"],
-            fields["path"],
+            request.path_qs,
             fields["status"],
             fields["bytes"],
             time,

@@ -12,11 +12,13 @@ import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import yaml
+from containerd import ContainerdProcess
 from podman import podman_image_digest, podman_rmi, push_tar_image, run_podman
 from upstream_registry import RegistryProcess, free_loopback_port
 
@@ -170,3 +172,54 @@ async def test_podman_with_the_shipped_registries_conf(
             registry.reset_counts()
         else:
             assert registry.blob_gets() == 0
+
+
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[ContainerdProcess]:
+    """containerd as root with its own config, root, state and socket; stopped after."""
+    with ContainerdProcess(tmp_path / "containerd") as process:
+        yield process
+
+
+async def test_containerd_with_the_shipped_hosts_toml(
+    registry: RegistryProcess,
+    start_mirror_process: StartMirrorProcess,
+    containerd: ContainerdProcess,
+    tmp_path: Path,
+) -> None:
+    """ctr pulls docker.io/library/busybox:1 through the mirror named by the shipped
+    certs.d/docker.io/hosts.toml; the mirror's first request is containerd's HEAD of the
+    tag with ?ns=docker.io, answered 200."""
+    image = await push_tar_image(registry.url, "library/busybox", "1")
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage: {{path: {tmp_path / 'cache'}}}\n"
+        f"upstreams: [{{name: hub, url: '{registry.url}', hosts: [docker.io]}}]\n"
+        "log: {format: json}\n"
+    )
+    mirror = await asyncio.to_thread(start_mirror_process, "--config", str(config))
+    hosts_dir = tmp_path / "certs.d"
+    (hosts_dir / "docker.io").mkdir(parents=True)
+    shipped = (DEPLOY / "clients" / "certs.d" / "docker.io" / "hosts.toml").read_text()
+    (hosts_dir / "docker.io" / "hosts.toml").write_text(
+        shipped.replace("http://mirror:5000", mirror.url)
+    )
+    await registry.settle()
+    registry.reset_counts()
+
+    await containerd.pull_async("docker.io/library/busybox:1", hosts_dir)
+    await registry.settle()
+    assert registry.blob_gets() == len(image.blob_digests())
+    await asyncio.sleep(0.2)
+    lines = [json.loads(line) for line in mirror.log().splitlines()]
+    # Past the readiness probe's GET /v2/ (containerd itself sends no ping).
+    access = [e for e in lines if e["logger"] == "mirror.access" and e["path"] != "/v2/"]
+    first = access[0]
+    assert (first["method"], first["path"], first["status"]) == (
+        "HEAD",
+        "/v2/library/busybox/manifests/1",
+        200,
+    )
+    assert "ns=docker.io" in first["query"]
+    assert all("ns=docker.io" in entry["query"] for entry in access)
+    assert {entry["status"] for entry in access} == {200}
