@@ -5,6 +5,7 @@ stay within max_size; LRU blobs go first, blobs in use and pinned images never.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +39,12 @@ KIB, MIB = 1024, 1024 * 1024
 
 def disk_bytes(root: Path) -> int:
     """Everything under the storage directory: blobs, temp files, the index and its WAL."""
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):  # a temp file committed meanwhile
+            if path.is_file():
+                total += path.stat().st_size
+    return total
 
 
 def blob_path(root: Path, digest: str) -> Path:
