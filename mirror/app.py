@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from mirror.access import Gate, read_htpasswd
 from mirror.config import Config
 from mirror.eviction import Evictor, InUse
 from mirror.metrics import Metrics
@@ -29,6 +30,8 @@ def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(middlewares=[observe, registry_errors])
     app[CONFIG] = config
     app[METRICS] = metrics or Metrics()
+    htpasswd = config.auth.htpasswd
+    app[registry.GATE] = Gate(read_htpasswd(htpasswd) if htpasswd else None)
     app.on_response_prepare.append(api_version_header)
     app.cleanup_ctx.append(_storage_and_upstream)
     registry.add_routes(app)

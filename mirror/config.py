@@ -7,6 +7,7 @@ With no file at all the embedded default applies: listen on 0.0.0.0:5000, cache 
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.access import read_htpasswd
 from mirror.errors import ConfigError, RegistryError
 from mirror.reference import ImageReference, parse_image_reference
 
@@ -38,6 +40,7 @@ _PREFIX = re.compile(r"[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*"
 _ECR_HOST = re.compile(r"(\d{12})\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
 
 AuthType = Literal["anonymous", "basic", "ecr"]
+Access = Literal["public", "authenticated"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,15 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Seconds allowed to connect, to receive the answer's headers, and between two reads."""
+
+    connect: float = 10.0
+    first_byte: float = 30.0
+    idle: float = 60.0
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     url: str
@@ -91,6 +103,16 @@ class UpstreamConfig:
     auth: AuthConfig = AuthConfig()
     # Counted pulls (Docker Hub's `ratelimit-remaining`) kept back, never spent.
     ratelimit_reserve: int = 0
+    # Who may pull through this upstream: anyone, or clients with htpasswd credentials.
+    access: Access = "public"
+    # Token realms on other domains than the upstream's that it may send us to.
+    allowed_realms: tuple[str, ...] = ()
+    # Upstream requests at once; more wait in a queue of max_queued, past which: 503.
+    max_fetches: int = 32
+    max_queued: int = 256
+    timeouts: Timeouts = Timeouts()
+    # Further attempts after a 5xx or a failed connection (and to resume a cut blob).
+    retries: int = 3
 
     @property
     def docker_hub(self) -> bool:
@@ -114,6 +136,27 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ClientAuth:
+    """Who may use the mirror: with `htpasswd`, clients of `authenticated` upstreams log in."""
+
+    htpasswd: Path | None = None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what clients may hold of the server."""
+
+    max_connections: int = 4096
+    max_header_size: int = 8190  # bytes of one request line or header field
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -121,6 +164,9 @@ class Config:
     # Images whose manifests and blobs are never evicted.
     pins: tuple[ImageReference, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
+    auth: ClientAuth = field(default_factory=ClientAuth)
+    tls: TlsConfig | None = None
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -181,16 +227,82 @@ def load_config(path: Path | str | None = None) -> Config:
 
 
 def config_from_dict(data: object) -> Config:
-    root = _mapping(data, "", {"listen", "storage", "upstreams", "pins", "log"})
+    keys = {"listen", "storage", "upstreams", "pins", "log", "auth", "tls", "limits"}
+    root = _mapping(data, "", keys)
     defaults = Config()
     upstreams = _upstreams(root["upstreams"]) if "upstreams" in root else defaults.upstreams
+    auth = _client_auth(root.get("auth", {}))
+    _check_access(upstreams, auth)
     return Config(
         listen=parse_listen(root["listen"]) if "listen" in root else defaults.listen,
         storage=_storage(root.get("storage", {})),
         upstreams=upstreams,
         pins=_pins(root.get("pins", []), upstreams),
         log=_log(root.get("log", {})),
+        auth=auth,
+        tls=_tls(root["tls"]) if "tls" in root else None,
+        limits=_limits(root.get("limits", {})),
     )
+
+
+def _client_auth(data: object) -> ClientAuth:
+    raw = _mapping(data, "auth", {"htpasswd"})
+    path = _typed(raw, "htpasswd", "auth", str, None)
+    if path is None:
+        return ClientAuth()
+    read_htpasswd(Path(path))  # raises ConfigError naming the file and line
+    return ClientAuth(htpasswd=Path(path))
+
+
+def _check_access(upstreams: tuple[UpstreamConfig, ...], auth: ClientAuth) -> None:
+    for i, upstream in enumerate(upstreams):
+        if upstream.access == "authenticated" and auth.htpasswd is None:
+            why = " (the default for an ECR upstream)" if upstream.auth.type == "ecr" else ""
+            raise ConfigError(
+                f"upstreams[{i}].access",
+                f"authenticated{why} needs auth.htpasswd to log clients in;"
+                " or set access: public to serve its images to anyone",
+            )
+
+
+def _tls(data: object) -> TlsConfig:
+    raw = _mapping(data, "tls", {"cert", "key"})
+    for name in ("cert", "key"):
+        if not isinstance(raw.get(name), str):
+            raise ConfigError(f"tls.{name}", "is required: the path of a PEM file")
+    tls = TlsConfig(cert=Path(raw["cert"]), key=Path(raw["key"]))
+    server_ssl_context(tls)  # a bad pair is a config error now, not at the first client
+    return tls
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except FileNotFoundError as exc:
+        key = "tls.cert" if Path(exc.filename or "") == tls.cert else "tls.key"
+        raise ConfigError(key, f"no such file: {exc.filename}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("tls.cert", f"cannot use {tls.cert} with {tls.key}: {exc}") from None
+    return context
+
+
+def _limits(data: object) -> Limits:
+    raw = _mapping(data, "limits", {"max_connections", "max_header_size"})
+    defaults = Limits()
+    return Limits(
+        max_connections=_positive(raw, "max_connections", "limits", defaults.max_connections),
+        max_header_size=parse_size(
+            raw.get("max_header_size", defaults.max_header_size), "limits.max_header_size"
+        ),
+    )
+
+
+def _positive(raw: Mapping[str, Any], name: str, key: str, default: int) -> int:
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}.{name}", f"must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def _log(data: object) -> LogConfig:
@@ -317,6 +429,7 @@ def _unique(
 
 _UPSTREAM_KEYS = {
     "name", "url", "hosts", "prefix", "default", "tag_ttl", "auth", "ratelimit_reserve",
+    "access", "allowed_realms", "max_fetches", "max_queued", "timeouts", "retries",
 }  # fmt: skip
 
 
@@ -335,6 +448,8 @@ def _upstream(data: object, key: str) -> UpstreamConfig:
     reserve = _typed(raw, "ratelimit_reserve", key, int, 0)
     if reserve < 0 or isinstance(reserve, bool):
         raise ConfigError(f"{key}.ratelimit_reserve", f"must be a number >= 0, got {reserve!r}")
+    auth = _auth(raw.get("auth", {}), f"{key}.auth", url)
+    defaults = UpstreamConfig(name, url)
     return UpstreamConfig(
         name=name,
         url=url,
@@ -342,20 +457,63 @@ def _upstream(data: object, key: str) -> UpstreamConfig:
         prefix=_prefix(raw, key),
         default=_typed(raw, "default", key, bool, False),
         tag_ttl=parse_duration(raw.get("tag_ttl", DEFAULT_TAG_TTL), f"{key}.tag_ttl"),
-        auth=_auth(raw.get("auth", {}), f"{key}.auth", url),
+        auth=auth,
         ratelimit_reserve=reserve,
+        access=_access(raw, key, auth),
+        allowed_realms=_host_list(raw, "allowed_realms", key, ()),
+        max_fetches=_positive(raw, "max_fetches", key, defaults.max_fetches),
+        max_queued=_positive(raw, "max_queued", key, defaults.max_queued),
+        timeouts=_timeouts(raw.get("timeouts", {}), f"{key}.timeouts"),
+        retries=_retries(raw, key, defaults.retries),
     )
 
 
+def _access(raw: Mapping[str, Any], key: str, auth: AuthConfig) -> Access:
+    # Images of a private registry stay private by default.
+    default = "authenticated" if auth.type == "ecr" else "public"
+    access = _typed(raw, "access", key, str, default)
+    if access not in get_args(Access):
+        raise ConfigError(f"{key}.access", f"must be public or authenticated, got {access!r}")
+    return cast(Access, access)
+
+
+def _timeouts(data: object, key: str) -> Timeouts:
+    raw = _mapping(data, key, {"connect", "first_byte", "idle"})
+    defaults = Timeouts()
+    values = {}
+    for name in ("connect", "first_byte", "idle"):
+        value = parse_duration(raw.get(name, getattr(defaults, name)), f"{key}.{name}")
+        if value <= 0:
+            raise ConfigError(f"{key}.{name}", "must be longer than 0s")
+        values[name] = value
+    return Timeouts(**values)
+
+
+def _retries(raw: Mapping[str, Any], key: str, default: int) -> int:
+    value = raw.get("retries", default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10:
+        raise ConfigError(f"{key}.retries", f"must be a whole number from 0 to 10, got {value!r}")
+    return value
+
+
 def _hosts(raw: Mapping[str, Any], key: str, url: str) -> tuple[str, ...]:
-    if "hosts" not in raw:
+    hosts = _host_list(raw, "hosts", key, None)
+    if hosts is None:
         return default_hosts(url)
-    hosts = raw["hosts"]
-    if not isinstance(hosts, list) or not hosts:
+    if not hosts:
         raise ConfigError(f"{key}.hosts", "must be a non-empty list of registry host names")
+    return hosts
+
+
+def _host_list(raw: Mapping[str, Any], name: str, key: str, default: T) -> tuple[str, ...] | T:
+    if name not in raw:
+        return default
+    hosts = raw[name]
+    if not isinstance(hosts, list):
+        raise ConfigError(f"{key}.{name}", "must be a list of host names")
     for i, host in enumerate(hosts):
         if not isinstance(host, str) or not _HOST.fullmatch(host.lower()):
-            raise ConfigError(f"{key}.hosts[{i}]", f"invalid host name {host!r}")
+            raise ConfigError(f"{key}.{name}[{i}]", f"invalid host name {host!r}")
     return tuple(dict.fromkeys(host.lower() for host in hosts))
 
 

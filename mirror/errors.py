@@ -94,6 +94,15 @@ class Unauthorized(RegistryError):
     code, status = "UNAUTHORIZED", 401
 
 
+class LoginRequired(RegistryError):
+    """A client of an `authenticated` upstream without valid mirror credentials."""
+
+    code, status = "UNAUTHORIZED", 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="mirror"'}
+
+
 class Denied(RegistryError):
     code, status = "DENIED", 403
 
@@ -107,6 +116,15 @@ class TooManyRequests(RegistryError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": self.retry_after}
+
+
+class Busy(RegistryError):
+    """An upstream's queue of waiting fetches is full: come back shortly."""
+
+    code, status = "UNAVAILABLE", 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UpstreamError(RegistryError):
@@ -125,10 +143,15 @@ class UpstreamTimeout(UpstreamError):
     code, status = "UPSTREAM_TIMEOUT", 504
 
 
+class UpstreamCut(UpstreamError):
+    """The upstream's body broke off (connection lost, or it stalled): worth resuming."""
+
+
 # Failures after which a cached copy is still worth serving: the upstream, not the
 # content, is the problem (DESIGN §3, "serve the cached copy (stale)").
 STALE_SERVABLE: tuple[type[RegistryError], ...] = (
     UpstreamError,
+    Busy,
     TooManyRequests,
     Unauthorized,
     Denied,

@@ -52,6 +52,16 @@ class Metrics:
         self.fetch_joins = Counter(
             "mirror_fetch_joins_total", "Requests that joined a download under way.", registry=r
         )
+        self.upstream_resumes = Counter(
+            "mirror_upstream_resumes_total",
+            "Blob downloads resumed (or restarted) after the upstream's body broke off.",
+            ["upstream"], registry=r,
+        )  # fmt: skip
+        self.disk_full = Counter(
+            "mirror_disk_full_total",
+            "Blob downloads that met a full disk (ENOSPC) and were served without caching.",
+            registry=r,
+        )
         self.digest_mismatches = Counter(
             "mirror_digest_mismatches_total", "Upstream bytes that failed verification.",
             ["upstream"], registry=r,
@@ -83,4 +93,5 @@ class Metrics:
     def add_upstream(self, name: str) -> None:
         """The series of a configured upstream, at 0 until it is used."""
         self.upstream_bytes.labels(name)
+        self.upstream_resumes.labels(name)
         self.digest_mismatches.labels(name)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -22,6 +23,29 @@ from mirror.app import make_app
 from mirror.config import Config, Listen, StorageConfig, UpstreamConfig, default_hosts
 
 MirrorClient = TestClient[web.Request, web.Application]
+REPO = Path(__file__).resolve().parent.parent
+USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+
+
+def write_htpasswd(path: Path, users: dict[str, str] = USERS) -> Path:
+    """bcrypt entries as `htpasswd -B` writes them (`$2y$`), at the cheapest cost."""
+    lines = [
+        f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode()}"
+        for user, pw in users.items()
+    ]
+    path.write_text("\n".join(line.replace("$2b$", "$2y$", 1) for line in lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def documented_config(tmp_path: Path) -> Path:
+    """config/mirror.yaml, with its htpasswd path pointed at a file that exists."""
+    htpasswd = write_htpasswd(tmp_path / "htpasswd")
+    text = (REPO / "config" / "mirror.yaml").read_text()
+    assert "/etc/mirror/htpasswd" in text
+    config = tmp_path / "documented.yaml"
+    config.write_text(text.replace("/etc/mirror/htpasswd", str(htpasswd)))
+    return config
 
 
 @pytest.fixture
@@ -47,15 +71,18 @@ def mirror_config(
     port: int = 0,
     hosts: tuple[str, ...] | None = None,
     budget: dict[str, Any] | None = None,
+    upstream_fields: dict[str, Any] | None = None,
 ) -> Config:
     """One upstream; `hosts` defaults to the upstream's own host:port; `budget` holds
-    StorageConfig fields (max_size, watermarks, max_age)."""
+    StorageConfig fields (max_size, watermarks, max_age); `upstream_fields` more
+    UpstreamConfig fields (timeouts, retries, ...)."""
     upstream = UpstreamConfig(
         name="upstream",
         url=upstream_url,
         hosts=hosts or default_hosts(upstream_url),
         default=True,
         tag_ttl=tag_ttl,
+        **(upstream_fields or {}),
     )
     return Config(
         listen=Listen("127.0.0.1", port),
@@ -68,7 +95,8 @@ def mirror_config(
 def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> Callable[..., object]:
     """Start the mirror in-process (built by `make_app`, as in production) for an upstream URL.
 
-    `await make_mirror(url, tag_ttl=..., storage=..., hosts=..., budget=...)` returns an aiohttp
+    `await make_mirror(url, tag_ttl=..., storage=..., hosts=..., budget=..., upstream=...)`
+    (`upstream`: more UpstreamConfig fields) returns an aiohttp
     TestClient whose `server.port` real clients such as skopeo can use.
     """
 
@@ -79,9 +107,15 @@ def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> Callable[..., 
         storage: Path | None = None,
         hosts: tuple[str, ...] | None = None,
         budget: dict[str, Any] | None = None,
+        upstream: dict[str, Any] | None = None,
     ) -> MirrorClient:
         config = mirror_config(
-            storage or tmp_path / "cache", upstream_url, tag_ttl, hosts=hosts, budget=budget
+            storage or tmp_path / "cache",
+            upstream_url,
+            tag_ttl,
+            hosts=hosts,
+            budget=budget,
+            upstream_fields=upstream,
         )
         return await aiohttp_client(make_app(config))
 

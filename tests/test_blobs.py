@@ -363,7 +363,8 @@ async def test_lying_content_length_is_never_served_complete_nor_cached(
 ) -> None:
     blob = upstream.add(make_blob(2 * MiB + 5))
     upstream.script = [liar]
-    client = await make_mirror(upstream.url, storage=storage)
+    # Without resumption (test_faults.py resumes a cut body).
+    client = await make_mirror(upstream.url, storage=storage, upstream={"retries": 0})
 
     async with asyncio.timeout(PULL_TIMEOUT), client.get(blob.path) as resp:
         received = bytearray()
@@ -656,8 +657,8 @@ async def test_upstream_error_statuses_are_mapped(
     expected_code: str,
 ) -> None:
     blob = upstream.add(make_blob(1000))
-    upstream.script = [answer_status(status, headers)]
-    client = await make_mirror(upstream.url, storage=storage)
+    upstream.script = [answer_status(status, headers)]  # once: retries would hide it
+    client = await make_mirror(upstream.url, storage=storage, upstream={"retries": 0})
 
     answer = await pull(client, blob.path)
     assert answer.status == expected_status

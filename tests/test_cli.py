@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 
 
-def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check-config", str(REPO / "config" / "mirror.yaml")]) == 0
+def test_check_config_ok(documented_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(documented_config)]) == 0
     assert "OK" in capsys.readouterr().out
 
 

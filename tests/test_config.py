@@ -12,6 +12,7 @@ from mirror.config import (
     DOCKER_HUB,
     DOCKER_HUB_URL,
     Config,
+    Limits,
     Listen,
     config_from_dict,
     load_config,
@@ -37,13 +38,15 @@ def test_embedded_default_needs_no_file() -> None:
     assert upstream.hosts == ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
-def test_shipped_configs_load() -> None:
-    documented = load_config(REPO / "config" / "mirror.yaml")
+def test_shipped_configs_load(documented_config: Path) -> None:
+    documented = load_config(documented_config)
     # The documented example spells out the defaults, then adds ECR and GHCR.
     defaults = Config()
     assert (documented.listen, documented.storage) == (defaults.listen, defaults.storage)
     hub, ecr, ghcr = documented.upstreams
     assert hub == DOCKER_HUB == defaults.default_upstream
+    assert (hub.access, ecr.access, ghcr.access) == ("public", "authenticated", "public")
+    assert documented.auth.htpasswd is not None and documented.limits == Limits()
     assert (ecr.prefix, ecr.auth.type, ecr.auth.region, ecr.auth.registry_id) == (
         "ecr",
         "ecr",
@@ -53,6 +56,12 @@ def test_shipped_configs_load() -> None:
     assert (ghcr.prefix, ghcr.hosts, ghcr.auth.type) == ("ghcr", ("ghcr.io",), "anonymous")
     minimal = load_config(REPO / "config" / "minimal.yaml")
     assert minimal.storage.max_size == 50 * 1024**3
+
+
+def test_documented_config_needs_its_htpasswd_file() -> None:
+    # /etc/mirror/htpasswd does not exist here: the error names the key and the file.
+    with pytest.raises(ConfigError, match=r"^auth.htpasswd: cannot read /etc/mirror/htpasswd"):
+        load_config(REPO / "config" / "mirror.yaml")
 
 
 def test_config_is_frozen() -> None:

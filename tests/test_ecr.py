@@ -165,6 +165,7 @@ async def test_missing_aws_credentials_fail_only_that_upstream(
                     "url": registry.url,
                     "prefix": "ecr",
                     "auth": {"type": "ecr", "region": "us-east-1", "registry_id": REGISTRY_ID},
+                    "access": "public",
                 },
             ],
         }

@@ -18,6 +18,7 @@ CONFIG = config_from_dict(
                 "url": "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com",
                 "prefix": "ecr",
                 "auth": {"type": "ecr"},
+                "access": "public",
             },
             {"name": "deep", "url": "http://127.0.0.1:5001", "prefix": "ecr/deep"},
             {"name": "quay", "url": "https://quay.io", "hosts": ["quay.io", "Mirror.Example:8443"]},

@@ -11,14 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve
 from pytest_aiohttp import AiohttpServer
 
-from mirror.upstream import client
+from mirror.config import Timeouts
 
 MirrorClient = TestClient[web.Request, web.Application]
 MakeMirror = Callable[..., Awaitable[MirrorClient]]
@@ -100,13 +99,11 @@ async def test_cached_tag_is_served_stale_when_upstream_fails(
     monkeypatch: pytest.MonkeyPatch,
     outage: Outage,
 ) -> None:
-    monkeypatch.setattr(
-        client, "TIMEOUT", aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=0.5)
-    )
     body = manifest_bytes("x")
     digest = registry.put_manifest("library/x", "latest", body)
     registry.put_manifest("library/x", "other", manifest_bytes("other"))
-    mirror = await make_mirror(registry.url, tag_ttl=0)
+    fast = Timeouts(connect=2, first_byte=0.5, idle=0.5)
+    mirror = await make_mirror(registry.url, tag_ttl=0, upstream={"timeouts": fast})
 
     fresh = await fetch(mirror, TAG)
     assert fresh == Served(200, digest, OCI_MANIFEST, len(body), body)

@@ -17,7 +17,7 @@ from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
-from mirror.config import AuthConfig, UpstreamConfig
+from mirror.config import AuthConfig, Timeouts, UpstreamConfig
 from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from mirror.upstream import auth
 from mirror.upstream.auth import (
@@ -226,7 +226,7 @@ async def test_credentials_go_to_a_realm_on_the_upstreams_host(
     assert [t.authorization for t in hub.token_requests] == [basic("alice", PASSWORD)]
 
 
-async def test_credentials_withheld_from_a_realm_on_another_site(
+async def test_a_realm_on_another_site_is_not_contacted(
     hub: FakeRegistry, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The same server, but the challenge names it `localhost` while the upstream is
@@ -234,11 +234,29 @@ async def test_credentials_withheld_from_a_realm_on_another_site(
     hub.realm_host = "localhost"
     monkeypatch.setenv("FAKE_UPSTREAM_PASSWORD", PASSWORD)
     upstream = upstream_for(hub.url, session, username="alice")
-    manifest = await upstream.get_manifest("library/x", "latest", ACCEPT)
+    with pytest.raises(UpstreamError, match=r"token realm localhost.*allowed_realms"):
+        await upstream.get_manifest("library/x", "latest", ACCEPT)
+    assert hub.token_requests == []
+
+
+@pytest.mark.parametrize("listed", ["localhost", "localhost:{port}"])
+async def test_a_realm_listed_in_allowed_realms_is_trusted(
+    hub: FakeRegistry, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, listed: str
+) -> None:
+    hub.realm_host = "localhost"
+    monkeypatch.setenv("FAKE_UPSTREAM_PASSWORD", PASSWORD)
+    config = UpstreamConfig(
+        name="fake",
+        url=hub.url,
+        default=True,
+        auth=AuthConfig("basic", username="alice", password_env="FAKE_UPSTREAM_PASSWORD"),
+        allowed_realms=(listed.format(port=hub.port),),
+    )
+    manifest = await Upstream(config, session).get_manifest("library/x", "latest", ACCEPT)
     assert manifest.body == manifest_bytes("x")
     [token_request] = hub.token_requests
     assert token_request.headers["Host"].startswith("localhost:")
-    assert token_request.authorization is None
+    assert token_request.authorization == basic("alice", PASSWORD)
 
 
 @pytest.mark.parametrize(
@@ -363,11 +381,13 @@ async def test_token_service_unreachable(
 async def test_token_service_that_never_answers_times_out(
     hub: FakeRegistry, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        auth, "TOKEN_TIMEOUT", aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=0.3)
-    )
     hub.token_delay = 5.0
-    upstream = upstream_for(hub.url, session)
+    upstream = Upstream(
+        UpstreamConfig(
+            name="fake", url=hub.url, default=True, timeouts=Timeouts(first_byte=2, idle=0.3)
+        ),
+        session,
+    )
     with pytest.raises(UpstreamTimeout) as caught:
         await upstream.get_manifest("library/x", "latest", ACCEPT)
     assert caught.value.status == 504

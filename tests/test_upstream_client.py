@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,7 +32,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirror import config as mirror_config
 from mirror.app import make_app
-from mirror.config import UpstreamConfig
+from mirror.config import Timeouts, UpstreamConfig
 from mirror.errors import (
     BlobUnknown,
     ConfigError,
@@ -42,12 +43,12 @@ from mirror.errors import (
     RegistryError,
     TooManyRequests,
     Unauthorized,
+    UpstreamCut,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from mirror.reference import parse_digest
-from mirror.upstream import client
 from mirror.upstream.client import MAX_MANIFEST_SIZE, MAX_REDIRECTS, Upstream
 
 MirrorClient = TestClient[web.Request, web.Application]
@@ -56,7 +57,7 @@ MakeMirror = Callable[..., Awaitable[MirrorClient]]
 ACCEPT = (OCI_MANIFEST,)
 PASSWORD = "s3cret-Pa55"
 MISSING = sha256(b"no such blob")
-FAST_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=2, sock_connect=2, sock_read=0.5)
+FAST = {"timeouts": Timeouts(connect=2, first_byte=0.5, idle=0.5)}
 
 
 @pytest.fixture
@@ -73,13 +74,8 @@ async def registry(aiohttp_server: AiohttpServer) -> AsyncIterator[FakeRegistry]
     fake.release.set()  # let hanging handlers end before the server closes
 
 
-@pytest.fixture
-def fast_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client, "TIMEOUT", FAST_TIMEOUT)
-
-
-def upstream_for(url: str, session: aiohttp.ClientSession) -> Upstream:
-    return Upstream(UpstreamConfig(name="fake", url=url, default=True), session)
+def upstream_for(url: str, session: aiohttp.ClientSession, **fields: Any) -> Upstream:
+    return Upstream(UpstreamConfig(name="fake", url=url, default=True, **fields), session)
 
 
 def basic(username: str, password: str) -> str:
@@ -278,7 +274,6 @@ async def call(upstream: Upstream, kind: str) -> None:
     ],
     ids=param_id,
 )
-@pytest.mark.usefixtures("fast_timeout")
 async def test_status_table(
     registry: FakeRegistry,
     session: aiohttp.ClientSession,
@@ -290,7 +285,7 @@ async def test_status_table(
 ) -> None:
     failure.apply(registry)
     with pytest.raises(RegistryError) as caught:
-        await call(upstream_for(registry.url, session), kind)
+        await call(upstream_for(registry.url, session, **FAST), kind)
     assert type(caught.value) is error
     assert (caught.value.code, caught.value.status) == (code, status)
     if error is TooManyRequests:
@@ -316,7 +311,6 @@ async def test_connection_refused_is_unavailable(
     assert "unreachable" in caught.value.message
 
 
-@pytest.mark.usefixtures("fast_timeout")
 async def test_blob_that_stops_mid_body_times_out(
     registry: FakeRegistry, session: aiohttp.ClientSession
 ) -> None:
@@ -324,8 +318,8 @@ async def test_blob_that_stops_mid_body_times_out(
     digest = registry.put_blob(data)
     registry.stall_blobs = True
     received = b""
-    with pytest.raises(UpstreamTimeout):
-        async with upstream_for(registry.url, session).blob(
+    with pytest.raises(UpstreamCut):
+        async with upstream_for(registry.url, session, **FAST).blob(
             "library/x", parse_digest(digest)
         ) as body:
             assert body.length == len(data)
@@ -421,7 +415,6 @@ async def expect_oci_error(
     ],
     ids=param_id,
 )
-@pytest.mark.usefixtures("fast_timeout")
 async def test_mirror_answers_upstream_failures_as_oci_errors(
     make_mirror: MakeMirror,
     registry: FakeRegistry,
@@ -431,7 +424,7 @@ async def test_mirror_answers_upstream_failures_as_oci_errors(
     code: str,
 ) -> None:
     failure.apply(registry)
-    mirror = await make_mirror(registry.url)
+    mirror = await make_mirror(registry.url, upstream=FAST)
     async with mirror.get(PATHS[kind], headers={"Accept": OCI_MANIFEST}) as response:
         await expect_oci_error(response, status, code)
         if status == 429:
@@ -465,14 +458,13 @@ async def test_mirror_refuses_an_oversized_manifest(
         await expect_oci_error(response, 400, "MANIFEST_INVALID")
 
 
-@pytest.mark.usefixtures("fast_timeout")
 async def test_mirror_cuts_a_blob_whose_upstream_stalls(
     make_mirror: MakeMirror, registry: FakeRegistry
 ) -> None:
     data = os.urandom(512 * 1024)
     digest = registry.put_blob(data)
     registry.stall_blobs = True
-    mirror = await make_mirror(registry.url)
+    mirror = await make_mirror(registry.url, upstream=FAST)
     async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
         assert response.status == 200  # headers were sent before the upstream stalled
         with pytest.raises(aiohttp.ClientPayloadError):

@@ -6,25 +6,35 @@ the upstream body into a temp file while hashing it, and every request for that 
 client that goes away stops only its own reader. The last byte of any answer is held back
 until the whole blob is verified, so a client that received everything has received the
 right bytes, and a failed download cuts every reader short.
+
+An upstream connection that breaks mid-body is resumed with a Range request (or, when the
+upstream ignores the Range, received again from the start with the bytes already written
+skipped), `retries` times at most. When the disk fills up, the download carries on as a
+pass-through: readers get the rest from memory, and nothing is cached.
+
+A blob fetched through an `authenticated` upstream is private (see `Index.mark_private`):
+a request routed to a public upstream does not see it in the cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.errors import RegistryError, UpstreamError
+from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.eviction import Evictor
 from mirror.metrics import Metrics
 from mirror.reference import ByteRange, Digest
 from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch
 from mirror.storage.index import Index
-from mirror.upstream.client import Upstream
+from mirror.upstream.client import Upstream, UpstreamBlob
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,7 @@ Hold = contextlib.AbstractContextManager[None]  # a digest held in use while it 
 READ_CHUNK = 256 * 1024
 PASSTHROUGH_WINDOW = 4 * 1024 * 1024  # bytes kept in memory for readers of an uncached blob
 GROWTH_STEP = 16 * 1024 * 1024  # reserved at a time for a blob of undeclared length
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -79,18 +90,31 @@ class Fetch:
         return len(self._positions)
 
     def pass_through(self) -> None:
-        """No room in the cache: keep bytes in memory only until every reader has them."""
+        """No room in the cache: from here on (the start, or where the disk filled up)
+        keep bytes in memory only until every reader has them."""
         self.window = bytearray()
-        self.writer.close()
+        self._window_start = self._received = self.writer.written
+        self._hash = self.writer.hasher()
+        self.writer.close()  # readers' descriptors keep what was written readable
 
-    def append(self, chunk: bytes) -> None:
+    def append(self, chunk: bytes) -> bool:
+        """True when the disk filled up with this chunk and the fetch now passes through."""
+        filled = False
         if self.window is None:
-            self.writer.write(chunk)
-        else:
+            before = self.writer.written
+            try:
+                self.writer.write(chunk)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL:
+                    raise
+                self.pass_through()
+                chunk, filled = chunk[self.writer.written - before :], True
+        if self.window is not None:
             self.window += chunk
             self._hash.update(chunk)
             self._received += len(chunk)
         self.notify()
+        return filled
 
     def check(self) -> None:
         """Pass-through: whether what went by hashes to the digest, with the declared length."""
@@ -115,6 +139,8 @@ class Fetch:
     def read(self, fd: int, size: int, offset: int) -> bytes:
         if self.window is None:
             return os.pread(fd, size, offset)
+        if offset < self._window_start:  # written before the disk filled up
+            return os.pread(fd, min(size, self._window_start - offset), offset)
         start = offset - self._window_start
         return bytes(self.window[start : start + size])
 
@@ -221,13 +247,17 @@ class BlobProxy:
         # Per upstream: a download failing on one upstream never cuts another's clients.
         self._fetches: dict[tuple[str, Digest], Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._disk_full = False  # logged once, until a blob is stored again
 
     def hold(self, digest: Digest) -> Hold:
         """Keep the evictor off `digest` while a response reads it."""
         return self.evictor.in_use.hold(digest)
 
-    def local(self, digest: Digest) -> CachedBlob | None:
-        """The cached blob, recording the use; None on a miss. Call it under `hold`."""
+    def local(self, upstream: Upstream, digest: Digest) -> CachedBlob | None:
+        """The cached blob, recording the use; None on a miss (or a private blob asked for
+        through a public upstream). Call it under `hold`."""
+        if self.index.hidden(digest, upstream.config.access):
+            return None
         size = self.store.size(digest)
         if size is None:
             return None
@@ -236,7 +266,7 @@ class BlobProxy:
 
     async def size(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
         """For HEAD: the size from the cache, a download under way, or the upstream."""
-        cached = self.local(digest)
+        cached = self.local(upstream, digest)
         if cached is not None:
             return cached.size
         fetch = self._fetches.get((upstream.name, digest))
@@ -273,8 +303,7 @@ class BlobProxy:
             if fetch.window is not None:
                 fetch.check()
             else:
-                await asyncio.to_thread(fetch.writer.commit, fetch.length)
-                await self.index.add_blob(fetch.digest, fetch.written)
+                await self._keep(fetch, upstream)
         except RegistryError as exc:
             error = exc
             if isinstance(exc, DigestMismatch):
@@ -301,22 +330,78 @@ class BlobProxy:
         if self._fetches.get((upstream.name, fetch.digest)) is fetch:
             del self._fetches[upstream.name, fetch.digest]
 
+    async def _keep(self, fetch: Fetch, upstream: Upstream) -> None:
+        """Verify and commit the file, and index it. Once verified, a failure to store it
+        leaves the readers' answers whole: the blob was served, only not cached."""
+        private = upstream.config.access == "authenticated"
+        try:
+            if private:  # before the file is in place, so a crash cannot leave it public
+                await self.index.mark_private(fetch.digest)
+            await asyncio.to_thread(fetch.writer.commit, fetch.length)
+            await self.index.add_blob(fetch.digest, fetch.written, public=not private)
+        except (OSError, sqlite3.Error) as exc:
+            if not fetch.writer.verified:
+                raise UpstreamError(f"could not store {fetch.digest}: {exc}") from exc
+            log.warning("%s was served but could not be cached: %s", fetch.digest, exc)
+            return
+        self._disk_full = False
+
     async def _receive(self, fetch: Fetch, upstream: Upstream, repository: str) -> None:
-        async with upstream.blob(repository, fetch.digest) as body:
-            fetch.length = body.length
-            await self._reserve(fetch, upstream, body.length or GROWTH_STEP)
-            fetch.started.set()
-            async for chunk in body.chunks():
-                await fetch.make_room()
-                if fetch.window is not None and not fetch.readers:
-                    raise UpstreamError("every client of an uncached download went away")
-                if fetch.window is None and fetch.written + len(chunk) > fetch.reserved:
-                    await self._grow(fetch)
-                fetch.append(chunk)
-                if fetch.length is not None and fetch.written > fetch.length:
-                    raise UpstreamError(
-                        f"upstream sent more than the {fetch.length} bytes it declared"
-                    )
+        """The whole body into `fetch`, resuming after a cut `retries` times at most."""
+        for attempt in range(upstream.config.retries + 1):
+            try:
+                async with upstream.blob(repository, fetch.digest, fetch.written) as body:
+                    await self._begin(fetch, upstream, body)
+                    skip = fetch.written - body.start  # sent again by a restart from 0
+                    async for chunk in body.chunks():
+                        if skip:
+                            dropped = min(skip, len(chunk))
+                            chunk, skip = chunk[dropped:], skip - dropped
+                        if chunk:
+                            await self._take(fetch, upstream, chunk)
+                return
+            except UpstreamCut as cut:
+                if attempt == upstream.config.retries or not fetch.started.is_set():
+                    raise
+                self.metrics.upstream_resumes.labels(upstream.name).inc()
+                log.info(
+                    "resuming %s from %s at byte %d: %s",
+                    fetch.digest,
+                    upstream.name,
+                    fetch.written,
+                    cut.message,
+                )
+
+    async def _begin(self, fetch: Fetch, upstream: Upstream, body: UpstreamBlob) -> None:
+        if fetch.started.is_set():  # a resumption: it must be the same blob
+            if None not in (body.length, fetch.length) and body.length != fetch.length:
+                raise UpstreamError(
+                    f"upstream {upstream.name} now says {fetch.digest} has {body.length} bytes,"
+                    f" not {fetch.length}"
+                )
+            return
+        fetch.length = body.length
+        await self._reserve(fetch, upstream, body.length or GROWTH_STEP)
+        fetch.started.set()
+
+    async def _take(self, fetch: Fetch, upstream: Upstream, chunk: bytes) -> None:
+        await fetch.make_room()
+        if fetch.window is not None and not fetch.readers:
+            raise UpstreamError("every client of an uncached download went away")
+        if fetch.window is None and fetch.written + len(chunk) > fetch.reserved:
+            await self._grow(fetch)
+        if fetch.append(chunk):
+            self._forget(upstream, fetch)
+            self.metrics.disk_full.inc()
+            if not self._disk_full:
+                self._disk_full = True
+                log.warning(
+                    "disk full writing %s: it and any other blob that meets a full disk are"
+                    " served without caching (logged once, until a blob is stored again)",
+                    fetch.digest,
+                )
+        if fetch.length is not None and fetch.written > fetch.length:
+            raise UpstreamError(f"upstream sent more than the {fetch.length} bytes it declared")
 
     async def _reserve(self, fetch: Fetch, upstream: Upstream, size: int) -> None:
         if await self.evictor.reserve(size):

@@ -66,7 +66,7 @@ class ManifestProxy:
         It asks for every manifest type whatever this client accepts, since a digest names
         one content (distribution refuses an OCI manifest to an Accept without its type).
         """
-        cached = await self._local(digest)
+        cached = await self._local(upstream, digest)
         if cached is not None:
             return cached
         wanted = tuple(dict.fromkeys(accept + MANIFEST_TYPES))
@@ -95,7 +95,7 @@ class ManifestProxy:
         remote = await upstream.get_manifest(repository, str(digest), accept)
         assert remote.body is not None
         try:
-            return await self._store(remote.body, remote.media_type, digest)
+            return await self._store(upstream, remote.body, remote.media_type, digest)
         except DigestMismatch:
             self.metrics.digest_mismatches.labels(upstream.name).inc()
             raise
@@ -112,7 +112,7 @@ class ManifestProxy:
         """Fresh from cache within `tag_ttl`; else revalidated with a HEAD, which Docker Hub
         does not count, so a counted GET is made only for a digest not cached yet."""
         row = await self.index.tag(upstream.name, repository, tag)
-        cached = await self._local(parse_digest(row.digest)) if row else None
+        cached = await self._local(upstream, parse_digest(row.digest)) if row else None
         if cached is not None and not accepts(accept, cached.media_type):
             # This client wants another form of the tag than the one we keep: ask upstream,
             # without replacing what the tag row says for everyone else.
@@ -224,7 +224,7 @@ class ManifestProxy:
         remote = await upstream.get_manifest(repository, tag, accept or MANIFEST_TYPES)
         assert remote.body is not None
         digest = remote.digest or digest_of(remote.body)
-        manifest = await self._store(remote.body, remote.media_type, digest)
+        manifest = await self._store(upstream, remote.body, remote.media_type, digest)
         if record:
             await self._record(upstream, repository, tag, manifest)
         return manifest
@@ -236,7 +236,9 @@ class ManifestProxy:
             upstream.name, repository, tag, manifest.digest, manifest.media_type
         )
 
-    async def _store(self, body: bytes, media_type: str, digest: Digest) -> Manifest:
+    async def _store(
+        self, upstream: Upstream, body: bytes, media_type: str, digest: Digest
+    ) -> Manifest:
         """Verify and keep the exact bytes; the index row marks the blob as a manifest."""
         actual = digest_of(body, digest.algorithm)
         if actual != digest:
@@ -245,14 +247,20 @@ class ManifestProxy:
         if not await self.evictor.reserve(len(body)):
             self.evictor.passed_through(digest, len(body))
             return Manifest(body, media_type, digest)
+        private = upstream.config.access == "authenticated"
         try:
+            if private:  # see BlobProxy._keep
+                await self.index.mark_private(digest)
             await asyncio.to_thread(self.store.write, digest, body)
-            await self.index.add_blob(digest, len(body), media_type)
+            await self.index.add_blob(digest, len(body), media_type, public=not private)
         finally:
             self.evictor.release(len(body))
         return Manifest(body, media_type, digest)
 
-    async def _local(self, digest: Digest) -> Manifest | None:
+    async def _local(self, upstream: Upstream, digest: Digest) -> Manifest | None:
+        """The cached manifest; None on a miss, or when it is private and `upstream` public."""
+        if self.index.hidden(digest, upstream.config.access):
+            return None
         row = await self.index.blob(digest)
         if row is None or row.media_type is None:
             return None

@@ -7,6 +7,7 @@ place when digest and length match.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -100,11 +101,21 @@ class BlobWriter:
         self._file = os.fdopen(fd, "wb", buffering=0)
         self._hash = digest.hasher()
         self.written = 0
+        self.verified = False  # the bytes hash to the digest, with the expected length
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
-        self._hash.update(chunk)
-        self.written += len(chunk)
+        """All of `chunk`; on an OSError (a full disk) `written` still counts every byte
+        that did reach the file."""
+        view = memoryview(chunk)
+        while view:
+            count = self._file.write(view) or 0
+            self._hash.update(view[:count])
+            self.written += count
+            view = view[count:]
+
+    def hasher(self) -> hashlib._Hash:
+        """A copy of the hash of what was written so far."""
+        return self._hash.copy()
 
     def commit(self, expected_length: int | None) -> Path:
         """Verify, fsync and move into place; raises DigestMismatch and removes the temp file."""
@@ -117,6 +128,7 @@ class BlobWriter:
                 f"upstream sent {self.written} bytes hashing to {self.digest.algorithm}:{actual}"
                 f" for {self.digest} (expected length {expected_length}); not cached"
             )
+        self.verified = True
         os.fsync(self._file.fileno())
         self._file.close()
         final = self.store.path(self.digest)

@@ -1,15 +1,19 @@
 """The SQLite index of what is cached: blob sizes, media types, last use, and tags.
 
 Hits never wait on a write: `touch` records the access in memory and a background
-task flushes the batch at least every second and on close.
+task flushes the batch at least every second and on close. A write that meets another
+process's lock (`mirror gc`, say) past SQLite's busy timeout is tried again, and a batch
+of accesses that could not be written is kept for the next flush.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,10 +22,14 @@ import aiosqlite
 
 from mirror.reference import Digest
 
+log = logging.getLogger(__name__)
+
 INDEX_FILE = "index.db"  # under storage.path
 FLUSH_INTERVAL = 1.0
 WAL_PAGES = 64  # checkpoint the WAL at this many pages (of 4 KiB)...
 WAL_LIMIT = 512 * 1024  # ...and truncate it to this; the budget counts it at this size
+BUSY_TIMEOUT_MS = 5000  # SQLite waits this long for another writer's lock...
+WRITE_ATTEMPTS = 4  # ...and a write is tried this many times in all
 
 
 @dataclass(frozen=True)
@@ -66,18 +74,22 @@ class Index:
         self._db: aiosqlite.Connection | None = None
         self._accessed: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
+        # Digests of `private_blobs`, for hits that must not wait on a query.
+        self.private: set[str] = set()
 
     async def open(self) -> None:
         self._db = await aiosqlite.connect(self.path)
         await self._db.execute("PRAGMA journal_mode = WAL")
         await self._db.execute("PRAGMA synchronous = NORMAL")
-        await self._db.execute("PRAGMA busy_timeout = 5000")
+        await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # The WAL counts against the disk budget: keep it checkpointed and short.
         await self._db.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
         await self._db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
         schema = resources.files("mirror.storage").joinpath("schema.sql").read_text()
         await self._db.executescript(schema)
         await self._db.commit()
+        async with self._db.execute("SELECT digest FROM private_blobs") as cursor:
+            self.private = {row[0] async for row in cursor}
         self._flusher = asyncio.create_task(self._flush_periodically())
 
     async def close(self) -> None:
@@ -103,25 +115,64 @@ class Index:
             row = await cursor.fetchone()
         return None if row is None else BlobRow(str(digest), row[0], row[1])
 
-    async def add_blob(self, digest: Digest, size: int, media_type: str | None = None) -> None:
-        now = time.time()
-        await self.db.execute(
-            "INSERT INTO blobs (digest, size, media_type, created, last_access)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
-            " size = excluded.size, last_access = excluded.last_access,"
-            " media_type = coalesce(excluded.media_type, blobs.media_type)",
-            (str(digest), size, media_type, now, now),
-        )
-        await self.db.commit()
+    async def add_blob(
+        self, digest: Digest, size: int, media_type: str | None = None, *, public: bool = True
+    ) -> None:
+        """A complete blob; fetched through a public upstream, it is private no longer."""
+
+        async def write() -> None:
+            now = time.time()
+            await self.db.execute(
+                "INSERT INTO blobs (digest, size, media_type, created, last_access)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+                " size = excluded.size, last_access = excluded.last_access,"
+                " media_type = coalesce(excluded.media_type, blobs.media_type)",
+                (str(digest), size, media_type, now, now),
+            )
+            if public:
+                await self.db.execute("DELETE FROM private_blobs WHERE digest = ?", (str(digest),))
+            await self.db.commit()
+
+        await self._retrying(write)
+        if public:
+            self.private.discard(str(digest))
+
+    def hidden(self, digest: Digest, access: str) -> bool:
+        """Whether this is a private blob asked for through a `public` upstream."""
+        return access == "public" and str(digest) in self.private
+
+    async def mark_private(self, digest: Digest) -> None:
+        """Before a blob from an `authenticated` upstream is committed (so that a crash
+        cannot leave it public): private, unless it is cached as public already."""
+
+        async def write() -> None:
+            await self.db.execute(
+                "INSERT OR IGNORE INTO private_blobs (digest)"
+                " SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE digest = ?1)",
+                (str(digest),),
+            )
+            await self.db.commit()
+
+        await self._retrying(write)
+        async with self.db.execute(
+            "SELECT 1 FROM private_blobs WHERE digest = ?", (str(digest),)
+        ) as cursor:
+            if await cursor.fetchone() is not None:
+                self.private.add(str(digest))
 
     async def remove_blobs(self, digests: Iterable[str]) -> None:
         """Forget blobs, and the tags pointing at them (a later pull refetches those)."""
         rows = [(digest,) for digest in digests]
-        await self.db.executemany("DELETE FROM tags WHERE digest = ?", rows)
-        await self.db.executemany("DELETE FROM blobs WHERE digest = ?", rows)
-        await self.db.commit()
+
+        async def write() -> None:
+            await self.db.executemany("DELETE FROM tags WHERE digest = ?", rows)
+            await self.db.executemany("DELETE FROM blobs WHERE digest = ?", rows)
+            await self.db.commit()
+
+        await self._retrying(write)
         for (digest,) in rows:
             self._accessed.pop(digest, None)
+            self.private.discard(digest)
 
     async def adopt_blobs(self, found: Iterable[tuple[str, int, float]]) -> None:
         """Rows for complete files found without one: (digest, size, last use)."""
@@ -199,11 +250,33 @@ class Index:
         if not self._accessed:
             return
         batch, self._accessed = self._accessed, {}
-        await self.db.executemany(
-            "UPDATE blobs SET last_access = max(last_access, ?) WHERE digest = ?",
-            [(when, digest) for digest, when in batch.items()],
-        )
-        await self.db.commit()
+
+        async def write() -> None:
+            await self.db.executemany(
+                "UPDATE blobs SET last_access = max(last_access, ?) WHERE digest = ?",
+                [(when, digest) for digest, when in batch.items()],
+            )
+            await self.db.commit()
+
+        try:
+            await self._retrying(write)
+        except sqlite3.OperationalError:
+            for digest, when in batch.items():  # kept for the next flush, never lost
+                self._accessed[digest] = max(when, self._accessed.get(digest, 0.0))
+            raise
+
+    async def _retrying(self, write: Callable[[], Awaitable[None]]) -> None:
+        """`write` (one transaction), again while the database stays locked by another."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                await write()
+                return
+            except sqlite3.OperationalError as exc:
+                await self.db.rollback()
+                if not _locked(exc) or attempt == WRITE_ATTEMPTS:
+                    raise
+                log.warning("index is locked by another process (%s); trying again", exc)
+                await asyncio.sleep(0.05 * 2**attempt)
 
     async def tag(self, upstream: str, repository: str, tag: str) -> TagRow | None:
         async with self.db.execute(
@@ -218,15 +291,27 @@ class Index:
         self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str
     ) -> None:
         """Record what the tag points to, as checked with the upstream just now."""
-        await self.db.execute(
-            "INSERT OR REPLACE INTO tags"
-            " (upstream, repository, tag, digest, media_type, checked_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (upstream, repository, tag, str(digest), media_type, time.time()),
-        )
-        await self.db.commit()
+
+        async def write() -> None:
+            await self.db.execute(
+                "INSERT OR REPLACE INTO tags"
+                " (upstream, repository, tag, digest, media_type, checked_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (upstream, repository, tag, str(digest), media_type, time.time()),
+            )
+            await self.db.commit()
+
+        await self._retrying(write)
 
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            await self.flush()
+            try:
+                await self.flush()
+            except sqlite3.OperationalError as exc:
+                log.warning("could not record blob accesses yet: %s", exc)
+
+
+def _locked(error: sqlite3.OperationalError) -> bool:
+    name = getattr(error, "sqlite_errorname", "")
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(error)

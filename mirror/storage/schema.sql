@@ -44,4 +44,11 @@ CREATE TABLE IF NOT EXISTS tags (
 );
 CREATE INDEX IF NOT EXISTS tags_digest ON tags (digest);
 
-PRAGMA user_version = 2;
+-- Blobs fetched only through `authenticated` upstreams: never served through a public
+-- one (a public upstream's own copy is fetched instead, which makes the blob public).
+CREATE TABLE IF NOT EXISTS private_blobs (digest TEXT PRIMARY KEY);
+CREATE TRIGGER IF NOT EXISTS private_blobs_removed AFTER DELETE ON blobs BEGIN
+    DELETE FROM private_blobs WHERE digest = old.digest;
+END;
+
+PRAGMA user_version = 3;

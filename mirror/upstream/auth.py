@@ -2,7 +2,8 @@
 
 Tokens are cached per upstream (each upstream has its own `Authenticator`) and per
 scope, and fetched once under a lock however many requests meet the same challenge.
-Credentials go to a token realm only when it is on the upstream's own domain.
+A token realm is contacted only when it is on the upstream's own registrable domain or
+listed in the upstream's `allowed_realms`; the credentials go only to such a realm.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from mirror.upstream.credentials import CredentialSource
 DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
 EXPIRY_MARGIN = 10.0  # renew a little early so a token never expires in flight
 MAX_TOKEN_RESPONSE = 64 * 1024
-TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
 
 _PARAM = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
 _ESCAPED = re.compile(r"\\(.)")
@@ -88,11 +88,15 @@ class Authenticator:
         upstream_url: URL,
         credentials: CredentialSource | None,
         session: aiohttp.ClientSession,
+        allowed_realms: tuple[str, ...] = (),
+        timeout: aiohttp.ClientTimeout | None = None,
     ) -> None:
         self.upstream_name = upstream_name
         self.upstream_url = upstream_url
         self.credentials = credentials
         self.session = session
+        self.allowed_realms = allowed_realms
+        self.timeout = timeout or aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
         self._tokens: dict[str, _Token] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -132,16 +136,28 @@ class Authenticator:
         renewed = await self.credentials.renew(current)
         return renewed.basic() if renewed is not None else None
 
+    def allows_realm(self, realm: URL) -> bool:
+        """Whether this token realm may be contacted at all: on the upstream's site, or
+        listed (as host or host:port) in `allowed_realms`."""
+        host = (realm.host or "").lower()
+        listed = host in self.allowed_realms or f"{host}:{realm.port}" in self.allowed_realms
+        return listed or same_site(realm, self.upstream_url)
+
     def trusts_realm(self, realm: URL) -> bool:
-        """Whether the upstream's credentials may go to this token realm: on its site, and
-        not from https down to plain http."""
+        """Whether the upstream's credentials may go to this token realm: an allowed one,
+        and not from https down to plain http."""
         downgrade = realm.scheme == "http" and self.upstream_url.scheme == "https"
-        return same_site(realm, self.upstream_url) and not downgrade
+        return self.allows_realm(realm) and not downgrade
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
         realm = URL(challenge.params["realm"])
         if realm.scheme not in ("http", "https") or not realm.host:
             raise UpstreamError(f"upstream {self.upstream_name} names an invalid token realm")
+        if not self.allows_realm(realm):
+            raise UpstreamError(
+                f"upstream {self.upstream_name} names token realm {realm.host}, which is not on"
+                " its domain; not contacted (list it under allowed_realms to allow it)"
+            )
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope", scope)
         headers = {}
@@ -152,7 +168,7 @@ class Authenticator:
                 realm.update_query({k: v for k, v in query.items() if v}),
                 headers=headers,
                 allow_redirects=False,
-                timeout=TOKEN_TIMEOUT,
+                timeout=self.timeout,
             ) as response:
                 body = await read_at_most(response.content, MAX_TOKEN_RESPONSE)
                 status = response.status

@@ -6,8 +6,10 @@ Every upstream answer that is not a success becomes one of our `RegistryError`s 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from mirror.config import UpstreamConfig
 from mirror.errors import (
     STALE_SERVABLE,
     BlobUnknown,
+    Busy,
     Denied,
     ManifestInvalid,
     ManifestUnknown,
@@ -28,6 +31,7 @@ from mirror.errors import (
     RegistryError,
     TooManyRequests,
     Unauthorized,
+    UpstreamCut,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -44,8 +48,9 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 MAX_LISTING_SIZE = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
 CHUNK_SIZE = 256 * 1024
-TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
+RETRY_BACKOFF = 0.05  # seconds before the first retry; doubled for each one after
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_RETRIED_STATUSES = frozenset({500, 502, 503, 504})
 _UNKNOWN = {"manifest": ManifestUnknown, "blob": BlobUnknown, "repository": NameUnknown}
 
 
@@ -68,12 +73,18 @@ class UpstreamListing:
 
 
 class UpstreamBlob:
-    """An upstream blob body being received, in bounded chunks."""
+    """An upstream blob body being received, in bounded chunks, from byte `start` on.
 
-    def __init__(self, response: aiohttp.ClientResponse, received: Counter) -> None:
+    `length` is the whole blob's, when the upstream declared it.
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse, received: Counter, offset: int) -> None:
         self._response = response
         self._received = received
+        self.start = 0
         self.length = response.content_length
+        if response.status == 206:
+            self.start, self.length = _content_range(response, offset)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -81,9 +92,19 @@ class UpstreamBlob:
                 self._received.inc(len(chunk))
                 yield chunk
         except TimeoutError as exc:
-            raise UpstreamTimeout("upstream stopped sending the blob") from exc
+            raise UpstreamCut("upstream stopped sending the blob") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream connection failed mid-blob: {exc}") from exc
+            raise UpstreamCut(f"upstream connection failed mid-blob: {exc}") from exc
+
+
+def _content_range(response: aiohttp.ClientResponse, offset: int) -> tuple[int, int | None]:
+    """(first byte, whole length) of a 206 to `Range: bytes=<offset>-`."""
+    unit, _, rest = response.headers.get("Content-Range", "").partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, _ = span.partition("-")
+    if unit != "bytes" or not first.isdigit() or int(first) != offset:
+        raise UpstreamError(f"upstream answered a range from {offset} with {rest or 'nothing'}")
+    return offset, int(total) if total.isdigit() else None
 
 
 class Upstream:
@@ -103,9 +124,23 @@ class Upstream:
         self.metrics.add_upstream(config.name)
         self._received = self.metrics.upstream_bytes.labels(config.name)
         self.credentials = credential_source(config)
-        self.auth = Authenticator(config.name, self.url, self.credentials, session)
+        limits = config.timeouts
+        # Between reads; the wait for the answer's headers is bounded by first_byte.
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=limits.connect, sock_read=limits.idle
+        )
+        self.auth = Authenticator(
+            config.name,
+            self.url,
+            self.credentials,
+            session,
+            config.allowed_realms,
+            self.timeout,
+        )
         self.ratelimit = RateLimit(config.name, config.ratelimit_reserve)
         self.failing = False
+        self._slots = asyncio.Semaphore(config.max_fetches)
+        self._queued = 0
 
     async def close(self) -> None:
         if self.credentials is not None:
@@ -158,10 +193,14 @@ class Upstream:
             return resp.content_length
 
     @asynccontextmanager
-    async def blob(self, repository: str, digest: Digest) -> AsyncIterator[UpstreamBlob]:
+    async def blob(
+        self, repository: str, digest: Digest, offset: int = 0
+    ) -> AsyncIterator[UpstreamBlob]:
+        """The blob's body, from `offset` when the upstream honours a Range (see `start`)."""
         path = f"/v2/{repository}/blobs/{digest}"
-        async with self._request("GET", path, repository, "blob") as resp:
-            yield UpstreamBlob(resp, self._received)
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        async with self._request("GET", path, repository, "blob", headers) as resp:
+            yield UpstreamBlob(resp, self._received, offset)
 
     async def listing(
         self, repository: str, path: str, query: Mapping[str, str]
@@ -186,47 +225,91 @@ class Upstream:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send, answering one auth challenge; yields only successful responses."""
-        scope = f"repository:{repository}:pull"
+        """Send, answering one auth challenge and retrying server errors; yields only
+        successful responses. It holds one of the upstream's fetch slots throughout."""
         url = self.url.with_path(path).with_query(params or {})
-        try:
-            authorization = await self.auth.header(scope)
-            response = await self._follow(method, url, headers, authorization)
-            if response.status == 401:
-                challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
-                retry = (
-                    await self.auth.answer(challenge, scope, authorization) if challenge else None
-                )
-                if retry is not None:
-                    response.release()
-                    response = await self._follow(method, url, headers, retry)
+        async with self._slot():
             try:
-                if kind == "manifest" or response.status == 429:
-                    self.ratelimit.observe(response.headers, response.status)
-                self._raise_for_status(response, kind, f"{method} {path}")
-                self._answering()
-                yield response
-            finally:
+                response = await self._send_retrying(method, url, repository, headers)
+                try:
+                    if kind == "manifest" or response.status == 429:
+                        self.ratelimit.observe(response.headers, response.status)
+                    self._raise_for_status(response, kind, f"{method} {path}")
+                    self._answering()
+                    yield response
+                finally:
+                    response.release()
+            except STALE_SERVABLE as error:
+                self._failing(error)
+                raise
+            except RegistryError:
+                raise
+            except TimeoutError as exc:
+                raise self._failing(
+                    UpstreamTimeout(f"upstream {self.name} did not answer {method} {path} in time")
+                ) from exc
+            except aiohttp.ClientConnectorError as exc:
+                raise self._failing(
+                    UpstreamUnavailable(
+                        f"upstream {self.name} ({self.url.host}) is unreachable: {exc.os_error}"
+                    )
+                ) from exc
+            except aiohttp.ClientError as exc:
+                raise self._failing(
+                    UpstreamUnavailable(f"upstream {self.name} failed {method} {path}: {exc!r}")
+                ) from exc
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of `max_fetches` at a time; past `max_queued` waiting, Busy (503)."""
+        if self._slots.locked() and self._queued >= self.config.max_queued:
+            raise Busy(
+                f"upstream {self.name} has {self.config.max_fetches} requests under way and"
+                f" {self._queued} waiting; try again shortly"
+            )
+        self._queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _send_retrying(
+        self, method: str, url: URL, repository: str, headers: Mapping[str, str] | None
+    ) -> aiohttp.ClientResponse:
+        """Every request we make is a GET or HEAD: idempotent, so a 5xx or a failed
+        connection is tried again, `retries` times, after a growing pause."""
+        for attempt in range(self.config.retries + 1):
+            last = attempt == self.config.retries
+            try:
+                response = await self._send(method, url, repository, headers)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+                if last:
+                    raise
+            else:
+                if response.status not in _RETRIED_STATUSES or last:
+                    return response
                 response.release()
-        except STALE_SERVABLE as error:
-            self._failing(error)
-            raise
-        except RegistryError:
-            raise
-        except TimeoutError as exc:
-            raise self._failing(
-                UpstreamTimeout(f"upstream {self.name} did not answer {method} {path} in time")
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise self._failing(
-                UpstreamUnavailable(
-                    f"upstream {self.name} ({self.url.host}) is unreachable: {exc.os_error}"
-                )
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise self._failing(
-                UpstreamUnavailable(f"upstream {self.name} failed {method} {path}: {exc!r}")
-            ) from exc
+            await asyncio.sleep(RETRY_BACKOFF * 2**attempt * random.uniform(1, 1.5))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _send(
+        self, method: str, url: URL, repository: str, headers: Mapping[str, str] | None
+    ) -> aiohttp.ClientResponse:
+        """One request, answering one auth challenge."""
+        scope = f"repository:{repository}:pull"
+        authorization = await self.auth.header(scope)
+        response = await self._follow(method, url, headers, authorization)
+        if response.status == 401:
+            challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
+            retry = await self.auth.answer(challenge, scope, authorization) if challenge else None
+            if retry is not None:
+                response.release()
+                response = await self._follow(method, url, headers, retry)
+        return response
 
     def _failing(self, error: RegistryError) -> RegistryError:
         """Log an outage once, when it begins, however many requests meet it."""
@@ -257,9 +340,10 @@ class Upstream:
             send["Authorization"] = authorization
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                response = await self.session.request(
-                    method, url, headers=send, allow_redirects=False, timeout=TIMEOUT
-                )
+                async with asyncio.timeout(self.config.timeouts.first_byte):
+                    response = await self.session.request(
+                        method, url, headers=send, allow_redirects=False, timeout=self.timeout
+                    )
             except (TimeoutError, aiohttp.ClientError):
                 self.metrics.upstream_requests.labels(self.name, method, "error").inc()
                 raise

@@ -16,7 +16,14 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import Counter
 from yarl import URL
 
-from mirror.errors import BlobUnknown, PaginationInvalid, RegistryError, Unsupported
+from mirror.access import Gate
+from mirror.errors import (
+    BlobUnknown,
+    LoginRequired,
+    PaginationInvalid,
+    RegistryError,
+    Unsupported,
+)
 from mirror.logs import CACHE_RESULT, UPSTREAM_NAME
 from mirror.proxy.blobs import BlobProxy, BlobReader, Hold
 from mirror.proxy.manifests import ManifestProxy
@@ -35,6 +42,7 @@ from mirror.web.middleware import METRICS
 
 log = logging.getLogger(__name__)
 
+GATE = web.AppKey("gate", Gate)
 BLOBS = web.AppKey("blobs", BlobProxy)
 MANIFESTS = web.AppKey("manifests", ManifestProxy)
 ROUTER = web.AppKey("router", Router)
@@ -56,14 +64,21 @@ def add_routes(app: web.Application) -> None:
     app.on_response_prepare.append(_echo_namespace)
 
 
-def _upstream(request: web.Request) -> tuple[Upstream, str]:
-    """The upstream this request is for, and the repository's name there."""
+async def _upstream(request: web.Request) -> tuple[Upstream, str]:
+    """The upstream this request is for, and the repository's name there; for an
+    `authenticated` upstream, only with a login to the mirror."""
     name = validate_name(request.match_info["name"])
     route = request.app[ROUTER].route(name, request.query.get("ns"))
     if route.namespace is not None:
         request[NAMESPACE] = route.namespace
     request[UPSTREAM_NAME] = route.upstream.name
+    if route.upstream.access == "authenticated":
+        await _login(request)
     return request.app[UPSTREAMS][route.upstream.name], route.repository
+
+
+async def _login(request: web.Request) -> None:
+    await request.app[GATE].require(request.headers.get("Authorization"), request.remote or "")
 
 
 async def _echo_namespace(request: web.Request, response: web.StreamResponse) -> None:
@@ -73,11 +88,21 @@ async def _echo_namespace(request: web.Request, response: web.StreamResponse) ->
 
 
 async def ping(request: web.Request) -> web.Response:
-    return web.json_response({})
+    """With logins on, the Basic challenge goes out with a 200 as long as anonymous
+    clients may pull something: podman and skopeo take a challenge from any answer to the
+    ping and then send their credentials, while dockerd, without credentials for the
+    mirror, would give up on a 401 and fetch from Docker Hub itself."""
+    gate = request.app[GATE]
+    if not gate.enabled:
+        return web.json_response({})
+    anyone = any(u.access == "public" for u in request.app[ROUTER].upstreams)
+    if not anyone or not gate.anonymous(request.headers.get("Authorization")):
+        await _login(request)
+    return web.json_response({}, headers=LoginRequired("").headers())
 
 
 async def manifest(request: web.Request) -> web.Response:
-    upstream, name = _upstream(request)
+    upstream, name = await _upstream(request)
     reference = parse_reference(request.match_info["reference"])
     accept = parse_accept(request.headers.getall("Accept", ()))
     proxy = request.app[MANIFESTS]
@@ -102,12 +127,12 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    upstream, name = _upstream(request)
+    upstream, name = await _upstream(request)
     digest = parse_digest(request.match_info["digest"])
     proxy = request.app[BLOBS]
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
     metrics = request.app[METRICS]
-    cached = _cached_response(request, proxy, digest, headers)
+    cached = _cached_response(request, upstream, digest, headers)
     if cached is not None:
         metrics.cache_requests.labels("blob", "hit").inc()
         request[CACHE_RESULT] = "hit"
@@ -126,7 +151,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
             return await _stream(request, reader, length, headers)
         # A range of a blob of undeclared length: answerable once it is complete.
         await reader.fetch.wait_done()
-    cached = _cached_response(request, proxy, digest, headers)
+    cached = _cached_response(request, upstream, digest, headers)
     if cached is None:
         raise BlobUnknown(f"blob {digest} vanished from the cache")
     return cached
@@ -152,11 +177,12 @@ class _HeldFileResponse(web.FileResponse):
 
 
 def _cached_response(
-    request: web.Request, proxy: BlobProxy, digest: Digest, headers: dict[str, str]
+    request: web.Request, upstream: Upstream, digest: Digest, headers: dict[str, str]
 ) -> web.FileResponse | None:
+    proxy = request.app[BLOBS]
     hold = proxy.hold(digest)
     hold.__enter__()
-    cached = proxy.local(digest)
+    cached = proxy.local(upstream, digest)
     if cached is None:
         hold.__exit__(None, None, None)
         return None
@@ -201,7 +227,7 @@ async def _stream(
 
 
 async def tags(request: web.Request) -> web.Response:
-    upstream, name = _upstream(request)
+    upstream, name = await _upstream(request)
     query = {key: request.query[key] for key in ("n", "last") if key in request.query}
     if "n" in query and not query["n"].isdigit():
         raise PaginationInvalid(f"invalid n={query['n']!r}: must be a non-negative number")
@@ -226,7 +252,7 @@ def _client_link(link: str, request: web.Request) -> str:
 
 
 async def referrers(request: web.Request) -> web.Response:
-    upstream, name = _upstream(request)
+    upstream, name = await _upstream(request)
     digest = parse_digest(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
     body = await request.app[MANIFESTS].referrers(upstream, name, digest, artifact_type)

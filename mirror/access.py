@@ -1,0 +1,127 @@
+"""Who may pull through which upstream: Basic credentials checked against an htpasswd file.
+
+Anonymous stays the default: dockerd sends its Docker Hub credentials to a mirror, so on a
+`public` upstream credentials are never looked at. An `authenticated` upstream needs a user
+of the htpasswd file (bcrypt entries, as `htpasswd -B` writes them). Checks are cached,
+since bcrypt is slow on purpose, and failed logins are limited per client address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+
+import bcrypt
+
+from mirror.errors import ConfigError, LoginRequired, TooManyRequests
+
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+MAX_FAILURES = 5  # failed logins from one address within FAILURE_WINDOW...
+FAILURE_WINDOW = 60.0  # ...after which that address is refused until the window passes
+CHECK_CACHE_TTL = 300.0
+CHECK_CACHE_SIZE = 10_000
+
+
+def read_htpasswd(path: Path) -> dict[str, bytes]:
+    """`user:$2y$...` lines; anything else is refused, naming the line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("auth.htpasswd", f"cannot read {path}: {exc.strerror}") from None
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, _, hashed = line.partition(":")
+        if not user or not hashed.startswith(BCRYPT_PREFIXES):
+            raise ConfigError(
+                "auth.htpasswd",
+                f"{path} line {number}: not a user:bcrypt-hash entry (write it with htpasswd -B)",
+            )
+        users[user] = hashed.encode()
+    if not users:
+        raise ConfigError("auth.htpasswd", f"{path} lists no users")
+    return users
+
+
+class Gate:
+    """Checks the Basic credentials of requests for `authenticated` upstreams."""
+
+    def __init__(self, users: Mapping[str, bytes] | None) -> None:
+        self.users = users
+        self._checked: dict[bytes, tuple[bool, float]] = {}
+        self._failures: dict[str, deque[float]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.users is not None
+
+    async def require(self, authorization: str | None, address: str) -> str:
+        """The user logged in by `authorization`; else LoginRequired (or TooManyRequests)."""
+        self._refuse_if_blocked(address)
+        credentials = _basic_credentials(authorization)
+        if credentials is None:
+            raise LoginRequired("this upstream needs a login to the mirror")
+        user, password = credentials
+        if not await self._valid(user, password):
+            self._failed(address)
+            raise LoginRequired(f"wrong user name or password for {user!r}")
+        return user
+
+    def anonymous(self, authorization: str | None) -> bool:
+        """No credentials, or the empty ones a client without any sends (`Basic Og==`)."""
+        return _basic_credentials(authorization) is None
+
+    async def _valid(self, user: str, password: str) -> bool:
+        hashed = self.users.get(user) if self.users is not None else None
+        if hashed is None:
+            return False
+        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        now = time.monotonic()
+        cached = self._checked.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        # bcrypt takes a good part of a second of CPU: off the event loop.
+        valid = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        if len(self._checked) >= CHECK_CACHE_SIZE:
+            self._checked.clear()
+        self._checked[key] = (valid, now + CHECK_CACHE_TTL)
+        return valid
+
+    def _refuse_if_blocked(self, address: str) -> None:
+        failures = self._failures.get(address)
+        if failures is None:
+            return
+        now = time.monotonic()
+        while failures and failures[0] <= now - FAILURE_WINDOW:
+            failures.popleft()
+        if not failures:
+            del self._failures[address]
+        elif len(failures) >= MAX_FAILURES:
+            wait = int(failures[0] + FAILURE_WINDOW - now) + 1
+            raise TooManyRequests(f"too many failed logins from {address}", str(wait))
+
+    def _failed(self, address: str) -> None:
+        self._failures.setdefault(address, deque(maxlen=MAX_FAILURES)).append(time.monotonic())
+
+
+def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """(user, password) from a Basic header; None when absent, empty or not Basic."""
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, _, password = decoded.partition(":")
+    return (user, password) if user or password else None
