@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,8 +17,10 @@ from aiohttp import web
 
 from mirror import admin, logs
 from mirror.app import make_app
-from mirror.config import Config, load_config, with_overrides
+from mirror.config import Config, load_config, server_ssl_context, with_overrides
 from mirror.errors import ConfigError
+from mirror.web.listener import CappedSite
+from mirror.web.middleware import METRICS
 
 log = logging.getLogger("mirror")
 
@@ -46,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(config: Config) -> int:
     logs.configure(config.log)
     log.info(
-        "mirror listening on %s, cache in %s (max %d bytes)",
+        "mirror listening on %s://%s, cache in %s (max %d bytes)",
+        "https" if config.tls else "http",
         config.listen,
         config.storage.path,
         config.storage.max_size,
@@ -61,16 +65,46 @@ def serve(config: Config) -> int:
             f" and /v2/{upstream.prefix}/..." if upstream.prefix else "",
             " (default)" if upstream.default else "",
         )
-    web.run_app(
-        make_app(config),
-        host=config.listen.host,
-        port=config.listen.port,
-        print=None,
+    loop = asyncio.new_event_loop()
+    main = loop.create_task(_serve(make_app(config), config))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass  # SIGTERM or SIGINT: `_serve` closes down when cancelled
+    finally:
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return 0
+
+
+async def _serve(app: web.Application, config: Config) -> None:
+    """What `web.run_app` does, with our own site: it caps client connections."""
+    runner = web.AppRunner(
+        app,
+        handle_signals=True,
         access_log=logging.getLogger(logs.ACCESS),
         access_log_class=logs.AccessLogger,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
+        max_line_size=config.limits.max_header_size,
+        max_field_size=config.limits.max_header_size,
     )
-    return 0
+    await runner.setup()
+    try:
+        site = CappedSite(
+            runner,
+            config.listen.host,
+            config.listen.port,
+            ssl_context=server_ssl_context(config.tls) if config.tls else None,
+            max_connections=config.limits.max_connections,
+            refused=app[METRICS].connections_refused,
+        )
+        await site.start()
+        await asyncio.Event().wait()  # until SIGTERM or SIGINT
+    finally:
+        await runner.cleanup()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -276,12 +276,12 @@ def _tls(data: object) -> TlsConfig:
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    for key, path in (("tls.cert", tls.cert), ("tls.key", tls.key)):
+        if not path.is_file():
+            raise ConfigError(key, f"no such file: {path}")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(tls.cert, tls.key)
-    except FileNotFoundError as exc:
-        key = "tls.cert" if Path(exc.filename or "") == tls.cert else "tls.key"
-        raise ConfigError(key, f"no such file: {exc.filename}") from None
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("tls.cert", f"cannot use {tls.cert} with {tls.key}: {exc}") from None
     return context

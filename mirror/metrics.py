@@ -57,6 +57,11 @@ class Metrics:
             "Blob downloads resumed (or restarted) after the upstream's body broke off.",
             ["upstream"], registry=r,
         )  # fmt: skip
+        self.connections_refused = Counter(
+            "mirror_connections_refused_total",
+            "Client connections refused with 503 past limits.max_connections.",
+            registry=r,
+        )
         self.disk_full = Counter(
             "mirror_disk_full_total",
             "Blob downloads that met a full disk (ENOSPC) and were served without caching.",

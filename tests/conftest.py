@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 import time
@@ -125,10 +126,12 @@ def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> Callable[..., 
 class MirrorProcess:
     """`mirror serve` as a real subprocess, started from the console script."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, ca: Path | None = None) -> None:
+        """`ca`: the mirror serves HTTPS with a certificate this CA file vouches for."""
         self.port = free_loopback_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
+        self._ssl = ssl.create_default_context(cafile=ca) if ca else None
         self.log_path = log_path
         self._log = log_path.open("ab")
         command = [_console_script(), "serve", "--listen", self.host, *args]
@@ -141,7 +144,9 @@ class MirrorProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"mirror exited {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as resp:
+                with urllib.request.urlopen(
+                    f"{self.url}/v2/", timeout=1, context=self._ssl
+                ) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError):
@@ -173,11 +178,12 @@ def _console_script() -> str:
 
 @pytest.fixture
 def start_mirror_process(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
-    """`start_mirror_process(*args)` runs `mirror serve --listen 127.0.0.1:PORT *args`."""
+    """`start_mirror_process(*args, ca=None)` runs `mirror serve --listen 127.0.0.1:PORT *args`
+    (over HTTPS, with `ca` the CA file of the configured certificate)."""
     started: list[MirrorProcess] = []
 
-    def start(*args: str) -> MirrorProcess:
-        process = MirrorProcess(list(args), tmp_path / f"mirror-{len(started)}.log")
+    def start(*args: str, ca: Path | None = None) -> MirrorProcess:
+        process = MirrorProcess(list(args), tmp_path / f"mirror-{len(started)}.log", ca)
         started.append(process)
         return process
 
