@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Hashable, Mapping
@@ -253,6 +254,8 @@ class ManifestProxy:
                 await self.index.mark_private(digest)
             await asyncio.to_thread(self.store.write, digest, body)
             await self.index.add_blob(digest, len(body), media_type, public=not private)
+        except (OSError, sqlite3.Error) as exc:  # a full disk, say: verified, so served
+            log.warning("manifest %s was served but could not be cached: %s", digest, exc)
         finally:
             self.evictor.release(len(body))
         return Manifest(body, media_type, digest)

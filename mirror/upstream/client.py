@@ -199,7 +199,9 @@ class Upstream:
         """The blob's body, from `offset` when the upstream honours a Range (see `start`)."""
         path = f"/v2/{repository}/blobs/{digest}"
         headers = {"Range": f"bytes={offset}-"} if offset else None
-        async with self._request("GET", path, repository, "blob", headers) as resp:
+        # A resumption waits its turn, but is never refused: its clients have headers.
+        request = self._request("GET", path, repository, "blob", headers, queue_bound=not offset)
+        async with request as resp:
             yield UpstreamBlob(resp, self._received, offset)
 
     async def listing(
@@ -224,11 +226,12 @@ class Upstream:
         kind: str,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
+        queue_bound: bool = True,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send, answering one auth challenge and retrying server errors; yields only
         successful responses. It holds one of the upstream's fetch slots throughout."""
         url = self.url.with_path(path).with_query(params or {})
-        async with self._slot():
+        async with self._slot(queue_bound):
             try:
                 response = await self._send_retrying(method, url, repository, headers)
                 try:
@@ -260,9 +263,9 @@ class Upstream:
                 ) from exc
 
     @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
+    async def _slot(self, queue_bound: bool) -> AsyncIterator[None]:
         """One of `max_fetches` at a time; past `max_queued` waiting, Busy (503)."""
-        if self._slots.locked() and self._queued >= self.config.max_queued:
+        if queue_bound and self._slots.locked() and self._queued >= self.config.max_queued:
             raise Busy(
                 f"upstream {self.name} has {self.config.max_fetches} requests under way and"
                 f" {self._queued} waiting; try again shortly"

@@ -1,0 +1,133 @@
+"""A fault-injection upstream registry (aiohttp on loopback): it holds blobs and one
+manifest, and on command drops the connection after N bytes, stalls, answers 500 every
+other time, sends more bytes than it declares, or waits before its first byte.
+
+Only for what a real docker-registry cannot be made to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+CHUNK = 64 * 1024
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    range: str | None
+    status: int
+
+
+@dataclass
+class FaultyUpstream:
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, bytes] = field(default_factory=dict)  # by tag and by digest
+    seen: list[Seen] = field(default_factory=list)
+    ranges: bool = True  # honour `Range: bytes=N-`
+    drop_after: int = 0  # with `drops` > 0: cut the connection after this many body bytes
+    drops: int = 0  # how many GETs of a blob are cut
+    stall_after: int = 0  # with `stalls` > 0: stop sending after this many body bytes
+    stalls: int = 0
+    fail_every_other: bool = False  # 500 for every other request
+    fail_always: bool = False
+    extra: bytes = b""  # sent after the blob, past its declared length
+    chunked: bool = False  # no Content-Length
+    first_byte_delay: float = 0.0
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # ends stalls
+    requested: asyncio.Event = field(default_factory=asyncio.Event)  # a blob GET came in
+    url: str = ""
+
+    def add_blob(self, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        return digest
+
+    def add_manifest(self, tag: str, layer: str) -> str:
+        body = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_TYPE,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": layer, "size": len(self.blobs[layer])},
+                "layers": [],
+            }
+        ).encode()  # fmt: skip
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        self.manifests[tag] = self.manifests[digest] = body
+        return digest
+
+    def gets(self, digest: str) -> list[Seen]:
+        return [s for s in self.seen if s.method == "GET" and s.path.endswith(digest)]
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v2/{name:.+}/blobs/{digest}", self.blob)
+        app.router.add_get("/v2/{name:.+}/manifests/{reference}", self.manifest)
+        return app
+
+    def _failing_now(self) -> bool:
+        return self.fail_always or (self.fail_every_other and len(self.seen) % 2 == 1)
+
+    async def manifest(self, request: web.Request) -> web.StreamResponse:
+        body = self.manifests.get(request.match_info["reference"])
+        status = 500 if self._failing_now() else 200 if body is not None else 404
+        self.seen.append(Seen(request.method, request.path, None, status))
+        if status != 200 or body is None:
+            return web.json_response({"errors": [{"code": "X", "message": "x"}]}, status=status)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        return web.Response(
+            body=body, headers={"Content-Type": MANIFEST_TYPE, "Docker-Content-Digest": digest}
+        )
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        data = self.blobs.get(request.match_info["digest"])
+        wanted = request.headers.get("Range")
+        start = int(wanted[6:-1]) if wanted and self.ranges and data is not None else 0
+        status = 500 if self._failing_now() else 404 if data is None else 206 if start else 200
+        self.seen.append(Seen(request.method, request.path, wanted, status))
+        self.requested.set()
+        if self.first_byte_delay:
+            await asyncio.sleep(self.first_byte_delay)
+        if status >= 400 or data is None:
+            return web.json_response({"errors": [{"code": "X", "message": "x"}]}, status=status)
+        response = web.StreamResponse(status=status)
+        if status == 206:
+            response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        if not self.chunked:
+            response.content_length = len(data) - start
+        await response.prepare(request)
+        await self._send(request, response, data[start:] + self.extra)
+        return response
+
+    async def _send(self, request: web.Request, response: web.StreamResponse, body: bytes) -> None:
+        drop = self.drop_after if self.drops > 0 else None
+        stall = self.stall_after if self.stalls > 0 else None
+        self.drops -= drop is not None
+        self.stalls -= stall is not None
+        for offset in range(0, len(body), CHUNK):
+            piece = body[offset : offset + CHUNK]
+            if drop is not None and offset + len(piece) > drop:
+                await response.write(piece[: drop - offset])
+                await asyncio.sleep(0.1)  # the client reads what came, then the cut
+                _cut(request)
+                return
+            if stall is not None and offset + len(piece) > stall:
+                await response.write(piece[: stall - offset])
+                await self.release.wait()
+                _cut(request)  # released: the connection goes, as a stalled one would
+                return
+            await response.write(piece)
+        await response.write_eof()
+
+
+def _cut(request: web.Request) -> None:
+    assert request.transport is not None
+    request.transport.abort()  # as a broken connection looks

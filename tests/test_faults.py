@@ -1,0 +1,361 @@
+"""Fault injection: an upstream that drops, stalls, fails every other time, sends too much
+or waits; a full disk; a locked index; and the bounds on upstream fetches, client
+connections and request headers. Whatever happens, a client receives a correct body or a
+clean error, and the cache holds only verified blobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import socket
+import sqlite3
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from fault_upstream import MANIFEST_TYPE, FaultyUpstream
+from pytest_aiohttp import AiohttpServer
+
+from mirror.config import Timeouts
+from mirror.reference import parse_digest
+from mirror.storage import index as index_module
+from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.index import INDEX_FILE, Index
+
+if TYPE_CHECKING:
+    from conftest import MirrorProcess
+
+    StartMirrorProcess = Callable[..., MirrorProcess]
+
+MirrorClient = TestClient[web.Request, web.Application]
+MakeMirror = Callable[..., Any]
+KIB, MIB = 1024, 1024 * 1024
+QUICK = Timeouts(connect=2, first_byte=1, idle=0.3)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[FaultyUpstream]:
+    fake = FaultyUpstream()
+    server = await aiohttp_server(fake.app())
+    fake.url = str(server.make_url("")).rstrip("/")
+    yield fake
+    fake.release.set()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+async def pull(mirror: MirrorClient, digest: str) -> tuple[int, bytes]:
+    async with asyncio.timeout(30), mirror.get(f"/v2/team/app/blobs/{digest}") as response:
+        return response.status, await response.read()
+
+
+def cached(storage: Path) -> dict[str, bool]:
+    """Every blob file in the cache, and whether it hashes to its name."""
+    store = BlobStore(storage)
+    return {str(digest): store.verify(digest) for digest in store.scan()}
+
+
+async def settled(storage: Path, digest: str) -> dict[str, bool]:
+    """The cache once `digest`'s download has ended either way (a commit lands after the
+    last byte went out)."""
+    for _ in range(100):
+        if digest in cached(storage) or not any((storage / "tmp").iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    return cached(storage)
+
+
+# --- a body that breaks off ------------------------------------------------------------------
+
+
+async def test_a_dropped_blob_is_resumed_with_a_range(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    data = os.urandom(MIB + 123)
+    digest = upstream.add_blob(data)
+    upstream.drop_after, upstream.drops = 300 * KIB, 2
+    mirror = await make_mirror(upstream.url, storage=storage)
+
+    assert await pull(mirror, digest) == (200, data)  # one continuous, correct body
+    # Each resumption starts where the bytes the mirror had taken in end.
+    first, *resumed = [seen.range for seen in upstream.gets(digest)]
+    offsets = [int(r.removeprefix("bytes=").removesuffix("-")) for r in resumed if r]
+    assert first is None and len(offsets) == 2
+    assert 0 < offsets[0] <= 300 * KIB < offsets[1] <= 600 * KIB
+    assert await settled(storage, digest) == {digest: True}
+    metrics = await (await mirror.get("/metrics")).text()
+    assert 'mirror_upstream_resumes_total{upstream="upstream"} 2.0' in metrics
+
+
+async def test_a_dropped_blob_is_fetched_again_when_ranges_are_ignored(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    data = os.urandom(MIB)
+    digest = upstream.add_blob(data)
+    upstream.ranges, upstream.drop_after, upstream.drops = False, 400 * KIB, 1
+    mirror = await make_mirror(upstream.url, storage=storage)
+
+    assert await pull(mirror, digest) == (200, data)
+    assert [s.status for s in upstream.gets(digest)] == [200, 200]  # from scratch
+    assert await settled(storage, digest) == {digest: True}
+
+
+async def test_drops_past_the_retry_budget_cut_the_client_and_cache_nothing(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    data = os.urandom(MIB)
+    digest = upstream.add_blob(data)
+    upstream.drop_after, upstream.drops = 100 * KIB, 3
+    mirror = await make_mirror(upstream.url, storage=storage, upstream={"retries": 2})
+
+    async with mirror.get(f"/v2/team/app/blobs/{digest}") as response:
+        assert response.status == 200  # the headers went out before the first cut
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert len(upstream.gets(digest)) == 3
+    assert await settled(storage, digest) == {}
+    assert await pull(mirror, digest) == (200, data)  # the upstream is well again
+    assert await settled(storage, digest) == {digest: True}
+
+
+async def test_a_stalled_blob_is_resumed(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    data = os.urandom(512 * KIB)
+    digest = upstream.add_blob(data)
+    upstream.stall_after, upstream.stalls = 200 * KIB, 1
+    mirror = await make_mirror(upstream.url, storage=storage, upstream={"timeouts": QUICK})
+
+    assert await pull(mirror, digest) == (200, data)
+    assert [s.range for s in upstream.gets(digest)] == [None, f"bytes={200 * KIB}-"]
+    assert await settled(storage, digest) == {digest: True}
+
+
+# --- answers that are wrong or slow ----------------------------------------------------------
+
+
+async def test_intermittent_500s_are_retried(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    data = os.urandom(64 * KIB)
+    digest = upstream.add_blob(data)
+    manifest_digest = upstream.add_manifest("1", digest)
+    upstream.fail_every_other = True
+    mirror = await make_mirror(upstream.url, storage=storage)
+
+    async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": MANIFEST_TYPE}) as resp:
+        assert (resp.status, resp.headers["Docker-Content-Digest"]) == (200, manifest_digest)
+    assert await pull(mirror, digest) == (200, data)
+    assert [s.status for s in upstream.seen] == [200, 500, 200]
+
+
+async def test_every_attempt_failing_is_a_clean_502(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    digest = upstream.add_blob(b"x")
+    upstream.fail_always = True
+    mirror = await make_mirror(upstream.url, storage=storage, upstream={"retries": 2})
+    async with mirror.get(f"/v2/team/app/blobs/{digest}") as response:
+        assert response.status == 502
+        assert (await response.json())["errors"][0]["code"] == "UPSTREAM_ERROR"
+    assert [s.status for s in upstream.seen] == [500, 500, 500]
+    assert await settled(storage, digest) == {}
+
+
+async def test_too_many_bytes_never_reach_the_cache(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    data = os.urandom(256 * KIB)
+    digest = upstream.add_blob(data)
+    # With a Content-Length, what runs past it is not the blob: the client gets exactly
+    # the declared bytes (verified), and the next request on that upstream still works.
+    upstream.extra = b"GARBAGE" * 1000
+    mirror = await make_mirror(upstream.url, storage=storage)
+    assert await pull(mirror, digest) == (200, data)
+    other = upstream.add_blob(os.urandom(KIB))
+    assert (await pull(mirror, other))[0] == 200
+    assert await settled(storage, other) == {digest: True, other: True}
+
+    # Without a length, the extra bytes are part of the body: it fails verification, the
+    # client is cut short, and nothing is cached.
+    third = upstream.add_blob(os.urandom(128 * KIB))
+    upstream.chunked = True
+    async with mirror.get(f"/v2/team/app/blobs/{third}") as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert third not in await settled(storage, third)
+
+
+async def test_an_upstream_slow_to_answer_times_out(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    digest = upstream.add_blob(os.urandom(KIB))
+    upstream.first_byte_delay = 3.0
+    timeouts = Timeouts(connect=2, first_byte=0.3, idle=10)
+    mirror = await make_mirror(upstream.url, storage=storage, upstream={"timeouts": timeouts})
+    async with asyncio.timeout(2.5), mirror.get(f"/v2/team/app/blobs/{digest}") as response:
+        assert response.status == 504
+        assert (await response.json())["errors"][0]["code"] == "UPSTREAM_TIMEOUT"
+
+
+async def test_fetches_queue_then_get_503(
+    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    blobs = [os.urandom(256 * KIB) for _ in range(3)]
+    first, second, third = (upstream.add_blob(data) for data in blobs)
+    upstream.stall_after, upstream.stalls = 100 * KIB, 1  # the first holds the one slot
+    fields = {"max_fetches": 1, "max_queued": 1, "timeouts": Timeouts(idle=30)}
+    mirror = await make_mirror(upstream.url, storage=storage, upstream=fields)
+
+    holding = asyncio.create_task(pull(mirror, first))
+    await asyncio.wait_for(upstream.requested.wait(), 10)
+    queued = asyncio.create_task(pull(mirror, second))
+    await asyncio.sleep(0.2)
+    assert upstream.gets(second) == []  # waiting for the slot
+    async with mirror.get(f"/v2/team/app/blobs/{third}") as response:
+        assert (response.status, response.headers["Retry-After"]) == (503, "1")
+        assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+    upstream.release.set()  # the stalled body ends short: resumed, then done
+    assert await holding == (200, blobs[0])
+    assert await queued == (200, blobs[1])
+
+
+# --- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path | None]:
+    """A 3 MiB tmpfs when this machine lets the test mount one (root), else None."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+    )
+    yield mount if made.returncode == 0 else None
+    if made.returncode == 0:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+async def test_a_full_disk_serves_blobs_uncached(
+    upstream: FaultyUpstream,
+    make_mirror: MakeMirror,
+    small_disk: Path | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    if small_disk is None:  # no tmpfs here: the writer meets ENOSPC past 1 MiB instead
+        write = BlobWriter.write
+
+        def filling(self: BlobWriter, chunk: bytes) -> None:
+            if self.written + len(chunk) > MIB:
+                raise OSError(errno.ENOSPC, "No space left on device (test hook)")
+            write(self, chunk)
+
+        monkeypatch.setattr(BlobWriter, "write", filling)
+    storage = small_disk or tmp_path / "cache"
+    blobs = [os.urandom(4 * MIB) for _ in range(2)]
+    digests = [upstream.add_blob(data) for data in blobs]
+    # The budget is no help: it is larger than the disk.
+    mirror = await make_mirror(upstream.url, storage=storage, budget={"max_size": 1024 * MIB})
+
+    for digest, data in zip(digests, blobs, strict=True):
+        assert await pull(mirror, digest) == (200, data)
+    assert await pull(mirror, digests[0]) == (200, blobs[0])  # still served, uncached
+    for digest in digests:
+        assert digest not in await settled(storage, digest)
+    metrics = await (await mirror.get("/metrics")).text()
+    assert "mirror_disk_full_total 3.0" in metrics
+    assert sum("disk full" in r.message for r in caplog.records) == 1  # logged once
+    assert all(cached(storage).values())
+    # Space again: the next blob is cached as usual.
+    monkeypatch.undo()
+    small = upstream.add_blob(os.urandom(64 * KIB))
+    for stale in (storage / "tmp").iterdir():
+        stale.unlink()
+    assert await pull(mirror, small) == (200, upstream.blobs[small])
+    assert small in await settled(storage, small)
+
+
+# --- a locked index ------------------------------------------------------------------------
+
+
+async def test_a_locked_index_loses_no_access_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_module, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(index_module, "WRITE_ATTEMPTS", 2)
+    index = Index(tmp_path / INDEX_FILE)
+    await index.open()
+    digest = parse_digest("sha256:" + hashlib.sha256(b"x").hexdigest())
+    await index.add_blob(digest, 1)
+    before = (await index.blobs())[str(digest)][1]
+    other = sqlite3.connect(tmp_path / INDEX_FILE, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # `mirror gc` in another process, say
+    try:
+        await asyncio.sleep(0.01)
+        index.touch(digest)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await index.flush()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await index.flush()  # the access kept from the failed flush is written now
+    assert (await index.blobs())[str(digest)][1] > before
+    await index.close()
+
+
+# --- bounds on clients ---------------------------------------------------------------------
+
+
+def open_idle(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def http_get(sock: socket.socket, path: str, extra: str = "") -> bytes:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n{extra}\r\n".encode())
+    return sock.recv(65536)
+
+
+def test_connection_cap_and_header_limits(
+    start_mirror_process: StartMirrorProcess, tmp_path: Path
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage: {{path: {tmp_path / 'cache'}}}\n"
+        "upstreams: [{name: up, url: 'http://127.0.0.1:9'}]\n"
+        "limits: {max_connections: 3, max_header_size: 1KiB}\n"
+    )
+    mirror = start_mirror_process("--config", str(config))
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(open_idle(mirror.port)) for _ in range(3)]
+        assert http_get(held[0], "/v2/").startswith(b"HTTP/1.1 200")
+        with open_idle(mirror.port) as refused:
+            answer = refused.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
+            assert refused.recv(4096) == b""  # and closed
+        held.pop().close()
+        for _ in range(50):  # the server notices the close
+            with open_idle(mirror.port) as again:
+                answer = http_get(again, "/v2/")
+            if answer.startswith(b"HTTP/1.1 200"):
+                break
+        assert answer.startswith(b"HTTP/1.1 200")
+        # A header past max_header_size is refused before any handler runs.
+        answer = http_get(held[0], "/v2/", f"X-Big: {'a' * 2048}\r\n")
+        assert answer.split(b" ")[1] in (b"400", b"431"), answer[:200]
+    assert "refusing new ones with 503" in mirror.log()
