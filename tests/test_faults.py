@@ -359,3 +359,32 @@ def test_connection_cap_and_header_limits(
         answer = http_get(held[0], "/v2/", f"X-Big: {'a' * 2048}\r\n")
         assert answer.split(b" ")[1] in (b"400", b"431"), answer[:200]
     assert "refusing new ones with 503" in mirror.log()
+
+
+# --- nothing but configured hosts ------------------------------------------------------------
+
+
+async def test_client_input_never_reaches_another_host(
+    upstream: FaultyUpstream,
+    make_mirror: MakeMirror,
+    storage: Path,
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """A bystander on loopback is never contacted, whatever ns, name or headers say."""
+    bystander = FaultyUpstream()
+    bystander.add_blob(b"secret")
+    server = await aiohttp_server(bystander.app())
+    other = f"127.0.0.1:{server.port}"
+    digest = upstream.add_blob(b"public")
+    mirror = await make_mirror(upstream.url, storage=storage)
+    attempts = [
+        (f"/v2/team/app/blobs/{digest}?ns={other}", {}),
+        (f"/v2/{other}/team/app/blobs/{digest}", {}),
+        (f"/v2/http:/{other}/x/blobs/{digest}", {}),
+        (f"/v2/team/app/blobs/{digest}", {"Host": other, "X-Forwarded-Host": other}),
+        (f"/v2/team/app/manifests/1?ns=http://{other}/", {"Forwarded": f"host={other}"}),
+    ]
+    for path, headers in attempts:
+        async with mirror.get(path, headers=headers) as response:
+            assert response.status in (200, 400, 404), (path, response.status)
+    assert bystander.seen == []
