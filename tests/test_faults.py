@@ -388,3 +388,47 @@ async def test_client_input_never_reaches_another_host(
         async with mirror.get(path, headers=headers) as response:
             assert response.status in (200, 400, 404), (path, response.status)
     assert bystander.seen == []
+
+
+async def test_a_tag_read_before_another_fetch_stored_it_is_not_fetched_again(
+    upstream: FaultyUpstream,
+    make_mirror: MakeMirror,
+    storage: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Request B reads "no such tag" from the index, then request A's fetch completes and
+    stores it, then B goes on: B must not make a second upstream GET (on Docker Hub, a
+    second counted pull)."""
+    upstream.add_manifest("1", upstream.add_blob(b"config"))
+    mirror = await make_mirror(upstream.url, storage=storage)
+    both_looked, first_done = asyncio.Event(), asyncio.Event()
+    reads = 0
+    tag = Index.tag
+
+    async def held_reads(self: Index, *args: str) -> Any:
+        """Both requests read the (missing) tag; then the second read is held until the
+        other request is done."""
+        nonlocal reads
+        reads += 1
+        mine = reads
+        row = await tag(self, *args)
+        if mine <= 2:
+            if mine == 2:
+                both_looked.set()
+            await both_looked.wait()
+            if mine == 2:
+                await first_done.wait()
+        return row
+
+    monkeypatch.setattr(Index, "tag", held_reads)
+
+    async def get_tag() -> int:
+        async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": MANIFEST_TYPE}) as r:
+            return r.status
+
+    async with asyncio.timeout(20):
+        pulls = {asyncio.create_task(get_tag()) for _ in range(2)}
+        done, held = await asyncio.wait(pulls, return_when=asyncio.FIRST_COMPLETED)
+        first_done.set()
+        assert [await pull for pull in (*done, *held)] == [200, 200]
+    assert [s.path for s in upstream.seen] == ["/v2/team/app/manifests/1"]

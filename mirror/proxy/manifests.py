@@ -93,6 +93,10 @@ class ManifestProxy:
     async def _fetch_digest(
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
+        # A request that found nothing may get here just after another's fetch stored it.
+        cached = await self._local(upstream, digest)
+        if cached is not None:
+            return cached
         remote = await upstream.get_manifest(repository, str(digest), accept)
         assert remote.body is not None
         try:
@@ -112,22 +116,34 @@ class ManifestProxy:
     ) -> Manifest:
         """Fresh from cache within `tag_ttl`; else revalidated with a HEAD, which Docker Hub
         does not count, so a counted GET is made only for a digest not cached yet."""
-        row = await self.index.tag(upstream.name, repository, tag)
-        cached = await self._local(upstream, parse_digest(row.digest)) if row else None
+        cached, fresh = await self._tagged(upstream, repository, tag)
         if cached is not None and not accepts(accept, cached.media_type):
             # This client wants another form of the tag than the one we keep: ask upstream,
             # without replacing what the tag row says for everyone else.
             return await self._fetch_tag(upstream, repository, tag, accept, record=False)
-        fresh = row is not None and time.time() - row.checked_at < upstream.config.tag_ttl
         if cached is not None and fresh:
             return cached  # a hit, as _local says
         key = (upstream.name, repository, tag, accept)
+
+        async def unless_fresh_now(work: Coroutine[object, object, Manifest]) -> Manifest:
+            # Another request's fetch may have stored the tag since it was read above.
+            now, fresh_now = await self._tagged(upstream, repository, tag)
+            if now is not None and fresh_now and accepts(accept, now.media_type):
+                work.close()
+                return now
+            return await work
+
         if cached is None and not upstream.counts_pulls:
             # No pull quota to save: one GET by tag is quicker than a HEAD, then a GET.
-            return await self._once(key, lambda: self._fetch_tag(upstream, repository, tag, accept))
+            return await self._once(
+                key, lambda: unless_fresh_now(self._fetch_tag(upstream, repository, tag, accept))
+            )
         try:
             return await self._once(
-                key, lambda: self._revalidate(upstream, repository, tag, accept, cached)
+                key,
+                lambda: unless_fresh_now(
+                    self._revalidate(upstream, repository, tag, accept, cached)
+                ),
             )
         except STALE_SERVABLE as exc:
             if cached is None:
@@ -135,6 +151,16 @@ class ManifestProxy:
             # The outage itself is logged once, by the upstream client.
             log.debug("serving %s:%s stale from cache: %s", repository, tag, exc.message)
             return replace(cached, result="stale")
+
+    async def _tagged(
+        self, upstream: Upstream, repository: str, tag: str
+    ) -> tuple[Manifest | None, bool]:
+        """The cached manifest the tag points to, and whether it is within tag_ttl."""
+        row = await self.index.tag(upstream.name, repository, tag)
+        if row is None:
+            return None, False
+        fresh = time.time() - row.checked_at < upstream.config.tag_ttl
+        return await self._local(upstream, parse_digest(row.digest)), fresh
 
     async def listing(
         self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
