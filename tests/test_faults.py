@@ -424,7 +424,7 @@ async def test_a_tag_read_before_another_fetch_stored_it_is_not_fetched_again(
 
     async def get_tag() -> int:
         async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": MANIFEST_TYPE}) as r:
-            return r.status
+            return int(r.status)
 
     async with asyncio.timeout(20):
         pulls = {asyncio.create_task(get_tag()) for _ in range(2)}
