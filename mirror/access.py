@@ -31,9 +31,11 @@ CHECK_CACHE_SIZE = 10_000
 def read_htpasswd(path: Path) -> dict[str, bytes]:
     """`user:$2y$...` lines; anything else is refused, naming the line."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("auth.htpasswd", f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:  # a NUL in the path, or a file that is not UTF-8
+        raise ConfigError("auth.htpasswd", f"cannot read {path!r}: {exc}") from None
     users: dict[str, bytes] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()

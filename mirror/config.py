@@ -6,6 +6,7 @@ With no file at all the embedded default applies: listen on 0.0.0.0:5000, cache 
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from typing import Any, Literal, TypeVar, cast, get_args
 from urllib.parse import urlsplit
 
 import yaml
+from yarl import URL
 
 from mirror.access import read_htpasswd
 from mirror.errors import ConfigError, RegistryError
@@ -33,7 +35,7 @@ _SIZE_UNITS = {
     "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
 }  # fmt: skip
 _DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_NUMBER_UNIT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_NUMBER_UNIT = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", re.ASCII)
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?")
 _PREFIX = re.compile(r"[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*")
@@ -181,32 +183,43 @@ def parse_size(value: object, key: str = "size") -> int:
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS:
         raise ConfigError(key, f"invalid size {value!r}: write e.g. 500MiB, 50GiB or 2TB")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    size = float(match.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(size):
+        raise ConfigError(key, f"size {value!r} is too large")
+    return int(size)
 
 
 def parse_duration(value: object, key: str = "duration") -> float:
     """`90s`, `10m`, `12h`, `30d`, or a bare number of seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = _NUMBER_UNIT.fullmatch(str(value)) if isinstance(value, str) else None
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _DURATION_UNITS:
+    seconds = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value) if abs(value) < 1e300 else math.inf
+    match = _NUMBER_UNIT.fullmatch(value) if isinstance(value, str) else None
+    if match is not None and match.group(2).lower() in _DURATION_UNITS:
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if not 0 <= seconds < math.inf:
         raise ConfigError(key, f"invalid duration {value!r}: write e.g. 90s, 10m, 12h or 30d")
-    return float(match.group(1)) * _DURATION_UNITS[unit]
+    return seconds
 
 
 def parse_listen(value: object, key: str = "listen") -> Listen:
     """`HOST:PORT`, `[v6]:PORT` or `:PORT` (all interfaces)."""
     text = str(value)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise ConfigError(key, f"invalid address {text!r}: write HOST:PORT, e.g. 0.0.0.0:5000")
     return Listen(host.strip("[]") or "0.0.0.0", int(port))
 
 
 def parse_url(value: object, key: str) -> str:
-    parts = urlsplit(str(value))
-    if not isinstance(value, str) or parts.scheme not in ("http", "https") or not parts.hostname:
+    """Checked by both parsers the mirror reads it with (urlsplit and yarl)."""
+    try:
+        parts, url = urlsplit(str(value)), URL(str(value))
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname and url.host)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        valid = False
+    if not isinstance(value, str) or not valid:
         raise ConfigError(key, f"must be an http(s) URL, got {value!r}")
     return value.rstrip("/")
 
@@ -216,12 +229,13 @@ def load_config(path: Path | str | None = None) -> Config:
     if path is None:
         return Config()
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise ConfigError("", f"cannot read config file {path!r}: {exc}") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    # PyYAML's constructors let these through for values such as `!!int zz` or 2001-02-30.
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
     return config_from_dict({} if data is None else data)
 

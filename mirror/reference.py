@@ -19,6 +19,9 @@ _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[a-f0-9]+")
+# The distribution grammar's domain (lowercased): DNS labels or a bracketed IPv6, a port.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_REGISTRY_HOST = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:]+\])(?::[0-9]+)?")
 MAX_NAME_LENGTH = 255
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -90,11 +93,14 @@ class ImageReference:
 
 def parse_image_reference(text: str) -> ImageReference:
     """Docker's rules: the first path component is a registry host if it has a `.` or a
-    `:` or is `localhost`, else the image is on docker.io; no tag means `latest`."""
+    `:` or is `localhost`, else the image is on docker.io; no tag means `latest`. A host
+    outside the distribution grammar (`ex ample.com`, `[::1`) is NAME_INVALID."""
     rest, _, digest = text.strip().partition("@")
     first, slash, path = rest.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost"):
         host = first.lower()
+        if not _REGISTRY_HOST.fullmatch(host):
+            raise NameInvalid(f"invalid registry host {first!r} in {text!r}")
     else:
         host, path = "docker.io", rest
     repository, colon, tag = path.rpartition(":")
@@ -119,7 +125,10 @@ class ByteRange:
         return f"bytes {self.start}-{self.end}/{size}"
 
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# RFC 9110 §14.1: the unit is case-insensitive and a DIGIT is ASCII 0-9 only, as aiohttp's
+# FileResponse reads them (`\d` would take Arabic-Indic digits, and IGNORECASE without
+# ASCII a long s, U+017F, for the s of bytes).
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 
 
 def parse_range(header: str, size: int) -> ByteRange:
@@ -128,22 +137,25 @@ def parse_range(header: str, size: int) -> ByteRange:
     Multiple ranges and malformed headers are answered 416, as aiohttp's own
     FileResponse does, so cached and uncached blobs behave the same.
     """
-    match = _RANGE.fullmatch(header.strip())
+    match = _RANGE.fullmatch(header.strip(" \t"))
     if match is None:
         raise RangeInvalid(f"unsupported Range {header!r}: use one bytes=start-end", size)
     first, last = match.groups()
     if not first and not last:
         raise RangeInvalid(f"invalid Range {header!r}", size)
-    if not first:
-        suffix = int(last)
+    try:
+        start = int(first) if first else None
+        stop = int(last) if last else None
+    except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits)
+        raise RangeInvalid(f"invalid Range {header!r}: number too long", size) from None
+    if start is None:  # bytes=-N: the last N bytes
+        suffix = stop or 0
         if suffix == 0 or size == 0:
             raise RangeInvalid(f"Range {header!r} selects no bytes of {size}", size)
         return ByteRange(max(size - suffix, 0), size - 1)
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if start >= size or (last and int(last) < start):
+    if start >= size or (stop is not None and stop < start):
         raise RangeInvalid(f"Range {header!r} is outside the blob's {size} bytes", size)
-    return ByteRange(start, end)
+    return ByteRange(start, size - 1 if stop is None else min(stop, size - 1))
 
 
 def parse_accept(values: Iterable[str]) -> tuple[str, ...]:
