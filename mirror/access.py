@@ -56,8 +56,9 @@ def read_htpasswd(path: Path) -> dict[str, bytes]:
 class Gate:
     """Checks the Basic credentials of requests for `authenticated` upstreams."""
 
-    def __init__(self, users: Mapping[str, bytes] | None) -> None:
+    def __init__(self, users: Mapping[str, bytes] | None, anyone_may_pull: bool = True) -> None:
         self.users = users
+        self.anyone_may_pull = anyone_may_pull  # some upstream is `public`
         self._checked: dict[bytes, tuple[bool, float]] = {}
         self._failures: dict[str, deque[float]] = {}
 

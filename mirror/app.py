@@ -31,7 +31,10 @@ def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = metrics or Metrics()
     htpasswd = config.auth.htpasswd
-    app[registry.GATE] = Gate(read_htpasswd(htpasswd) if htpasswd else None)
+    app[registry.GATE] = Gate(
+        read_htpasswd(htpasswd) if htpasswd else None,
+        anyone_may_pull=any(u.access == "public" for u in config.upstreams),
+    )
     app.on_response_prepare.append(api_version_header)
     app.cleanup_ctx.append(_storage_and_upstream)
     registry.add_routes(app)

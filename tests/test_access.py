@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pytest_aiohttp import AiohttpClient
 from upstream_registry import (
     OCI_MANIFEST,
     RegistryProcess,
@@ -33,6 +34,7 @@ from upstream_registry import (
 
 from mirror import access
 from mirror.access import Gate, read_htpasswd
+from mirror.app import make_app
 from mirror.config import config_from_dict, load_config
 from mirror.errors import ConfigError, LoginRequired, TooManyRequests
 
@@ -112,6 +114,36 @@ def test_ecr_upstreams_are_authenticated_by_default(tmp_path: Path) -> None:
     assert public.upstreams[0].access == "public"
     with pytest.raises(ConfigError, match=r"^upstreams\[0\].access: must be public or"):
         config_from_dict({"upstreams": [{**ecr, "access": "private"}]})
+
+
+@pytest.mark.parametrize(
+    ("accesses", "anonymous_ping"), [(["public", "authenticated"], 200), (["authenticated"], 401)]
+)
+async def test_the_ping_asks_for_a_login_only_when_nothing_is_public(
+    aiohttp_client: AiohttpClient, tmp_path: Path, accesses: list[str], anonymous_ping: int
+) -> None:
+    upstreams = [
+        {"name": f"u{i}", "url": f"http://127.0.0.1:{9 + i}", "prefix": f"u{i}", "access": a}
+        for i, a in enumerate(accesses)
+    ]
+    config = config_from_dict(
+        {
+            "storage": {"path": str(tmp_path / "cache")},
+            "auth": {"htpasswd": str(write_htpasswd(tmp_path / "htpasswd"))},
+            "upstreams": [{**upstreams[0], "default": True}, *upstreams[1:]],
+        }
+    )
+    mirror = await aiohttp_client(make_app(config))
+    for authorization, status in [
+        (None, anonymous_ping),
+        (basic(":"), anonymous_ping),  # what containers/image sends without credentials
+        (basic("alice:wrong"), 401),
+        (basic(ALICE), 200),
+    ]:
+        headers = {"Authorization": authorization} if authorization else {}
+        async with mirror.get("/v2/", headers=headers) as response:
+            assert response.status == status, authorization
+            assert response.headers["WWW-Authenticate"] == 'Basic realm="mirror"'
 
 
 # --- end to end ---------------------------------------------------------------------------

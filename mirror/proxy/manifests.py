@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Hashable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from mirror.errors import STALE_SERVABLE, ManifestUnknown, UpstreamError
@@ -123,28 +124,21 @@ class ManifestProxy:
             return await self._fetch_tag(upstream, repository, tag, accept, record=False)
         if cached is not None and fresh:
             return cached  # a hit, as _local says
-        key = (upstream.name, repository, tag, accept)
+        if cached is None and not upstream.counts_pulls:
+            # No pull quota to save: one GET by tag is quicker than a HEAD, then a GET.
+            work = partial(self._fetch_tag, upstream, repository, tag, accept)
+        else:
+            work = partial(self._revalidate, upstream, repository, tag, accept, cached)
 
-        async def unless_fresh_now(work: Coroutine[object, object, Manifest]) -> Manifest:
+        async def unless_fresh_now() -> Manifest:
             # Another request's fetch may have stored the tag since it was read above.
             now, fresh_now = await self._tagged(upstream, repository, tag)
             if now is not None and fresh_now and accepts(accept, now.media_type):
-                work.close()
                 return now
-            return await work
+            return await work()
 
-        if cached is None and not upstream.counts_pulls:
-            # No pull quota to save: one GET by tag is quicker than a HEAD, then a GET.
-            return await self._once(
-                key, lambda: unless_fresh_now(self._fetch_tag(upstream, repository, tag, accept))
-            )
         try:
-            return await self._once(
-                key,
-                lambda: unless_fresh_now(
-                    self._revalidate(upstream, repository, tag, accept, cached)
-                ),
-            )
+            return await self._once((upstream.name, repository, tag, accept), unless_fresh_now)
         except STALE_SERVABLE as exc:
             if cached is None:
                 raise

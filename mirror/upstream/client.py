@@ -124,10 +124,10 @@ class Upstream:
         self.metrics.add_upstream(config.name)
         self._received = self.metrics.upstream_bytes.labels(config.name)
         self.credentials = credential_source(config)
-        limits = config.timeouts
+        timeouts = config.timeouts
         # Between reads; the wait for the answer's headers is bounded by first_byte.
         self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=limits.connect, sock_read=limits.idle
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.idle
         )
         self.auth = Authenticator(
             config.name,

@@ -25,7 +25,6 @@ class Route:
 
 class Router:
     def __init__(self, upstreams: Sequence[UpstreamConfig]) -> None:
-        self.upstreams = tuple(upstreams)
         self._by_host = {host: u for u in upstreams for host in u.hosts}
         # Longest first, so `a/b` wins over `a` for `a/b/c`.
         self._by_prefix = sorted(

@@ -95,8 +95,7 @@ async def ping(request: web.Request) -> web.Response:
     gate = request.app[GATE]
     if not gate.enabled:
         return web.json_response({})
-    anyone = any(u.access == "public" for u in request.app[ROUTER].upstreams)
-    if not anyone or not gate.anonymous(request.headers.get("Authorization")):
+    if not gate.anyone_may_pull or not gate.anonymous(request.headers.get("Authorization")):
         await _login(request)
     return web.json_response({}, headers=LoginRequired("").headers())
 
