@@ -106,8 +106,8 @@ class Evictor:
         async with self._lock:
             if await self.used() + size > self.storage.max_size:
                 await self._evict(max(min(self.low, self.storage.max_size - size), 0))
-            if await self.used() + size > self.storage.max_size:
-                return False
+                if await self.used() + size > self.storage.max_size:
+                    return False
             self.reserved += size
             return True
 

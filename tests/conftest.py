@@ -22,10 +22,18 @@ from upstream_registry import RegistryProcess, free_loopback_port
 
 from mirror.app import make_app
 from mirror.config import Config, Listen, StorageConfig, UpstreamConfig, default_hosts
+from mirror.web.registry import BLOBS
 
 MirrorClient = TestClient[web.Request, web.Application]
 REPO = Path(__file__).resolve().parent.parent
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+
+
+async def downloads_stored(client: MirrorClient) -> None:
+    """Until the blobs the mirror is downloading are cached: a client gets its last byte
+    once the blob is verified, before the file is committed and indexed."""
+    assert client.app is not None
+    await client.app[BLOBS].idle()
 
 
 def write_htpasswd(path: Path, users: dict[str, str] = USERS) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import downloads_stored
 from upstream_registry import OCI_MANIFEST, PushedImage, RegistryProcess, push_image
 
 from mirror.cli import main
@@ -29,6 +30,7 @@ async def pull(mirror: MirrorClient, image: PushedImage) -> None:
         async with mirror.get(f"/v2/{image.name}/blobs/{entry['digest']}") as resp:
             assert resp.status == 200
             await resp.read()
+    await downloads_stored(mirror)
 
 
 def blob_file(storage: Path, digest: str) -> Path:

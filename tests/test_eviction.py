@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from conftest import downloads_stored
 from fake_registry import slow_blobs
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from upstream_registry import OCI_MANIFEST, PushedImage, RegistryProcess, push_image
@@ -63,6 +64,7 @@ async def pull(mirror: MirrorClient, image: PushedImage) -> None:
             assert resp.status == 200
             body = await resp.read()
         assert "sha256:" + hashlib.sha256(body).hexdigest() == entry["digest"]
+    await downloads_stored(mirror)
 
 
 async def test_pulls_beyond_the_budget_keep_the_most_recent(

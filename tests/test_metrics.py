@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from conftest import downloads_stored
 from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve, slow_blobs
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
@@ -60,6 +61,7 @@ async def test_cold_then_warm_pull(registry: RegistryProcess, make_mirror: MakeM
             async with mirror.get(f"/v2/m/app/blobs/{digest}") as resp:
                 assert resp.status == 200
                 await resp.read()
+        await downloads_stored(mirror)
 
     await pull()
     cold = await scrape(mirror)

@@ -38,7 +38,8 @@ def test_write_commit_and_size(tmp_path: Path) -> None:
     for start in range(0, len(data), 4096):
         writer.write(data[start : start + 4096])
     assert not store.path(digest).exists()  # invisible until committed
-    path = writer.commit(len(data))
+    writer.check(len(data))
+    path = writer.commit()
     writer.close()
     assert path.read_bytes() == data
     assert store.size(digest) == len(data)
@@ -53,7 +54,7 @@ def test_mismatch_caches_nothing(tmp_path: Path, kind: str) -> None:
     writer = store.writer(digest)
     writer.write(os.urandom(10_000) if kind == "wrong bytes" else data)
     with pytest.raises(DigestMismatch) as caught:
-        writer.commit(len(data) if kind == "wrong bytes" else len(data) + 1)
+        writer.check(len(data) if kind == "wrong bytes" else len(data) + 1)
     assert caught.value.status == 502
     writer.close()
     assert store.size(digest) is None

@@ -2,10 +2,12 @@
 
 A `Fetch` is owned by `BlobProxy`, not by the request that started it: a task writes
 the upstream body into a temp file while hashing it, and every request for that digest
-(the first included) streams from the growing file through its own file descriptor. A
-client that goes away stops only its own reader. The last byte of any answer is held back
-until the whole blob is verified, so a client that received everything has received the
-right bytes, and a failed download cuts every reader short.
+(the first included) streams from the growing file through its own file descriptor, with
+sendfile. A client that goes away stops
+only its own reader. The last byte of any answer is held back until the whole blob is
+verified, so a client that received everything has received the right bytes, and a failed
+download cuts every reader short. Readers get that last byte as soon as the digest
+matches: the fsync and rename into the cache come after.
 
 An upstream connection that breaks mid-body is resumed with a Range request (or, when the
 upstream ignores the Range, received again from the start with the bytes already written
@@ -27,6 +29,7 @@ import sqlite3
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.eviction import Evictor
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 
 Hold = contextlib.AbstractContextManager[None]  # a digest held in use while it lives
 
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 256 * 1024  # bytes a reader takes from memory at a time (pass-through)
 PASSTHROUGH_WINDOW = 4 * 1024 * 1024  # bytes kept in memory for readers of an uncached blob
 GROWTH_STEP = 16 * 1024 * 1024  # reserved at a time for a blob of undeclared length
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -54,6 +57,15 @@ class CachedBlob:
     size: int
 
 
+@dataclass(frozen=True)
+class Span:
+    """`count` bytes of `file` from `offset`, for the web layer to send with sendfile."""
+
+    file: BinaryIO
+    offset: int
+    count: int
+
+
 class Fetch:
     """One upstream download of one digest, followed by any number of readers."""
 
@@ -63,7 +75,8 @@ class Fetch:
         self.length: int | None = None
         self.reserved = 0  # bytes of the cache budget held for this download
         self.error: RegistryError | None = None
-        self.done = False
+        self.verified = False  # every byte is here and matches the digest
+        self.done = False  # and the blob is cached (or could not be)
         self.started = asyncio.Event()
         self._progress = asyncio.Event()
         # Readers dup this descriptor: it stays valid across the rename at commit and the
@@ -76,10 +89,6 @@ class Fetch:
         self._hash = writer.digest.hasher()
         self._positions: dict[int, int] = {}
         self._reader_moved = asyncio.Event()
-
-    @property
-    def verified(self) -> bool:
-        return self.done and self.error is None
 
     @property
     def written(self) -> int:
@@ -117,13 +126,19 @@ class Fetch:
         return filled
 
     def check(self) -> None:
-        """Pass-through: whether what went by hashes to the digest, with the declared length."""
-        actual = self._hash.hexdigest()
-        if actual != self.digest.hex or self.length not in (None, self._received):
-            raise DigestMismatch(
-                f"upstream sent {self._received} bytes hashing to {self.digest.algorithm}:"
-                f"{actual} for {self.digest} (expected length {self.length})"
-            )
+        """Whether what arrived hashes to the digest, with the declared length; then the
+        readers may take their last bytes."""
+        if self.window is None:
+            self.writer.check(self.length)
+        else:
+            actual = self._hash.hexdigest()
+            if actual != self.digest.hex or self.length not in (None, self._received):
+                raise DigestMismatch(
+                    f"upstream sent {self._received} bytes hashing to {self.digest.algorithm}:"
+                    f"{actual} for {self.digest} (expected length {self.length})"
+                )
+        self.verified = True
+        self.notify()
 
     async def make_room(self) -> None:
         """Pass-through: wait until the window is small, dropping what every reader has."""
@@ -136,13 +151,13 @@ class Fetch:
             self._reader_moved.clear()
             await self._reader_moved.wait()
 
-    def read(self, fd: int, size: int, offset: int) -> bytes:
+    def read(self, file: BinaryIO, size: int, offset: int) -> Span | bytes:
         if self.window is None:
-            return os.pread(fd, size, offset)
+            return Span(file, offset, size)
         if offset < self._window_start:  # written before the disk filled up
-            return os.pread(fd, min(size, self._window_start - offset), offset)
+            return Span(file, offset, min(size, self._window_start - offset))
         start = offset - self._window_start
-        return bytes(self.window[start : start + size])
+        return bytes(self.window[start : start + min(size, READ_CHUNK)])
 
     def reader_at(self, reader: int, offset: int | None) -> None:
         """Where a reader is (None: gone), so pass-through knows what it may drop."""
@@ -169,6 +184,12 @@ class Fetch:
         if self.error is not None:
             raise self.error
         return self.length
+
+    async def wait_verified(self) -> None:
+        while not self.verified and self.error is None:
+            await self._progress.wait()
+        if self.error is not None:
+            raise self.error
 
     async def wait_done(self) -> None:
         while not self.done:
@@ -199,7 +220,7 @@ class BlobReader:
 
     def __init__(self, fetch: Fetch, fd: int, hold: Hold) -> None:
         self.fetch = fetch
-        self._fd = fd
+        self._file: BinaryIO = os.fdopen(fd, "rb", buffering=0)
         self._hold = hold
         hold.__enter__()
         fetch.reader_at(id(self), 0)
@@ -208,14 +229,14 @@ class BlobReader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if not self._file.closed:
+            self._file.close()
             self.fetch.reader_at(id(self), None)
             self._hold.__exit__(None, None, None)
 
-    async def chunks(self, byte_range: ByteRange | None) -> AsyncGenerator[bytes, None]:
-        """The bytes of `byte_range` (or the whole blob) as they arrive; raises on failure."""
+    async def chunks(self, byte_range: ByteRange | None) -> AsyncGenerator[Span | bytes, None]:
+        """The bytes of `byte_range` (or the whole blob) as they arrive: spans of the file,
+        or bytes from memory when passing through; raises on failure."""
         fetch = self.fetch
         offset = byte_range.start if byte_range else 0
         stop = byte_range.end + 1 if byte_range else fetch.length
@@ -223,17 +244,17 @@ class BlobReader:
         while stop is None or offset < stop:
             limit = fetch.readable(stop)
             if offset < limit:
-                chunk = fetch.read(self._fd, min(READ_CHUNK, limit - offset), offset)
-                offset += len(chunk)
-                yield chunk
+                piece = fetch.read(self._file, limit - offset, offset)
+                offset += piece.count if isinstance(piece, Span) else len(piece)
+                yield piece
                 fetch.reader_at(id(self), offset)
             elif fetch.error is not None:
                 raise fetch.error
-            elif fetch.done:
+            elif fetch.verified:
                 return
             else:
                 await fetch.progress()
-        await fetch.wait_done()  # an empty answer, too, is complete only once verified
+        await fetch.wait_verified()  # an empty answer, too, is complete only once verified
 
 
 class BlobProxy:
@@ -287,6 +308,11 @@ class BlobProxy:
             task.add_done_callback(self._tasks.discard)
         return fetch.open_reader(self.hold(digest))
 
+    async def idle(self) -> None:
+        """Until no download is running: each blob fetched is cached (or failed)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
     async def close(self) -> None:
         """Stop downloads still running (at shutdown)."""
         for task in list(self._tasks):
@@ -300,9 +326,8 @@ class BlobProxy:
         self.metrics.fetches_in_flight.inc()
         try:
             await self._receive(fetch, upstream, repository)
-            if fetch.window is not None:
-                fetch.check()
-            else:
+            fetch.check()
+            if fetch.window is None:
                 await self._keep(fetch, upstream)
         except RegistryError as exc:
             error = exc
@@ -331,17 +356,15 @@ class BlobProxy:
             del self._fetches[upstream.name, fetch.digest]
 
     async def _keep(self, fetch: Fetch, upstream: Upstream) -> None:
-        """Verify and commit the file, and index it. Once verified, a failure to store it
-        leaves the readers' answers whole: the blob was served, only not cached."""
+        """Commit the verified file and index it. A failure to store it leaves the readers'
+        answers whole: the blob was served, only not cached."""
         private = upstream.config.access == "authenticated"
         try:
             if private:  # before the file is in place, so a crash cannot leave it public
                 await self.index.mark_private(fetch.digest)
-            await asyncio.to_thread(fetch.writer.commit, fetch.length)
+            await asyncio.to_thread(fetch.writer.commit)
             await self.index.add_blob(fetch.digest, fetch.written, public=not private)
         except (OSError, sqlite3.Error) as exc:
-            if not fetch.writer.verified:
-                raise UpstreamError(f"could not store {fetch.digest}: {exc}") from exc
             log.warning("%s was served but could not be cached: %s", fetch.digest, exc)
             return
         self._disk_full = False

@@ -1,8 +1,8 @@
 """Content-addressed blob files: the only place that knows where a digest lives on disk.
 
 A file is visible under its digest only once complete and verified: writers fill a
-temp file while hashing it, and `BlobWriter.commit` fsyncs and `os.replace`s it into
-place when digest and length match.
+temp file while hashing it, `BlobWriter.check` compares digest and length, and
+`BlobWriter.commit` fsyncs and `os.replace`s it into place.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class BlobStore:
         writer = self.writer(digest)
         try:
             writer.write(data)
-            return writer.commit(len(data))
+            writer.check(len(data))
+            return writer.commit()
         finally:
             writer.close()
 
@@ -117,18 +118,22 @@ class BlobWriter:
         """A copy of the hash of what was written so far."""
         return self._hash.copy()
 
-    def commit(self, expected_length: int | None) -> Path:
-        """Verify, fsync and move into place; raises DigestMismatch and removes the temp file."""
+    def check(self, expected_length: int | None) -> None:
+        """Whether the bytes written are the blob; raises DigestMismatch and removes the
+        temp file when they are not."""
         actual = self._hash.hexdigest()
-        if actual != self.digest.hex or (
-            expected_length is not None and expected_length != self.written
-        ):
+        if actual != self.digest.hex or expected_length not in (None, self.written):
             self.close()
             raise DigestMismatch(
                 f"upstream sent {self.written} bytes hashing to {self.digest.algorithm}:{actual}"
                 f" for {self.digest} (expected length {expected_length}); not cached"
             )
         self.verified = True
+
+    def commit(self) -> Path:
+        """Fsync a checked file and move it into place."""
+        if not self.verified:
+            raise RuntimeError(f"{self.digest} was not checked before its commit")
         os.fsync(self._file.fileno())
         self._file.close()
         final = self.store.path(self.digest)

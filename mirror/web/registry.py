@@ -6,7 +6,9 @@ pull-through proxy, and turns its answer into a response. Push methods are refus
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import re
 from contextlib import aclosing
 from pathlib import Path
@@ -25,7 +27,7 @@ from mirror.errors import (
     Unsupported,
 )
 from mirror.logs import CACHE_RESULT, UPSTREAM_NAME
-from mirror.proxy.blobs import BlobProxy, BlobReader, Hold
+from mirror.proxy.blobs import BlobProxy, BlobReader, Hold, Span
 from mirror.proxy.manifests import ManifestProxy
 from mirror.reference import (
     OCI_INDEX,
@@ -50,6 +52,7 @@ UPSTREAMS = web.AppKey("upstreams", dict[str, Upstream])
 NAMESPACE = web.RequestKey("namespace", str)  # the `ns` that chose the upstream
 
 OCTET_STREAM = "application/octet-stream"
+COPY_CHUNK = 256 * 1024  # bytes read at a time where sendfile cannot be used
 _LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
 
 
@@ -212,9 +215,8 @@ async def _stream(
     try:
         async with aclosing(reader.chunks(byte_range)) as chunks:
             served = request.app[METRICS].served_bytes.labels("upstream")
-            async for chunk in chunks:
-                await response.write(chunk)
-                served.inc(len(chunk))
+            async for piece in chunks:
+                served.inc(await _send(request, response, piece))
     except RegistryError as error:
         # Headers are gone already: cutting the connection is the only way to say "failed".
         log.warning("cut %s %s mid-body: %s", request.method, request.path, error.message)
@@ -223,6 +225,37 @@ async def _stream(
         return response
     await response.write_eof()
     return response
+
+
+async def _send(request: web.Request, response: web.StreamResponse, piece: Span | bytes) -> int:
+    if isinstance(piece, bytes):
+        await response.write(piece)
+        return len(piece)
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the client went away")
+    # Chunked answers need framing around the bytes, and TLS encrypts them in Python.
+    if response.content_length is None or transport.get_extra_info("sslcontext") is not None:
+        await _copy(response, piece)
+        return piece.count
+    try:  # from the page cache to the socket, no copy through Python
+        await asyncio.get_running_loop().sendfile(
+            transport, piece.file, piece.offset, piece.count, fallback=False
+        )
+    except (NotImplementedError, asyncio.SendfileNotAvailableError):  # before any byte went
+        await _copy(response, piece)
+    return piece.count
+
+
+async def _copy(response: web.StreamResponse, piece: Span) -> None:
+    """Not asyncio's sendfile fallback: it seeks the file, whose offset all readers share."""
+    fd, offset, end = piece.file.fileno(), piece.offset, piece.offset + piece.count
+    while offset < end:
+        data = os.pread(fd, min(COPY_CHUNK, end - offset), offset)
+        if not data:
+            raise OSError(f"{piece.file.name} is shorter than the bytes written to it")
+        await response.write(data)
+        offset += len(data)
 
 
 async def tags(request: web.Request) -> web.Response:
