@@ -321,6 +321,16 @@ async def test_https_with_a_certificate_skopeo_trusts(
         extra_args=[*verified, "--src-creds", ALICE],
     )
     assert dir_digests(tmp_path / "pulled") >= secret.blob_digests()
+    # Again, from the cache: hits go out through TLS too (read and encrypted, no sendfile).
+    private.reset_counts()
+    await skopeo_copy_async(
+        f"{mirror.host}/private/team/app:1",
+        tmp_path / "again",
+        extra_args=[*verified, "--src-creds", ALICE],
+    )
+    assert dir_digests(tmp_path / "again") >= secret.blob_digests()
+    await private.settle()
+    assert private.count("GET", "/blobs/") == 0
     # Without the CA, verification fails: it is a real TLS check.
     with pytest.raises(AssertionError, match=r"(?i)certificate"):
         await skopeo_copy_async(

@@ -29,6 +29,7 @@ from upstream_registry import OCI_MANIFEST, PushedImage, RegistryProcess, push_i
 from mirror.app import make_app
 from mirror.cli import main as cli
 from mirror.reference import parse_image_reference
+from mirror.web.ops import EVICTOR
 
 if TYPE_CHECKING:
     from conftest import MirrorClient, MirrorProcess
@@ -86,6 +87,34 @@ async def test_pulls_beyond_the_budget_keep_the_most_recent(
     await registry.settle()
     assert registry.blob_gets("lru/i0") >= 1
     assert disk_bytes(storage) <= budget
+
+
+async def test_an_evicted_manifest_is_not_served_from_memory(
+    registry: RegistryProcess, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    image = await push_image(registry.url, "mem/app", "v1", [KIB])
+    mirror = await make_mirror(registry.url, storage=tmp_path / "cache", budget={"max_age": 1.0})
+    path = f"/v2/mem/app/manifests/{image.manifest_digest}"
+
+    async def get() -> str:
+        async with mirror.get(path, headers={"Accept": OCI_MANIFEST}) as resp:
+            assert await resp.read() == image.manifest_bytes
+            return resp.headers["Docker-Content-Digest"]
+
+    assert await get() == image.manifest_digest
+    registry.reset_counts()
+    await get()  # a hit, from memory
+    await registry.settle()
+    assert registry.count("GET", "/manifests/") == 0
+
+    await asyncio.sleep(1.1)
+    assert mirror.app is not None
+    assert (await mirror.app[EVICTOR].run_pass()).blobs == 1
+    assert not blob_path(tmp_path / "cache", image.manifest_digest).exists()
+    await get()  # evicted: fetched again, and cached again
+    await registry.settle()
+    assert registry.count("GET", "/manifests/") == 1
+    assert blob_path(tmp_path / "cache", image.manifest_digest).exists()
 
 
 async def test_a_blob_streaming_to_a_slow_client_is_not_evicted(

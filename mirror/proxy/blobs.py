@@ -28,7 +28,6 @@ import os
 import sqlite3
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 from mirror.errors import RegistryError, UpstreamCut, UpstreamError
@@ -51,10 +50,19 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 @dataclass(frozen=True)
 class CachedBlob:
-    """A complete, verified blob on disk."""
+    """A complete, verified blob on disk, open and held in use (away from the evictor)
+    until closed: it is a context manager."""
 
-    path: Path
+    file: BinaryIO
     size: int
+    hold: Hold
+
+    def __enter__(self) -> CachedBlob:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.file.close()
+        self.hold.__exit__(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -275,21 +283,26 @@ class BlobProxy:
         return self.evictor.in_use.hold(digest)
 
     def local(self, upstream: Upstream, digest: Digest) -> CachedBlob | None:
-        """The cached blob, recording the use; None on a miss (or a private blob asked for
-        through a public upstream). Call it under `hold`."""
+        """The cached blob, open, recording the use; None on a miss (or a private blob
+        asked for through a public upstream)."""
         if self.index.hidden(digest, upstream.config.access):
             return None
-        size = self.store.size(digest)
-        if size is None:
+        hold = self.hold(digest)
+        hold.__enter__()
+        try:
+            file = self.store.open_blob(digest)
+        except FileNotFoundError:
+            hold.__exit__(None, None, None)
             return None
         self.index.touch(digest)
-        return CachedBlob(self.store.path(digest), size)
+        return CachedBlob(file, os.fstat(file.fileno()).st_size, hold)
 
     async def size(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
         """For HEAD: the size from the cache, a download under way, or the upstream."""
         cached = self.local(upstream, digest)
         if cached is not None:
-            return cached.size
+            with cached:
+                return cached.size
         fetch = self._fetches.get((upstream.name, digest))
         if fetch is not None:
             return await fetch.wait_started()

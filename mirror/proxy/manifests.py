@@ -37,6 +37,7 @@ from mirror.upstream.client import Upstream, UpstreamListing
 log = logging.getLogger(__name__)
 
 LISTING_CACHE_ENTRIES = 1024
+MEMORY_BYTES = 16 * 1024 * 1024  # cached manifests also kept in memory, most recent first
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class ManifestProxy:
         self.evictor = evictor
         self.metrics = metrics or Metrics()
         self._listings: OrderedDict[tuple[str, str], tuple[float, UpstreamListing]] = OrderedDict()
+        # Hits without a query or a read: manifests are small, and asked for on every pull.
+        self._recent: OrderedDict[Digest, Manifest] = OrderedDict()
+        self._recent_bytes = 0
         # Upstream work under way, shared by every request that needs it: by (upstream,
         # digest), or by (upstream, repository, tag, accept).
         self._fetches: dict[Hashable, asyncio.Task[Manifest]] = {}
@@ -276,6 +280,8 @@ class ManifestProxy:
             await self.index.add_blob(digest, len(body), media_type, public=not private)
         except (OSError, sqlite3.Error) as exc:  # a full disk, say: verified, so served
             log.warning("manifest %s was served but could not be cached: %s", digest, exc)
+        else:
+            self._remember(Manifest(body, media_type, digest, "hit"))
         finally:
             self.evictor.release(len(body))
         return Manifest(body, media_type, digest)
@@ -284,6 +290,17 @@ class ManifestProxy:
         """The cached manifest; None on a miss, or when it is private and `upstream` public."""
         if self.index.hidden(digest, upstream.config.access):
             return None
+        manifest = self._recent.get(digest)
+        if manifest is not None and self.store.size(digest) is not None:  # not evicted
+            self._recent.move_to_end(digest)
+        else:
+            manifest = await self._read(digest)
+            if manifest is None:
+                return None
+        self.index.touch(digest)
+        return manifest
+
+    async def _read(self, digest: Digest) -> Manifest | None:
         row = await self.index.blob(digest)
         if row is None or row.media_type is None:
             return None
@@ -291,8 +308,18 @@ class ManifestProxy:
             body = self.store.path(digest).read_bytes()
         except FileNotFoundError:
             return None
-        self.index.touch(digest)
-        return Manifest(body, row.media_type, digest, "hit")
+        manifest = Manifest(body, row.media_type, digest, "hit")
+        self._remember(manifest)
+        return manifest
+
+    def _remember(self, manifest: Manifest) -> None:
+        old = self._recent.pop(manifest.digest, None)
+        self._recent_bytes -= len(old.body) if old else 0
+        self._recent[manifest.digest] = manifest
+        self._recent_bytes += len(manifest.body)
+        while self._recent_bytes > MEMORY_BYTES:
+            _, dropped = self._recent.popitem(last=False)
+            self._recent_bytes -= len(dropped.body)
 
 
 def _descriptors(index: bytes) -> list[dict[str, Any]]:

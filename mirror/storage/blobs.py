@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from mirror.errors import RegistryError, UpstreamError
 from mirror.reference import Digest, parse_digest
@@ -25,6 +26,7 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
+        self._blobs = str(root / "blobs")  # hits build names as strings: pathlib is slow
 
     def open(self) -> None:
         """Create the layout; drop temp files of downloads a crash interrupted."""
@@ -42,14 +44,21 @@ class BlobStore:
 
         The two-hex fan-out keeps directories small at 100,000s of blobs.
         """
-        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+        return Path(self._name(digest))
+
+    def _name(self, digest: Digest) -> str:
+        return f"{self._blobs}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
     def size(self, digest: Digest) -> int | None:
         """The size of a complete blob, or None when it is not cached."""
         try:
-            return self.path(digest).stat().st_size
+            return os.stat(self._name(digest)).st_size
         except FileNotFoundError:
             return None
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        """A complete blob, open for reading; raises FileNotFoundError when not cached."""
+        return open(self._name(digest), "rb", buffering=0)
 
     def remove(self, digest: Digest) -> None:
         self.path(digest).unlink(missing_ok=True)
