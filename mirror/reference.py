@@ -125,8 +125,8 @@ class ByteRange:
         return f"bytes {self.start}-{self.end}/{size}"
 
 
-# RFC 9110 §14.1: the unit is case-insensitive and a DIGIT is ASCII 0-9 only, as aiohttp's
-# FileResponse reads them (`\d` would take Arabic-Indic digits, and IGNORECASE without
+# RFC 9110 §14.1: the unit is case-insensitive and a DIGIT is ASCII 0-9 only, as aiohttp
+# reads them (`\d` would take Arabic-Indic digits, and IGNORECASE without
 # ASCII a long s, U+017F, for the s of bytes).
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 
@@ -134,8 +134,8 @@ _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 def parse_range(header: str, size: int) -> ByteRange:
     """One `bytes=` range (the only form registries and clients use) against `size`.
 
-    Multiple ranges and malformed headers are answered 416, as aiohttp's own
-    FileResponse does, so cached and uncached blobs behave the same.
+    Multiple ranges and malformed headers are answered 416, as aiohttp's FileResponse
+    does; cached and growing blobs are both answered through this.
     """
     match = _RANGE.fullmatch(header.strip(" \t"))
     if match is None:

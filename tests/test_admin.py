@@ -117,6 +117,7 @@ async def test_warm_pulls_through_the_running_mirror(
     assert code == 0, captured.err
     assert "warmed 1 of 1 images" in captured.out
     assert "adm/warm:v1  [" in captured.err  # the progress bar
+    await downloads_stored(mirror)
     for digest in [image.manifest_digest, *image.blob_digests()]:
         assert blob_file(storage, digest).exists()
     await registry.settle()

@@ -3,11 +3,10 @@
 A `Fetch` is owned by `BlobProxy`, not by the request that started it: a task writes
 the upstream body into a temp file while hashing it, and every request for that digest
 (the first included) streams from the growing file through its own file descriptor, with
-sendfile. A client that goes away stops
-only its own reader. The last byte of any answer is held back until the whole blob is
-verified, so a client that received everything has received the right bytes, and a failed
-download cuts every reader short. Readers get that last byte as soon as the digest
-matches: the fsync and rename into the cache come after.
+sendfile. A client that goes away stops only its own reader. The last byte of any answer
+is held back until the whole blob is verified, so a client that received everything has
+received the right bytes, and a failed download cuts every reader short. Readers get that
+last byte as soon as the digest matches: the fsync and rename into the cache come after.
 
 An upstream connection that breaks mid-body is resumed with a Range request (or, when the
 upstream ignores the Range, received again from the start with the bytes already written
