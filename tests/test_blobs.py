@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -754,6 +755,31 @@ async def test_memory_stays_bounded_with_a_stalled_client(
 
 
 # --- 9. the digest path appears only when complete ----------------------------------------
+
+
+async def test_a_client_gets_its_last_byte_before_the_blob_is_committed(
+    upstream: FakeUpstream,
+    make_mirror: MakeMirror,
+    storage: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blob = upstream.add(make_blob(MiB))
+    client = await make_mirror(upstream.url, storage=storage)
+    committing = threading.Event()
+    real_commit = BlobWriter.commit
+
+    def held_commit(self: BlobWriter) -> Path:  # the fsync of a big blob, made endless
+        committing.wait(PULL_TIMEOUT)
+        return real_commit(self)
+
+    monkeypatch.setattr(BlobWriter, "commit", held_commit)
+    try:
+        pulled = await pull(client, blob.path)
+        assert (pulled.status, pulled.sha256) == (200, blob.digest)
+        assert not cached_path(storage, blob).exists()
+    finally:
+        committing.set()
+    await wait_for_file(cached_path(storage, blob))
 
 
 async def test_blob_is_visible_under_its_digest_only_when_complete(

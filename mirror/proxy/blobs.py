@@ -297,11 +297,8 @@ class BlobProxy:
         return CachedBlob(file, os.fstat(file.fileno()).st_size, hold)
 
     async def size(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
-        """For HEAD: the size from the cache, a download under way, or the upstream."""
-        cached = self.local(upstream, digest)
-        if cached is not None:
-            with cached:
-                return cached.size
+        """For a HEAD that `local` missed: the size from a download under way, or the
+        upstream."""
         fetch = self._fetches.get((upstream.name, digest))
         if fetch is not None:
             return await fetch.wait_started()
