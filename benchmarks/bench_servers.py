@@ -91,17 +91,27 @@ class Direct:
 
 
 class MirrorServer:
-    """`mirror serve --config FILE` with an empty cache under `workdir`."""
+    """`mirror serve --config FILE` with an empty cache under `workdir`, once all its
+    `workers` processes serve."""
 
-    def __init__(self, workdir: Path, upstream_url: str) -> None:
+    def __init__(self, workdir: Path, upstream_url: str, workers: int) -> None:
         workdir.mkdir(parents=True)
         config = workdir / "mirror.yaml"
-        config.write_text(mirror_config(workdir / "cache", upstream_url))
+        config.write_text(mirror_config(workdir / "cache", upstream_url) + f"workers: {workers}\n")
         self.process = MirrorProcess(["--config", str(config)], workdir / "mirror.log")
         self.url = self.process.url
+        deadline = time.monotonic() + 30
+        while self.process.log().count("serving cache hits") < workers - 1:
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"mirror workers did not start:\n{self.process.log()}")
+            time.sleep(0.05)
 
     def pids(self) -> list[int]:
-        return [self.process.proc.pid] if self.process.proc.poll() is None else []
+        """The primary, its workers (and multiprocessing's resource tracker)."""
+        if self.process.proc.poll() is not None:
+            return []
+        return [self.process.proc.pid, *child_pids(self.process.proc.pid)]
 
     def stop(self) -> None:
         self.process.stop()
@@ -253,6 +263,7 @@ class Lab:
     upstream: BenchRegistry
     nginx: str | None
     nginx_workers: str
+    mirror_workers: int
     static_root: Path
     manifest_type: str
     _serial: Iterator[int] = field(default_factory=itertools.count)
@@ -272,7 +283,7 @@ class Lab:
         if kind == DIRECT:
             return Direct(self.upstream)
         if kind == MIRROR:
-            return MirrorServer(workdir, self.upstream.url)
+            return MirrorServer(workdir, self.upstream.url, self.mirror_workers)
         if kind == REGISTRY_PROXY:
             proxy = {"proxy": {"remoteurl": self.upstream.url}}
             registry = BenchRegistry(workdir, extra_config=proxy)

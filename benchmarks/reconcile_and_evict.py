@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from mirror.config import Config, StorageConfig
-from mirror.eviction import Evictor, InUse
+from mirror.eviction import Evictor
 from mirror.reference import digest_of, parse_digest
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
@@ -68,7 +68,7 @@ async def main(count: int) -> None:
         usage = await index.usage()
         budget = usage.bytes * 4  # the pass evicts to the low watermark: half the blobs
         config = Config(storage=StorageConfig(path=root, max_size=budget, low_watermark=0.125))
-        evictor = Evictor(config, store, index, InUse())
+        evictor = Evictor(config, store, index)
         began = time.perf_counter()
         evicted = await evictor.run_pass(force=True)
         took = time.perf_counter() - began

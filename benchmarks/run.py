@@ -92,6 +92,7 @@ class Settings:
     wrk_threads: int = 2
     warm_gets: int = 2  # warm GETs after each cold one
     nginx_workers: str = "1"
+    mirror_workers: int = 1
 
 
 QUICK = Settings(big_mib=128, rounds=1, skopeo_rounds=1, wrk_seconds=2)
@@ -480,6 +481,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skopeo-rounds", type=int, help="skopeo rounds, small images (3; 1)")
     parser.add_argument("--wrk-seconds", type=int, help="each wrk run (5; quick 2)")
     parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes (1)")
+    parser.add_argument("--mirror-workers", type=int, default=1, help="mirror's workers (1)")
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir)")
     args = parser.parse_args(argv)
     for name, chosen, known in (("--only", args.only, KINDS), ("--phases", args.phases, PHASES)):
@@ -498,7 +500,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "wrk_seconds": args.wrk_seconds,
     }
     chosen = {k: v for k, v in overrides.items() if v is not None}
-    return replace(base, nginx_workers=args.nginx_workers, **chosen)
+    return replace(
+        base, nginx_workers=args.nginx_workers, mirror_workers=args.mirror_workers, **chosen
+    )
 
 
 def choose(args: argparse.Namespace, tools: dict[str, str | None]) -> tuple[list[str], list[str]]:
@@ -562,6 +566,7 @@ def measure(args: argparse.Namespace, tools: dict[str, str | None]) -> Results:
             upstream,
             tools["nginx"],
             settings.nginx_workers,
+            settings.mirror_workers,
             work / "static",
             images["small"].pushed.media_type,
         )
@@ -580,7 +585,8 @@ def headline(results: Results) -> str:
     meta, s = results.meta, results.meta["settings"]
     return (
         f"{meta['mode']} run, {meta['seconds']} s; big blob {s['big_mib']} MiB, {s['rounds']} "
-        f"round(s), medians; (Nx) is the ratio to the contender named under `ratio vs`"
+        f"round(s), medians; mirror workers {s['mirror_workers']}, nginx worker_processes "
+        f"{s['nginx_workers']}; (Nx) is the ratio to the contender named under `ratio vs`"
     )
 
 

@@ -23,7 +23,7 @@ import aiohttp
 
 from mirror.config import Config
 from mirror.errors import ConfigError, RegistryError
-from mirror.eviction import Evictor, InUse
+from mirror.eviction import Evictor
 from mirror.reference import MANIFEST_TYPES, Digest, parse_image_reference
 from mirror.storage.blobs import BlobStore
 from mirror.storage.images import content_of
@@ -223,7 +223,7 @@ async def _storage(config: Config) -> AsyncIterator[tuple[Evictor, Index]]:
     await index.open()
     try:
         # No BlobStore.open(): its temp files may be a running server's downloads.
-        yield Evictor(config, BlobStore(config.storage.path), index, InUse()), index
+        yield Evictor(config, BlobStore(config.storage.path), index), index
     finally:
         await index.close()
 

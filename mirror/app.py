@@ -1,4 +1,5 @@
-"""The aiohttp application, built the same way in production and in tests."""
+"""The aiohttp applications, built the same way in production and in tests: the mirror
+(the primary process) and, with `workers` > 1, a worker's (cache hits only)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from mirror.access import Gate, read_htpasswd
 from mirror.config import Config
-from mirror.eviction import Evictor, InUse
+from mirror.eviction import Evictor
 from mirror.metrics import Metrics
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.manifests import ManifestProxy
@@ -21,12 +22,36 @@ from mirror.storage.reconcile import reconcile
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Router
 from mirror.web import ops, registry
+from mirror.web.handoff import Sender
 from mirror.web.middleware import METRICS, api_version_header, observe, registry_errors
 
 CONFIG = web.AppKey("config", Config)
 
 
 def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    app = _base_app(config, metrics)
+    app.cleanup_ctx.append(_storage_and_upstream)
+    registry.add_routes(app)
+    ops.add_routes(app)
+    return app
+
+
+def make_worker_app(config: Config, handoff: str) -> web.Application:
+    """A worker's: hits from the cache, and everything else handed to the primary over the
+    Unix socket at `handoff`. It neither downloads nor evicts."""
+    app = _base_app(config, None)
+    app[registry.SENDER] = Sender(handoff)
+    # With private blobs possible, only the primary knows which they are (Index.private).
+    private = any(u.access == "authenticated" for u in config.upstreams)
+    app[registry.PRIMARY_CHECKS] = frozenset(
+        u.name for u in config.upstreams if private and u.access == "public"
+    )
+    app.cleanup_ctx.append(_worker_storage)
+    registry.add_worker_routes(app)
+    return app
+
+
+def _base_app(config: Config, metrics: Metrics | None) -> web.Application:
     app = web.Application(middlewares=[observe, registry_errors])
     app[CONFIG] = config
     app[METRICS] = metrics or Metrics()
@@ -36,9 +61,6 @@ def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
         anyone_may_pull=any(u.access == "public" for u in config.upstreams),
     )
     app.on_response_prepare.append(api_version_header)
-    app.cleanup_ctx.append(_storage_and_upstream)
-    registry.add_routes(app)
-    ops.add_routes(app)
     return app
 
 
@@ -49,7 +71,7 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     index = Index(config.storage.path / INDEX_FILE)
     await index.open()
     session = aiohttp.ClientSession(auto_decompress=False)
-    evictor = Evictor(config, store, index, InUse(), metrics)
+    evictor = Evictor(config, store, index, metrics)
     blobs = BlobProxy(store, index, evictor, metrics)
     upstreams: dict[str, Upstream] = {}
     evicting: asyncio.Task[None] | None = None
@@ -72,5 +94,28 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
         await blobs.close()
         for upstream_client in upstreams.values():
             await upstream_client.close()
+        await session.close()
+        await index.close()
+
+
+async def _worker_storage(app: web.Application) -> AsyncIterator[None]:
+    """The cache as the primary keeps it, read (and its uses recorded) but never changed;
+    upstream clients only to route requests: a worker sends nothing upstream."""
+    config, metrics = app[CONFIG], app[METRICS]
+    store = BlobStore(config.storage.path)  # not opened: that clears the primary's temp files
+    index = Index(config.storage.path / INDEX_FILE)
+    await index.open()
+    session = aiohttp.ClientSession()
+    sender = app[registry.SENDER]
+    try:
+        await sender.connect()
+        evictor = Evictor(config, store, index, metrics)  # never run: for the proxies' types
+        app[registry.ROUTER] = Router(config.upstreams)
+        app[registry.UPSTREAMS] = {u.name: Upstream(u, session, metrics) for u in config.upstreams}
+        app[registry.BLOBS] = BlobProxy(store, index, evictor, metrics)
+        app[registry.MANIFESTS] = ManifestProxy(store, index, evictor, metrics)
+        yield
+    finally:
+        sender.close()
         await session.close()
         await index.close()

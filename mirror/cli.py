@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
-
-from aiohttp import web
+from pathlib import Path
 
 from mirror import admin, logs
 from mirror.app import make_app
-from mirror.config import Config, load_config, server_ssl_context, with_overrides
+from mirror.config import Config, load_config, with_overrides
 from mirror.errors import ConfigError
-from mirror.web.listener import CappedSite
-from mirror.web.middleware import METRICS
+from mirror.metrics import share_between_processes
+from mirror.web.handoff import Receiver
+from mirror.web.listener import SHUTDOWN_TIMEOUT, run_until_stopped, serving
+from mirror.workers import Workers
 
 log = logging.getLogger("mirror")
-
-SHUTDOWN_TIMEOUT = 30.0  # SIGTERM: responses under way get this long to finish
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         overrides = {"storage": args.storage, "max_size": args.max_size}
         if args.command == "serve":
-            overrides |= {"listen": args.listen, "upstream": args.upstream}
+            overrides |= {"listen": args.listen, "upstream": args.upstream, "workers": args.workers}
         config = with_overrides(load_config(args.config), **overrides)
         if args.command == "serve":
             return serve(config)
@@ -65,46 +64,46 @@ def serve(config: Config) -> int:
             f" and /v2/{upstream.prefix}/..." if upstream.prefix else "",
             " (default)" if upstream.default else "",
         )
-    loop = asyncio.new_event_loop()
-    main = loop.create_task(_serve(make_app(config), config))
-    try:
-        loop.run_until_complete(main)
-    except (web.GracefulExit, KeyboardInterrupt):
-        pass  # SIGTERM or SIGINT: `_serve` closes down when cancelled
-    finally:
-        main.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            loop.run_until_complete(main)
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    if config.workers == 1:
+        run_until_stopped(_serve(config, None))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="mirror-") as shared:
+        metrics_dir = Path(shared, "metrics")
+        metrics_dir.mkdir()
+        share_between_processes(str(metrics_dir))
+        run_until_stopped(_serve(config, str(Path(shared, "handoff.sock"))))
     return 0
 
 
-async def _serve(app: web.Application, config: Config) -> None:
-    """What `web.run_app` does, with our own site: it caps client connections."""
-    runner = web.AppRunner(
-        app,
-        handle_signals=True,
-        access_log=logging.getLogger(logs.ACCESS),
-        access_log_class=logs.AccessLogger,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-        max_line_size=config.limits.max_header_size,
-        max_field_size=config.limits.max_header_size,
-    )
-    await runner.setup()
-    try:
-        site = CappedSite(
-            runner,
-            config.listen.host,
-            config.listen.port,
-            ssl_context=server_ssl_context(config.tls) if config.tls else None,
-            max_connections=config.limits.max_connections,
-            refused=app[METRICS].connections_refused,
-        )
-        await site.start()
-        await asyncio.Event().wait()  # until SIGTERM or SIGINT
-    finally:
-        await runner.cleanup()
+async def _serve(config: Config, handoff: str | None) -> None:
+    """The primary process, with its workers when `handoff` is the socket to take their
+    connections on."""
+    app = make_app(config)
+    if handoff is not None:
+        await _check_port_free(config)
+    async with serving(app, config) as runner:
+        if handoff is None:
+            await asyncio.Event().wait()  # until SIGTERM or SIGINT
+            return
+        assert runner.server is not None
+        receiver = Receiver(handoff, runner.server)
+        receiver.start()
+        workers = Workers(config, handoff)
+        try:
+            await workers.run()
+        finally:
+            await workers.stop(SHUTDOWN_TIMEOUT)
+            receiver.close()
+
+
+async def _check_port_free(config: Config) -> None:
+    """With SO_REUSEPORT a second mirror on the same port would not fail to bind, but take
+    half the connections: so first bind as a lone server would, and fail as it would."""
+    loop = asyncio.get_running_loop()
+    host, port = config.listen.host, config.listen.port
+    probe = await loop.create_server(asyncio.Protocol, host, port, start_serving=False)
+    probe.close()
+    await probe.wait_closed()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     _storage_flags(serve_cmd)
     serve_cmd.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve_cmd.add_argument("--upstream", help="upstream registry URL, replacing the default")
+    serve_cmd.add_argument("--workers", help="processes serving the port (default 1)")
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     _storage_flags(commands.add_parser("du", help="show the cache's disk use and budget"))

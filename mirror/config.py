@@ -169,6 +169,9 @@ class Config:
     auth: ClientAuth = field(default_factory=ClientAuth)
     tls: TlsConfig | None = None
     limits: Limits = field(default_factory=Limits)
+    # Processes sharing the listening port; the first fetches, the others serve cache hits
+    # and hand it every other request (web/handoff.py).
+    workers: int = 1
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -241,12 +244,13 @@ def load_config(path: Path | str | None = None) -> Config:
 
 
 def config_from_dict(data: object) -> Config:
-    keys = {"listen", "storage", "upstreams", "pins", "log", "auth", "tls", "limits"}
+    keys = {"listen", "storage", "upstreams", "pins", "log", "auth", "tls", "limits", "workers"}
     root = _mapping(data, "", keys)
     defaults = Config()
     upstreams = _upstreams(root["upstreams"]) if "upstreams" in root else defaults.upstreams
     auth = _client_auth(root.get("auth", {}))
     _check_access(upstreams, auth)
+    tls = _tls(root["tls"]) if "tls" in root else None
     return Config(
         listen=parse_listen(root["listen"]) if "listen" in root else defaults.listen,
         storage=_storage(root.get("storage", {})),
@@ -254,9 +258,22 @@ def config_from_dict(data: object) -> Config:
         pins=_pins(root.get("pins", []), upstreams),
         log=_log(root.get("log", {})),
         auth=auth,
-        tls=_tls(root["tls"]) if "tls" in root else None,
+        tls=tls,
         limits=_limits(root.get("limits", {})),
+        workers=_workers(root.get("workers", 1), "workers", tls),
     )
+
+
+def _workers(value: object, key: str, tls: TlsConfig | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"must be a whole number >= 1, got {value!r}")
+    if value > 1 and tls is not None:
+        raise ConfigError(
+            key,
+            "more than 1 needs plain HTTP (a TLS connection cannot be handed from one"
+            " process to another): terminate TLS in front of the mirror, or set workers: 1",
+        )
+    return value
 
 
 def _client_auth(data: object) -> ClientAuth:
@@ -337,8 +354,12 @@ def with_overrides(
     storage: str | None = None,
     upstream: str | None = None,
     max_size: str | None = None,
+    workers: str | None = None,
 ) -> Config:
     """Command-line flags win over the file."""
+    if workers is not None:
+        count = int(workers) if workers.isdigit() else workers
+        config = replace(config, workers=_workers(count, "--workers", config.tls))
     if listen is not None:
         config = replace(config, listen=parse_listen(listen, "--listen"))
     if storage is not None:

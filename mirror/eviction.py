@@ -9,8 +9,8 @@ cannot make room, the blob is served without being cached.
 The evictor runs as a background task, woken when the cache crosses the high watermark
 and once a minute (for `max_age`). It walks blobs least recently used first (one indexed
 query per batch), deletes the file and then the row, and stops at the low watermark. It
-skips blobs that a request is reading or a download is writing (`InUse`) and the content
-of pinned images.
+skips blobs that some process holds open (a request reading, a download writing: see
+`BlobStore.evict`) and the content of pinned images.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mirror.config import Config
@@ -38,27 +36,6 @@ PASS_INTERVAL = 60.0  # a pass at least this often, for max_age
 BATCH = 512
 
 
-class InUse:
-    """How many requests and downloads hold each digest right now (in-memory pin counts)."""
-
-    def __init__(self) -> None:
-        self._counts: Counter[str] = Counter()
-
-    @contextlib.contextmanager
-    def hold(self, digest: Digest) -> Iterator[None]:
-        key = str(digest)
-        self._counts[key] += 1
-        try:
-            yield
-        finally:
-            self._counts[key] -= 1
-            if self._counts[key] <= 0:
-                del self._counts[key]
-
-    def __contains__(self, digest: str) -> bool:
-        return digest in self._counts
-
-
 @dataclass(frozen=True)
 class Evicted:
     blobs: int
@@ -72,7 +49,6 @@ class Evictor:
         config: Config,
         store: BlobStore,
         index: Index,
-        in_use: InUse,
         metrics: Metrics | None = None,
     ) -> None:
         self.storage = config.storage
@@ -81,7 +57,6 @@ class Evictor:
         self.router = Router(config.upstreams)
         self.store = store
         self.index = index
-        self.in_use = in_use
         self.reserved = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -164,23 +139,17 @@ class Evictor:
                 if not expired and (target is None or used - freed <= target):
                     enough = True
                     break
-                if row.digest not in pinned and row.digest not in self.in_use:
+                # Files first, then rows: a crash in between leaves rows without files,
+                # which the next start drops.
+                if row.digest not in pinned and self.store.evict(parse_digest(row.digest)):
                     victims.append(row.digest)
                     freed += row.size
                     self.metrics.evictions.labels("age" if expired else "size").inc()
                     self.metrics.evicted_bytes.inc(row.size)
-            # Files first, then rows: a crash in between leaves rows without files, which
-            # the next start drops. The unlinks run on the loop, between the checks above
-            # and any request that could take a hold or commit the same digest anew.
-            self._remove_files(victims)
             await self.index.remove_blobs(victims)
             count += len(victims)
             after = (rows[-1].last_access, rows[-1].digest)
         return self._done(count, freed, used - freed)
-
-    def _remove_files(self, digests: list[str]) -> None:
-        for digest in digests:
-            self.store.remove(parse_digest(digest))
 
     def _done(self, count: int, freed: int, used: int) -> Evicted:
         if count:

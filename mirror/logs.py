@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from mirror.config import LogConfig
+from mirror.web.handoff import HandedOff
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 ACCESS = "mirror.access"
@@ -57,6 +58,8 @@ class AccessLogger(AbstractAccessLogger):
     """`GET /v2/library/alpine/blobs/sha256:… 200 3452 0.012s cache=hit upstream=hub`."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if isinstance(response, HandedOff):
+            return  # the primary logs it
         fields = {
             "method": request.method,
             "path": request.path,

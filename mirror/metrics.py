@@ -2,11 +2,28 @@
 
 No label takes unbounded values: no repository, tag or digest ever becomes a label.
 Gauges that mirror state held elsewhere (cache size, Hub quota) are set when scraped.
+
+With several worker processes, values live in files that every process writes and the
+scrape sums (prometheus_client's multiprocess mode): see `share_between_processes`.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_processes(directory: str) -> None:
+    """Before the first `Metrics`: keep values in files under `directory`, shared with the
+    processes started after this (they inherit the variable)."""
+    os.environ[MULTIPROC_DIR] = directory
+    # prometheus_client reads the variable when imported, which this process did already.
+    prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -40,15 +57,16 @@ class Metrics:
         )  # fmt: skip
         self.ratelimit_remaining = Gauge(
             "mirror_upstream_ratelimit_remaining", "Pulls left, per the upstream's headers.",
-            ["upstream"], registry=r,
+            ["upstream"], registry=r, multiprocess_mode="mostrecent",
         )  # fmt: skip
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit", "Pulls per window, per the upstream's headers.",
-            ["upstream"], registry=r,
+            ["upstream"], registry=r, multiprocess_mode="mostrecent",
         )  # fmt: skip
         self.fetches_in_flight = Gauge(
-            "mirror_fetches_in_flight", "Blob downloads under way.", registry=r
-        )
+            "mirror_fetches_in_flight", "Blob downloads under way.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.fetch_joins = Counter(
             "mirror_fetch_joins_total", "Requests that joined a download under way.", registry=r
         )
@@ -72,10 +90,15 @@ class Metrics:
             ["upstream"], registry=r,
         )  # fmt: skip
         self.cache_size = Gauge(
-            "mirror_cache_size_bytes", "Bytes counted against the budget.", registry=r
+            "mirror_cache_size_bytes", "Bytes counted against the budget.", registry=r,
+            multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.cache_max = Gauge(
+            "mirror_cache_max_bytes", "The budget.", registry=r, multiprocess_mode="mostrecent"
         )
-        self.cache_max = Gauge("mirror_cache_max_bytes", "The budget.", registry=r)
-        self.cache_blobs = Gauge("mirror_cache_blobs", "Blobs cached.", registry=r)
+        self.cache_blobs = Gauge(
+            "mirror_cache_blobs", "Blobs cached.", registry=r, multiprocess_mode="mostrecent"
+        )
         self.evictions = Counter(
             "mirror_evictions_total", "Blobs evicted, by why.", ["reason"], registry=r
         )
@@ -94,6 +117,14 @@ class Metrics:
             self.served_bytes.labels(source)
         for reason in ("size", "age"):
             self.evictions.labels(reason)
+
+    def exposition(self) -> bytes:
+        """The text format, of every process when they share values."""
+        if MULTIPROC_DIR not in os.environ:
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process)  # type: ignore[no-untyped-call]
+        return generate_latest(every_process)
 
     def add_upstream(self, name: str) -> None:
         """The series of a configured upstream, at 0 until it is used."""

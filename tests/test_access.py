@@ -35,7 +35,7 @@ from upstream_registry import (
 from mirror import access
 from mirror.access import Gate, read_htpasswd
 from mirror.app import make_app
-from mirror.config import config_from_dict, load_config
+from mirror.config import config_from_dict, load_config, with_overrides
 from mirror.errors import ConfigError, LoginRequired, TooManyRequests
 
 if TYPE_CHECKING:
@@ -338,6 +338,17 @@ async def test_https_with_a_certificate_skopeo_trusts(
             tmp_path / "untrusted",
             extra_args=["--src-tls-verify=true", "--src-creds", ALICE],
         )
+
+
+def test_tls_with_worker_processes_is_a_config_error(tmp_path: Path) -> None:
+    """A TLS connection cannot be handed from a worker to the primary process."""
+    cert, key = write_certificate(tmp_path / "tls")
+    with pytest.raises(ConfigError, match=r"^workers: more than 1 needs plain HTTP") as caught:
+        config_from_dict({"tls": {"cert": str(cert), "key": str(key)}, "workers": 2})
+    assert caught.value.key == "workers"
+    tls = config_from_dict({"tls": {"cert": str(cert), "key": str(key)}})
+    with pytest.raises(ConfigError, match=r"^--workers: more than 1"):
+        with_overrides(tls, workers="2")
 
 
 def test_a_bad_certificate_is_a_config_error(tmp_path: Path) -> None:

@@ -122,3 +122,36 @@ async def test_gc_evicts_the_oldest_down_to_the_low_watermark(
     assert all(BlobStore(root).path(d).exists() for d in rest)
     assert await asyncio.to_thread(main, ["gc", "--storage", str(root), "--max-size", "4MiB"]) == 0
     assert capsys.readouterr().out.startswith("evicted 0 blobs (0 B); ")
+
+
+def test_gc_skips_a_blob_another_process_is_reading(tmp_path: Path) -> None:
+    """Holds are file locks, so they hold across processes: a worker, or `mirror serve`
+    while `mirror gc` runs."""
+    root = tmp_path / "cache"
+    oldest, *rest = asyncio.run(make_cache(root, [MIB, MIB, MIB]))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", HOLD_OPEN, str(root), str(oldest)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "open\n"
+        assert main(["gc", "--storage", str(root), "--max-size", "2MiB"]) == 0
+        assert BlobStore(root).path(oldest).exists()  # LRU, but open elsewhere
+        assert not any(BlobStore(root).path(d).exists() for d in rest)
+    finally:
+        reader.communicate("")
+    assert main(["gc", "--storage", str(root), "--max-size", "1MiB"]) == 0
+    assert not BlobStore(root).path(oldest).exists()  # released when the reader closed it
+
+
+HOLD_OPEN = """
+import sys
+from pathlib import Path
+from mirror.reference import parse_digest
+from mirror.storage.blobs import BlobStore
+file, size = BlobStore(Path(sys.argv[1])).open_blob(parse_digest(sys.argv[2]))
+print("open", flush=True)
+sys.stdin.read()
+"""

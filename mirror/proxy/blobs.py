@@ -33,13 +33,11 @@ from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.eviction import Evictor
 from mirror.metrics import Metrics
 from mirror.reference import ByteRange, Digest
-from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch
+from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch, hold
 from mirror.storage.index import Index
 from mirror.upstream.client import Upstream, UpstreamBlob
 
 log = logging.getLogger(__name__)
-
-Hold = contextlib.AbstractContextManager[None]  # a digest held in use while it lives
 
 READ_CHUNK = 256 * 1024  # bytes a reader takes from memory at a time (pass-through)
 PASSTHROUGH_WINDOW = 4 * 1024 * 1024  # bytes kept in memory for readers of an uncached blob
@@ -49,19 +47,17 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 @dataclass(frozen=True)
 class CachedBlob:
-    """A complete, verified blob on disk, open and held in use (away from the evictor)
-    until closed: it is a context manager."""
+    """A complete, verified blob on disk, open and held from eviction until closed: it is
+    a context manager."""
 
     file: BinaryIO
     size: int
-    hold: Hold
 
     def __enter__(self) -> CachedBlob:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.file.close()
-        self.hold.__exit__(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -87,8 +83,10 @@ class Fetch:
         self.started = asyncio.Event()
         self._progress = asyncio.Event()
         # Readers dup this descriptor: it stays valid across the rename at commit and the
-        # unlink on failure, so a reader never races the file's move.
+        # unlink on failure, so a reader never races the file's move. Its hold, shared by
+        # the duplicates, keeps the evictor off the blob until the last reader is done.
         self._fd = os.open(writer.temp_path, os.O_RDONLY)
+        hold(self._fd)
         # Pass-through only: the bytes not yet read by every reader, and where each is.
         self.window: bytearray | None = None
         self._window_start = 0
@@ -214,22 +212,20 @@ class Fetch:
         held_back = self.written - 1 if stop is None else min(self.written, stop - 1)
         return max(held_back, 0)
 
-    def open_reader(self, hold: Hold) -> BlobReader:
+    def open_reader(self) -> BlobReader:
         """Only while the fetch is running (it is then in `BlobProxy._fetches`)."""
-        return BlobReader(self, os.dup(self._fd), hold)
+        return BlobReader(self, os.dup(self._fd))
 
 
 class BlobReader:
     """One request's view of a `Fetch`: its own descriptor on the growing file.
 
-    While open it holds the digest in use, so the evictor leaves the blob alone.
+    While open, its descriptor keeps the blob held from eviction (see `Fetch`).
     """
 
-    def __init__(self, fetch: Fetch, fd: int, hold: Hold) -> None:
+    def __init__(self, fetch: Fetch, fd: int) -> None:
         self.fetch = fetch
         self._file: BinaryIO = os.fdopen(fd, "rb", buffering=0)
-        self._hold = hold
-        hold.__enter__()
         fetch.reader_at(id(self), 0)
 
     def __enter__(self) -> BlobReader:
@@ -239,7 +235,6 @@ class BlobReader:
         if not self._file.closed:
             self._file.close()
             self.fetch.reader_at(id(self), None)
-            self._hold.__exit__(None, None, None)
 
     async def chunks(self, byte_range: ByteRange | None) -> AsyncGenerator[Span | bytes, None]:
         """The bytes of `byte_range` (or the whole blob) as they arrive: spans of the file,
@@ -277,24 +272,17 @@ class BlobProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._disk_full = False  # logged once, until a blob is stored again
 
-    def hold(self, digest: Digest) -> Hold:
-        """Keep the evictor off `digest` while a response reads it."""
-        return self.evictor.in_use.hold(digest)
-
     def local(self, upstream: Upstream, digest: Digest) -> CachedBlob | None:
         """The cached blob, open, recording the use; None on a miss (or a private blob
         asked for through a public upstream)."""
         if self.index.hidden(digest, upstream.config.access):
             return None
-        hold = self.hold(digest)
-        hold.__enter__()
         try:
-            file = self.store.open_blob(digest)
+            file, size = self.store.open_blob(digest)
         except FileNotFoundError:
-            hold.__exit__(None, None, None)
             return None
         self.index.touch(digest)
-        return CachedBlob(file, os.fstat(file.fileno()).st_size, hold)
+        return CachedBlob(file, size)
 
     async def size(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
         """For a HEAD that `local` missed: the size from a download under way, or the
@@ -315,7 +303,7 @@ class BlobProxy:
             task = asyncio.create_task(self._download(fetch, upstream, repository))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return fetch.open_reader(self.hold(digest))
+        return fetch.open_reader()
 
     async def idle(self) -> None:
         """Until no download is running: each blob fetched is cached (or failed)."""

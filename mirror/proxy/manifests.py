@@ -72,7 +72,7 @@ class ManifestProxy:
         It asks for every manifest type whatever this client accepts, since a digest names
         one content (distribution refuses an OCI manifest to an Accept without its type).
         """
-        cached = await self._local(upstream, digest)
+        cached = await self.cached(upstream, digest)
         if cached is not None:
             return cached
         wanted = tuple(dict.fromkeys(accept + MANIFEST_TYPES))
@@ -99,7 +99,7 @@ class ManifestProxy:
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
         # A request that found nothing may get here just after another's fetch stored it.
-        cached = await self._local(upstream, digest)
+        cached = await self.cached(upstream, digest)
         if cached is not None:
             return cached
         remote = await upstream.get_manifest(repository, str(digest), accept)
@@ -127,7 +127,7 @@ class ManifestProxy:
             # without replacing what the tag row says for everyone else.
             return await self._fetch_tag(upstream, repository, tag, accept, record=False)
         if cached is not None and fresh:
-            return cached  # a hit, as _local says
+            return cached  # a hit, as `cached` says
         if cached is None and not upstream.counts_pulls:
             # No pull quota to save: one GET by tag is quicker than a HEAD, then a GET.
             work = partial(self._fetch_tag, upstream, repository, tag, accept)
@@ -158,7 +158,7 @@ class ManifestProxy:
         if row is None:
             return None, False
         fresh = time.time() - row.checked_at < upstream.config.tag_ttl
-        return await self._local(upstream, parse_digest(row.digest)), fresh
+        return await self.cached(upstream, parse_digest(row.digest)), fresh
 
     async def listing(
         self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
@@ -286,7 +286,7 @@ class ManifestProxy:
             self.evictor.release(len(body))
         return Manifest(body, media_type, digest)
 
-    async def _local(self, upstream: Upstream, digest: Digest) -> Manifest | None:
+    async def cached(self, upstream: Upstream, digest: Digest) -> Manifest | None:
         """The cached manifest; None on a miss, or when it is private and `upstream` public."""
         if self.index.hidden(digest, upstream.config.access):
             return None

@@ -3,10 +3,15 @@
 A file is visible under its digest only once complete and verified: writers fill a
 temp file while hashing it, `BlobWriter.check` compares digest and length, and
 `BlobWriter.commit` fsyncs and `os.replace`s it into place.
+
+A blob open for reading is held with a shared `flock`, which the evictor's exclusive
+`flock` cannot take: so no process (a worker, `mirror gc`) evicts a blob another is
+reading, and a crashed reader's holds go with it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -56,9 +61,35 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def open_blob(self, digest: Digest) -> BinaryIO:
-        """A complete blob, open for reading; raises FileNotFoundError when not cached."""
-        return open(self._name(digest), "rb", buffering=0)
+    def open_blob(self, digest: Digest) -> tuple[BinaryIO, int]:
+        """A complete blob open for reading, held from eviction until closed, and its size;
+        raises FileNotFoundError when it is not cached (or being evicted)."""
+        file = open(self._name(digest), "rb", buffering=0)  # noqa: SIM115 (the caller closes)
+        try:
+            hold(file.fileno())
+            stat = os.fstat(file.fileno())
+        except BlockingIOError:  # the evictor has it
+            stat = None
+        if stat is None or stat.st_nlink == 0:  # evicted between the open and the hold
+            file.close()
+            raise FileNotFoundError(self._name(digest))
+        return file, stat.st_size
+
+    def evict(self, digest: Digest) -> bool:
+        """Remove a blob unless someone holds it open; False when it is in use."""
+        try:
+            fd = os.open(self._name(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        else:
+            self.remove(digest)
+            return True
+        finally:
+            os.close(fd)
 
     def remove(self, digest: Digest) -> None:
         self.path(digest).unlink(missing_ok=True)
@@ -156,6 +187,12 @@ class BlobWriter:
         if not self._file.closed:
             self._file.close()
         self.temp_path.unlink(missing_ok=True)
+
+
+def hold(fd: int) -> None:
+    """Keep the evictor off the file open as `fd` (and every duplicate of it) until the
+    last of them is closed; raises BlockingIOError while the evictor has it."""
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
 from mirror.metrics import Metrics
+from mirror.web.handoff import HandedOff
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,21 @@ async def api_version_header(request: web.Request, response: web.StreamResponse)
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count and time every request by route: a fixed name, never the path."""
     began = time.monotonic()
-    status = 500
+    status, counted = 500, True
     try:
         response = await handler(request)
-        status = response.status
+        status, counted = response.status, not isinstance(response, HandedOff)
         return response
     except web.HTTPException as exc:
         status = exc.status
         raise
     finally:
-        route = request.match_info.route.name or "other"
-        metrics = request.app[METRICS]
-        metrics.http_requests.labels(route, request.method, str(status)).inc()
-        metrics.http_duration.labels(route).observe(time.monotonic() - began)
+        if counted:  # a request handed to the primary is counted there
+            _count(request, status, began)
+
+
+def _count(request: web.Request, status: int, began: float) -> None:
+    route = request.match_info.route.name or "other"
+    metrics = request.app[METRICS]
+    metrics.http_requests.labels(route, request.method, str(status)).inc()
+    metrics.http_duration.labels(route).observe(time.monotonic() - began)

@@ -6,7 +6,7 @@ import os
 import tempfile
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mirror.eviction import Evictor
 from mirror.web.middleware import METRICS
@@ -38,8 +38,7 @@ async def metrics(request: web.Request) -> web.Response:
             registry.ratelimit_remaining.labels(name).set(quota.remaining)
         if quota.limit is not None:
             registry.ratelimit_limit.labels(name).set(quota.limit)
-    body = generate_latest(registry.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=registry.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -2,6 +2,9 @@
 
 Each handler parses and validates what the client sent (reference.py), asks the
 pull-through proxy, and turns its answer into a response. Push methods are refused.
+
+A worker process (`workers` > 1) has routes of its own, `add_worker_routes`: it answers
+cache hits the same way, and hands every other request to the primary (handoff.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from mirror.errors import (
 )
 from mirror.logs import CACHE_RESULT, UPSTREAM_NAME
 from mirror.proxy.blobs import BlobProxy, BlobReader, CachedBlob, Span
-from mirror.proxy.manifests import ManifestProxy
+from mirror.proxy.manifests import Manifest, ManifestProxy
 from mirror.reference import (
     OCI_INDEX,
     ByteRange,
@@ -38,6 +41,7 @@ from mirror.reference import (
 )
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Router
+from mirror.web.handoff import Sender
 from mirror.web.middleware import METRICS
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,10 @@ MANIFESTS = web.AppKey("manifests", ManifestProxy)
 ROUTER = web.AppKey("router", Router)
 UPSTREAMS = web.AppKey("upstreams", dict[str, Upstream])
 NAMESPACE = web.RequestKey("namespace", str)  # the `ns` that chose the upstream
+# A worker's: its channel to the primary, and the public upstreams whose hits only the
+# primary may answer (it alone knows which blobs are private: see `Index.mark_private`).
+SENDER = web.AppKey("sender", Sender)
+PRIMARY_CHECKS = web.AppKey("primary_checks", frozenset[str])
 
 OCTET_STREAM = "application/octet-stream"
 COPY_CHUNK = 256 * 1024  # bytes read at a time where sendfile cannot be used
@@ -63,6 +71,44 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(name + "/referrers/{digest}", referrers, name="referrers")
     app.router.add_route("*", "/v2/{tail:.*}", not_supported, name="unsupported")
     app.on_response_prepare.append(_echo_namespace)
+
+
+def add_worker_routes(app: web.Application) -> None:
+    name = "/v2/{name:[^?#]+?}"
+    app.router.add_get(name + "/manifests/{reference}", cached_manifest, name="manifest")
+    app.router.add_get(name + "/blobs/{digest}", cached_blob, name="blob")
+    app.router.add_route("*", "/{tail:.*}", hand_off, name="hand_off")
+    app.on_response_prepare.append(_echo_namespace)
+
+
+async def hand_off(request: web.Request) -> web.StreamResponse:
+    """To the primary: the request, and the connection with it."""
+    if request.method not in ("GET", "HEAD"):
+        return await not_supported(request)
+    await request.release()  # a body nobody reads, so the head is all there is to send
+    return request.app[SENDER].hand_off(request)
+
+
+async def cached_manifest(request: web.Request) -> web.StreamResponse:
+    upstream, _ = await _upstream(request)
+    reference = parse_reference(request.match_info["reference"])
+    parse_accept(request.headers.getall("Accept", ()))
+    if isinstance(reference, Digest) and upstream.name not in request.app[PRIMARY_CHECKS]:
+        found = await request.app[MANIFESTS].cached(upstream, reference)
+        if found is not None:
+            return _manifest_response(request, found)
+    return await hand_off(request)
+
+
+async def cached_blob(request: web.Request) -> web.StreamResponse:
+    upstream, _ = await _upstream(request)
+    digest = parse_digest(request.match_info["digest"])
+    if upstream.name not in request.app[PRIMARY_CHECKS]:
+        cached = request.app[BLOBS].local(upstream, digest)
+        if cached is not None:
+            with cached:
+                return await _hit(request, cached, digest)
+    return await hand_off(request)
 
 
 async def _upstream(request: web.Request) -> tuple[Upstream, str]:
@@ -110,6 +156,10 @@ async def manifest(request: web.Request) -> web.Response:
         found = await proxy.by_digest(upstream, name, reference, accept)
     else:
         found = await proxy.by_tag(upstream, name, reference, accept)
+    return _manifest_response(request, found)
+
+
+def _manifest_response(request: web.Request, found: Manifest) -> web.Response:
     metrics = request.app[METRICS]
     metrics.cache_requests.labels("manifest", found.result).inc()
     request[CACHE_RESULT] = found.result
@@ -130,21 +180,13 @@ async def blob(request: web.Request) -> web.StreamResponse:
     upstream, name = await _upstream(request)
     digest = parse_digest(request.match_info["digest"])
     proxy = request.app[BLOBS]
-    headers = {
-        "Docker-Content-Digest": str(digest),
-        "Content-Type": OCTET_STREAM,
-        "ETag": f'"{digest}"',
-        "Accept-Ranges": "bytes",
-    }
-    metrics = request.app[METRICS]
     cached = proxy.local(upstream, digest)
     if cached is not None:
-        metrics.cache_requests.labels("blob", "hit").inc()
-        request[CACHE_RESULT] = "hit"
         with cached:
-            return await _send_cached(request, cached, headers)
-    metrics.cache_requests.labels("blob", "miss").inc()
+            return await _hit(request, cached, digest)
+    request.app[METRICS].cache_requests.labels("blob", "miss").inc()
     request[CACHE_RESULT] = "miss"
+    headers = _blob_headers(digest)
     if request.method == "HEAD":
         size = await proxy.size(upstream, name, digest)
         response = web.StreamResponse(headers=headers)
@@ -162,6 +204,21 @@ async def blob(request: web.Request) -> web.StreamResponse:
         raise BlobUnknown(f"blob {digest} vanished from the cache")
     with cached:
         return await _send_cached(request, cached, headers)
+
+
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": OCTET_STREAM,
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+    }
+
+
+async def _hit(request: web.Request, cached: CachedBlob, digest: Digest) -> web.StreamResponse:
+    request.app[METRICS].cache_requests.labels("blob", "hit").inc()
+    request[CACHE_RESULT] = "hit"
+    return await _send_cached(request, cached, _blob_headers(digest))
 
 
 def _range(request: web.Request, length: int | None) -> ByteRange | None:
