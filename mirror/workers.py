@@ -2,10 +2,10 @@
 `workers - 1` more running beside it, each on the same port (web/handoff.py says who
 answers what).
 
-Workers are started with `spawn` (a fresh interpreter: the primary has threads and a
-running loop by then) and started again when one exits while the primary runs. A worker
-stops when the primary does: on its SIGTERM, or when the hand-off socket closes (the
-primary died).
+Each worker is a fresh interpreter (`python -m mirror.workers`, its arguments pickled on
+its stdin), not a fork: the primary has threads and a running loop by then. It is started
+again when it exits while the primary runs. A worker stops when the primary does: on its
+SIGTERM, or when the hand-off socket closes (the primary died).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 import time
-from multiprocessing.process import BaseProcess
 
 from prometheus_client.multiprocess import mark_process_dead
 
@@ -35,8 +36,7 @@ class Workers:
     def __init__(self, config: Config, handoff: str) -> None:
         self.config = config
         self.handoff = handoff
-        self._context = multiprocessing.get_context("spawn")
-        self._processes: dict[int, BaseProcess] = {}  # by worker number, 1..workers-1
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}  # by number, 1..workers-1
 
     async def run(self) -> None:
         """Start the workers, and each again when it exits; until cancelled."""
@@ -48,7 +48,7 @@ class Workers:
                 "worker %d (pid %s) exited with code %s: starting it again in %.0fs",
                 number,
                 process.pid,
-                process.exitcode,
+                process.returncode,
                 RESTART_DELAY,
             )
             await asyncio.sleep(RESTART_DELAY)
@@ -63,38 +63,38 @@ class Workers:
     def _join_all(self, grace: float) -> None:
         deadline = time.monotonic() + grace
         for process in self._processes.values():
-            process.join(max(deadline - time.monotonic(), 0))
-            if process.exitcode is None:
+            try:
+                process.wait(max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
                 process.kill()
-                process.join()
+                process.wait()
             self._reaped(process)
 
     def _start(self, number: int) -> None:
-        process = self._context.Process(
-            target=run_worker,
-            args=(self.config, self.handoff, number),
-            name=f"mirror-worker-{number}",
-            daemon=True,
-        )
-        process.start()
+        process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE)
+        assert process.stdin is not None
+        with process.stdin:
+            process.stdin.write(pickle.dumps((self.config, self.handoff, number)))
         self._processes[number] = process
 
-    async def _any_exit(self) -> tuple[int, BaseProcess]:
+    async def _any_exit(self) -> tuple[int, subprocess.Popen[bytes]]:
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[int] = loop.create_future()
-        for number, process in self._processes.items():
-            loop.add_reader(process.sentinel, _settle, exited, number)
+        pidfds = {number: os.pidfd_open(p.pid) for number, p in self._processes.items()}
         try:
+            for number, pidfd in pidfds.items():
+                loop.add_reader(pidfd, _settle, exited, number)
             number = await exited
         finally:
-            for process in self._processes.values():
-                loop.remove_reader(process.sentinel)
+            for pidfd in pidfds.values():
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
         process = self._processes[number]
-        process.join()
+        process.wait()
         self._reaped(process)
         return number, process
 
-    def _reaped(self, process: BaseProcess) -> None:
+    def _reaped(self, process: subprocess.Popen[bytes]) -> None:
         # Its live gauges no longer count.
         if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             with contextlib.suppress(OSError):
@@ -118,3 +118,7 @@ async def _serve_hits(config: Config, handoff: str, number: int) -> None:
 def _settle(future: asyncio.Future[int], number: int) -> None:
     if not future.done():
         future.set_result(number)
+
+
+if __name__ == "__main__":
+    run_worker(*pickle.load(sys.stdin.buffer))
