@@ -95,10 +95,8 @@ class Workers:
         return number, process
 
     def _reaped(self, process: subprocess.Popen[bytes]) -> None:
-        # Its live gauges no longer count.
-        if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            with contextlib.suppress(OSError):
-                mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+        with contextlib.suppress(OSError):  # its live gauges no longer count
+            mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
 
 
 def run_worker(config: Config, handoff: str, number: int) -> None:
