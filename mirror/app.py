@@ -41,11 +41,6 @@ def make_worker_app(config: Config, handoff: str) -> web.Application:
     Unix socket at `handoff`. It neither downloads nor evicts."""
     app = _base_app(config, None)
     app[registry.SENDER] = Sender(handoff)
-    # With private blobs possible, only the primary knows which they are (Index.private).
-    private = any(u.access == "authenticated" for u in config.upstreams)
-    app[registry.PRIMARY_CHECKS] = frozenset(
-        u.name for u in config.upstreams if private and u.access == "public"
-    )
     app.cleanup_ctx.append(_worker_storage)
     registry.add_worker_routes(app)
     return app
@@ -103,7 +98,10 @@ async def _worker_storage(app: web.Application) -> AsyncIterator[None]:
     upstream clients only to route requests: a worker sends nothing upstream."""
     config, metrics = app[CONFIG], app[METRICS]
     store = BlobStore(config.storage.path)  # not opened: that clears the primary's temp files
-    index = Index(config.storage.path / INDEX_FILE)
+    # Blobs the primary fetches through an authenticated upstream are marked private
+    # while this runs; without one, the marks can only go, and those read at start do.
+    private = any(u.access == "authenticated" for u in config.upstreams)
+    index = Index(config.storage.path / INDEX_FILE, private_elsewhere=private)
     await index.open()
     session = aiohttp.ClientSession()
     sender = app[registry.SENDER]

@@ -9,6 +9,7 @@ cache hits itself and hands everything else, connection and all, to the primary.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import MirrorProcess
+from conftest import USERS, MirrorProcess, write_htpasswd
 from upstream_registry import (
     OCI_MANIFEST,
     PushedImage,
@@ -56,9 +57,10 @@ async def worker_pid(mirror: MirrorProcess, after: int) -> int:
 
 
 async def get_on_new_connections(
-    url: str, count: int = CONNECTIONS, headers: dict[str, str] | None = None
+    url: str, count: int = CONNECTIONS, headers: dict[str, str] | None = None, status: int = 200
 ) -> list[asyncio.Task[bytes]]:
-    """`count` GETs of `url`, each on a connection of its own, started now."""
+    """`count` GETs of `url`, each on a connection of its own, started now; each must
+    answer `status`."""
 
     async def get() -> bytes:
         connector = aiohttp.TCPConnector(force_close=True)
@@ -66,8 +68,9 @@ async def get_on_new_connections(
             aiohttp.ClientSession(connector=connector) as session,
             session.get(url, headers=headers) as resp,
         ):
-            assert resp.status == 200, await resp.text()
-            return await resp.read()
+            body = await resp.read()
+            assert resp.status == status, body
+            return body
 
     return [asyncio.create_task(get()) for _ in range(count)]
 
@@ -187,6 +190,43 @@ def _gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.split(") ", 1)[1].startswith("Z")  # exited, not yet reaped by init
+
+
+async def test_a_worker_never_serves_a_private_blob_through_a_public_upstream(
+    registry: RegistryProcess, start_mirror_process: StartMirrorProcess, tmp_path: Path
+) -> None:
+    """The blob is marked private by the primary after the worker started: the worker
+    must learn it from the index, not from what it read at its start."""
+    private = RegistryProcess(tmp_path / "private-upstream")
+    private.start()
+    try:
+        secret = await push_image(private.url, "team/app", "1", [8192])
+        config = tmp_path / "mirror.yaml"
+        config.write_text(
+            f"storage: {{path: {tmp_path / 'cache'}}}\n"
+            f"auth: {{htpasswd: {write_htpasswd(tmp_path / 'htpasswd')}}}\n"
+            "workers: 2\n"
+            "upstreams:\n"
+            f"  - {{name: public, url: '{registry.url}', default: true}}\n"
+            f"  - {{name: private, url: '{private.url}', prefix: private,"
+            " access: authenticated}\n"
+        )
+        mirror = start_mirror_process("--config", str(config))
+        await worker_pid(mirror, after=0)
+        [layer] = secret.layer_digests
+        alice = "Basic " + base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+        logged_in = {"Authorization": alice}
+        private_url = f"{mirror.url}/v2/private/team/app/blobs/{layer}"
+        await asyncio.gather(*await get_on_new_connections(private_url, 1, logged_in))
+
+        public_url = f"{mirror.url}/v2/library/app/blobs/{layer}"
+        await asyncio.gather(*await get_on_new_connections(public_url, status=404))
+        bodies = await asyncio.gather(*await get_on_new_connections(private_url, 16, logged_in))
+        assert {sha256_digest(body) for body in bodies} == {layer}
+        await private.settle()
+        assert private.blob_gets() == 1  # the worker's share were hits
+    finally:
+        private.stop()
 
 
 @pytest.mark.parametrize("value", [0, "two", True])

@@ -52,10 +52,7 @@ MANIFESTS = web.AppKey("manifests", ManifestProxy)
 ROUTER = web.AppKey("router", Router)
 UPSTREAMS = web.AppKey("upstreams", dict[str, Upstream])
 NAMESPACE = web.RequestKey("namespace", str)  # the `ns` that chose the upstream
-# A worker's: its channel to the primary, and the public upstreams whose hits only the
-# primary may answer (it alone knows which blobs are private: see `Index.mark_private`).
-SENDER = web.AppKey("sender", Sender)
-PRIMARY_CHECKS = web.AppKey("primary_checks", frozenset[str])
+SENDER = web.AppKey("sender", Sender)  # a worker's channel to the primary
 
 OCTET_STREAM = "application/octet-stream"
 COPY_CHUNK = 256 * 1024  # bytes read at a time where sendfile cannot be used
@@ -93,7 +90,7 @@ async def cached_manifest(request: web.Request) -> web.StreamResponse:
     upstream, _ = await _upstream(request)
     reference = parse_reference(request.match_info["reference"])
     parse_accept(request.headers.getall("Accept", ()))
-    if isinstance(reference, Digest) and upstream.name not in request.app[PRIMARY_CHECKS]:
+    if isinstance(reference, Digest):
         found = await request.app[MANIFESTS].cached(upstream, reference)
         if found is not None:
             return _manifest_response(request, found)
@@ -103,11 +100,10 @@ async def cached_manifest(request: web.Request) -> web.StreamResponse:
 async def cached_blob(request: web.Request) -> web.StreamResponse:
     upstream, _ = await _upstream(request)
     digest = parse_digest(request.match_info["digest"])
-    if upstream.name not in request.app[PRIMARY_CHECKS]:
-        cached = request.app[BLOBS].local(upstream, digest)
-        if cached is not None:
-            with cached:
-                return await _hit(request, cached, digest)
+    cached = request.app[BLOBS].local(upstream, digest)
+    if cached is not None:
+        with cached:
+            return await _hit(request, cached, digest)
     return await hand_off(request)
 
 
