@@ -117,6 +117,19 @@ async def test_skopeo_pulls_through_two_processes_and_every_hit_is_counted_once(
     assert served >= CONNECTIONS + len(image.blob_digests())  # hand-offs not counted twice
     assert served <= CONNECTIONS + 2 * len(image.blob_digests())  # two skopeo copies
 
+    # Ranges and HEADs are answered the same, whichever process has the connection.
+    url = f"{mirror.url}/v2/{image.name}/blobs/{layer}"
+    parts = await asyncio.gather(
+        *await get_on_new_connections(url, headers={"Range": "bytes=100-4195"}, status=206)
+    )
+    whole = bodies[0]
+    assert set(parts) == {whole[100:4196]}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(8):
+            async with session.head(url, headers={"Connection": "close"}) as resp:
+                assert (resp.status, resp.content_length) == (200, len(whole))
+                assert resp.headers["Docker-Content-Digest"] == layer
+
 
 async def test_a_worker_answers_hits_while_the_primary_is_stopped(
     registry: RegistryProcess, start_mirror_process: StartMirrorProcess, tmp_path: Path
