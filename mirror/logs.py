@@ -15,13 +15,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from mirror.config import LogConfig
-from mirror.web.handoff import HandedOff
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 ACCESS = "mirror.access"
 # What a handler learned, for the access line.
 CACHE_RESULT = web.RequestKey("cache_result", str)
 UPSTREAM_NAME = web.RequestKey("upstream_name", str)
+HANDED_OFF = web.RequestKey("handed_off", bool)  # a worker's: the primary answers and logs it
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,8 +58,8 @@ class AccessLogger(AbstractAccessLogger):
     """`GET /v2/library/alpine/blobs/sha256:… 200 3452 0.012s cache=hit upstream=hub`."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if isinstance(response, HandedOff):
-            return  # the primary logs it
+        if HANDED_OFF in request:
+            return
         fields = {
             "method": request.method,
             "path": request.path,

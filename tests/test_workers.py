@@ -174,7 +174,9 @@ async def test_cold_requests_on_every_connection_download_the_blob_once(
     await registry.settle()
     assert registry.blob_gets(image.name) == 1
     answered = 'mirror_http_requests_total{method="GET",route="blob",status="200"}'
-    assert await metric(mirror, answered) == CONNECTIONS
+    assert await metric(mirror, answered) == CONNECTIONS  # by the primary, once each
+    access_lines = [line for line in mirror.log().splitlines() if f"blobs/{layer} 200" in line]
+    assert len(access_lines) == CONNECTIONS, access_lines
 
 
 async def test_a_worker_that_dies_is_started_again_and_stops_with_the_primary(

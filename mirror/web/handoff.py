@@ -23,6 +23,7 @@ import socket
 from aiohttp import web
 
 from mirror.errors import Busy
+from mirror.logs import HANDED_OFF
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Sender:
     def close(self) -> None:
         self._sock.close()
 
-    def hand_off(self, request: web.BaseRequest) -> HandedOff:
+    def hand_off(self, request: web.Request) -> HandedOff:
         client = request.transport.get_extra_info("socket") if request.transport else None
         if client is None:
             raise ConnectionResetError("the client went away")
@@ -70,6 +71,7 @@ class Sender:
             raise Busy(f"the primary process cannot take the request: {exc}") from None
         # Closes this process's descriptor only: the connection lives on in the primary.
         request.protocol.force_close()
+        request[HANDED_OFF] = True
         return HandedOff()
 
 

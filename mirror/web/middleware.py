@@ -10,8 +10,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
+from mirror.logs import HANDED_OFF
 from mirror.metrics import Metrics
-from mirror.web.handoff import HandedOff
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,16 @@ async def api_version_header(request: web.Request, response: web.StreamResponse)
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count and time every request by route: a fixed name, never the path."""
     began = time.monotonic()
-    status, counted = 500, True
+    status = 500
     try:
         response = await handler(request)
-        status, counted = response.status, not isinstance(response, HandedOff)
+        status = response.status
         return response
     except web.HTTPException as exc:
         status = exc.status
         raise
     finally:
-        if counted:  # a request handed to the primary is counted there
+        if HANDED_OFF not in request:  # the primary counts it
             _count(request, status, began)
 
 
