@@ -20,7 +20,7 @@ from mirror.config import Config, load_config, with_overrides
 from mirror.errors import ConfigError
 from mirror.metrics import share_between_processes
 from mirror.web.handoff import Receiver
-from mirror.web.listener import SHUTDOWN_TIMEOUT, run_until_stopped, serving
+from mirror.web.listener import SHUTDOWN_TIMEOUT, cannot_listen, run_until_stopped, serving
 from mirror.workers import Workers
 
 log = logging.getLogger("mirror")
@@ -101,7 +101,10 @@ async def _check_port_free(config: Config) -> None:
     half the connections: so first bind as a lone server would, and fail as it would."""
     loop = asyncio.get_running_loop()
     host, port = config.listen.host, config.listen.port
-    probe = await loop.create_server(asyncio.Protocol, host, port, start_serving=False)
+    try:
+        probe = await loop.create_server(asyncio.Protocol, host, port, start_serving=False)
+    except OSError as exc:
+        raise cannot_listen(config, exc) from None
     probe.close()
     await probe.wait_closed()
 

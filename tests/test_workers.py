@@ -13,13 +13,14 @@ import base64
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import USERS, MirrorProcess, write_htpasswd
+from conftest import USERS, MirrorProcess, _console_script, write_htpasswd
 from upstream_registry import (
     OCI_MANIFEST,
     PushedImage,
@@ -242,6 +243,36 @@ async def test_a_worker_never_serves_a_private_blob_through_a_public_upstream(
         assert private.blob_gets() == 1  # the worker's share were hits
     finally:
         private.stop()
+
+
+async def test_a_second_mirror_on_a_taken_port_fails_to_start_and_says_why(
+    registry: RegistryProcess, start_mirror_process: StartMirrorProcess, tmp_path: Path
+) -> None:
+    """SO_REUSEPORT would let it bind, and take half the connections, with another cache."""
+    mirror, _ = await two_processes(start_mirror_process, registry, tmp_path)
+    for workers in ("2", "1"):
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [_console_script(), "serve", "--listen", mirror.host, "--workers", workers,
+             "--storage", str(tmp_path / "other"), "--upstream", registry.url],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert (
+            f"mirror: config error: listen: cannot listen on {mirror.host}: Address already in use"
+            in second.stderr
+        )
+
+
+async def test_workers_stop_when_the_primary_is_killed(
+    registry: RegistryProcess, start_mirror_process: StartMirrorProcess, tmp_path: Path
+) -> None:
+    mirror, worker = await two_processes(start_mirror_process, registry, tmp_path)
+    mirror.proc.kill()
+    deadline = time.monotonic() + 10
+    while not _gone(worker):  # its hand-off socket closed
+        assert time.monotonic() < deadline, "the worker outlived the primary"
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("value", [0, "two", True])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Coroutine
 
@@ -18,6 +19,7 @@ from prometheus_client import Counter
 
 from mirror import logs
 from mirror.config import Config, server_ssl_context
+from mirror.errors import ConfigError
 from mirror.web.middleware import METRICS
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,15 @@ async def serving(app: web.Application, config: Config) -> AsyncIterator[web.App
             refused=app[METRICS].connections_refused,
             reuse_port=config.workers > 1,
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise cannot_listen(config, exc) from None
         yield runner
     finally:
         await runner.cleanup()
+
+
+def cannot_listen(config: Config, exc: OSError) -> ConfigError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's repeats the address
+    return ConfigError("listen", f"cannot listen on {config.listen}: {reason}")
