@@ -28,6 +28,7 @@ from mirror.logs import HANDED_OFF
 log = logging.getLogger(__name__)
 
 HEAD_LIMIT = 64 * 1024  # bytes of request head a hand-off carries
+SEND_TIMEOUT = 10.0  # seconds a hand-off waits for room in the primary's queue
 
 
 class HandedOff(web.StreamResponse):
@@ -47,6 +48,7 @@ class Sender:
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock.setblocking(False)
+        self._room_waiter: asyncio.Future[None] | None = None
 
     async def connect(self) -> None:
         await asyncio.get_running_loop().sock_connect(self._sock, self.path)
@@ -58,7 +60,7 @@ class Sender:
     def close(self) -> None:
         self._sock.close()
 
-    def hand_off(self, request: web.Request) -> HandedOff:
+    async def hand_off(self, request: web.Request) -> HandedOff:
         client = request.transport.get_extra_info("socket") if request.transport else None
         if client is None:
             raise ConnectionResetError("the client went away")
@@ -66,13 +68,38 @@ class Sender:
         if len(head) > HEAD_LIMIT:
             raise Busy(f"request headers over {HEAD_LIMIT} bytes cannot be handed over")
         try:
-            socket.send_fds(self._sock, [head], [client.fileno()])
-        except OSError as exc:  # the primary is not taking them (stopped, or far behind)
-            raise Busy(f"the primary process cannot take the request: {exc}") from None
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await self._send(head, client.fileno())
+        except (OSError, TimeoutError) as exc:
+            raise Busy(f"the primary process does not take the request: {exc!r}") from None
         # Closes this process's descriptor only: the connection lives on in the primary.
         request.protocol.force_close()
         request[HANDED_OFF] = True
         return HandedOff()
+
+    async def _send(self, head: bytes, fd: int) -> None:
+        """Waiting while the primary's queue is full (a burst of hand-offs, a busy loop)."""
+        while True:
+            try:
+                socket.send_fds(self._sock, [head], [fd])
+                return
+            except BlockingIOError:
+                await self._room()
+
+    async def _room(self) -> None:
+        """Until the socket takes messages again: one wait that every queued hand-off
+        shares (the loop keeps one writer callback per socket)."""
+        if self._room_waiter is None:
+            loop = asyncio.get_running_loop()
+            self._room_waiter = loop.create_future()
+            loop.add_writer(self._sock, self._has_room)
+        await asyncio.shield(self._room_waiter)
+
+    def _has_room(self) -> None:
+        asyncio.get_running_loop().remove_writer(self._sock)
+        waiter, self._room_waiter = self._room_waiter, None
+        if waiter is not None:
+            waiter.set_result(None)
 
 
 def _head(request: web.BaseRequest) -> bytes:
@@ -118,10 +145,15 @@ class Receiver:
             asyncio.get_running_loop().add_reader(worker, self._receive, worker)
 
     def _receive(self, worker: socket.socket) -> None:
+        """Every hand-off queued on this worker's socket."""
+        while self._receive_one(worker):
+            pass
+
+    def _receive_one(self, worker: socket.socket) -> bool:
         try:
             head, fds, flags, _ = socket.recv_fds(worker, HEAD_LIMIT, 1)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             log.warning("hand-off channel from a worker failed: %s", exc)
             head, fds, flags = b"", [], 0
@@ -129,7 +161,7 @@ class Receiver:
             asyncio.get_running_loop().remove_reader(worker)
             self._workers.remove(worker)
             worker.close()
-            return
+            return False
         for fd in fds:
             client = socket.socket(fileno=fd)
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
@@ -138,6 +170,7 @@ class Receiver:
             task = asyncio.create_task(self._adopt(client, head))
             self._adopting.add(task)
             task.add_done_callback(self._adopting.discard)
+        return True
 
     async def _adopt(self, client: socket.socket, head: bytes) -> None:
         handler = self.server()

@@ -83,7 +83,7 @@ async def hand_off(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         return await not_supported(request)
     await request.release()  # a body nobody reads, so the head is all there is to send
-    return request.app[SENDER].hand_off(request)
+    return await request.app[SENDER].hand_off(request)
 
 
 async def cached_manifest(request: web.Request) -> web.StreamResponse:
