@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 
 from aiohttp import web
@@ -67,11 +68,16 @@ class Sender:
         head = _head(request)
         if len(head) > HEAD_LIMIT:
             raise Busy(f"request headers over {HEAD_LIMIT} bytes cannot be handed over")
+        # Our own descriptor: should the client go away while this waits, the transport's
+        # number could be reused by another connection before it is sent.
+        fd = os.dup(client.fileno())
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
-                await self._send(head, client.fileno())
+                await self._send(head, fd)
         except (OSError, TimeoutError) as exc:
             raise Busy(f"the primary process does not take the request: {exc!r}") from None
+        finally:
+            os.close(fd)
         # Closes this process's descriptor only: the connection lives on in the primary.
         request.protocol.force_close()
         request[HANDED_OFF] = True
