@@ -33,7 +33,7 @@ from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.eviction import Evictor
 from mirror.metrics import Metrics
 from mirror.reference import ByteRange, Digest
-from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch, hold
+from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch, hold, verify
 from mirror.storage.index import Index
 from mirror.upstream.client import Upstream, UpstreamBlob
 
@@ -136,12 +136,7 @@ class Fetch:
         if self.window is None:
             self.writer.check(self.length)
         else:
-            actual = self._hash.hexdigest()
-            if actual != self.digest.hex or self.length not in (None, self._received):
-                raise DigestMismatch(
-                    f"upstream sent {self._received} bytes hashing to {self.digest.algorithm}:"
-                    f"{actual} for {self.digest} (expected length {self.length})"
-                )
+            verify(self.digest, self._hash, self._received, self.length)
         self.verified = True
         self.notify()
 

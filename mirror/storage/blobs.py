@@ -161,13 +161,11 @@ class BlobWriter:
     def check(self, expected_length: int | None) -> None:
         """Whether the bytes written are the blob; raises DigestMismatch and removes the
         temp file when they are not."""
-        actual = self._hash.hexdigest()
-        if actual != self.digest.hex or expected_length not in (None, self.written):
+        try:
+            verify(self.digest, self._hash, self.written, expected_length)
+        except DigestMismatch:
             self.close()
-            raise DigestMismatch(
-                f"upstream sent {self.written} bytes hashing to {self.digest.algorithm}:{actual}"
-                f" for {self.digest} (expected length {expected_length}); not cached"
-            )
+            raise
         self.verified = True
 
     def commit(self) -> Path:
@@ -187,6 +185,16 @@ class BlobWriter:
         if not self._file.closed:
             self._file.close()
         self.temp_path.unlink(missing_ok=True)
+
+
+def verify(digest: Digest, hashed: hashlib._Hash, received: int, expected: int | None) -> None:
+    """Raises DigestMismatch unless `received` bytes hashing to `hashed` are the blob."""
+    actual = hashed.hexdigest()
+    if actual != digest.hex or expected not in (None, received):
+        raise DigestMismatch(
+            f"upstream sent {received} bytes hashing to {digest.algorithm}:{actual}"
+            f" for {digest} (expected length {expected}); not cached"
+        )
 
 
 def hold(fd: int) -> None:

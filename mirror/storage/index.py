@@ -92,11 +92,12 @@ class Index:
         schema = resources.files("mirror.storage").joinpath("schema.sql").read_text()
         await self._db.executescript(schema)
         await self._db.commit()
-        async with self._db.execute("SELECT digest FROM private_blobs") as cursor:
-            self.private = {row[0] async for row in cursor}
         if self._private_elsewhere:
             # A point query on the loop (~20 us): WAL readers never wait for a writer.
             self._private_reader = sqlite3.connect(self.path)
+        else:
+            async with self._db.execute("SELECT digest FROM private_blobs") as cursor:
+                self.private = {row[0] async for row in cursor}
         self._flusher = asyncio.create_task(self._flush_periodically())
 
     async def close(self) -> None:
