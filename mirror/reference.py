@@ -129,15 +129,22 @@ class ByteRange:
 # reads them (`\d` would take Arabic-Indic digits, and IGNORECASE without
 # ASCII a long s, U+017F, for the s of bytes).
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
+_UNIT = re.compile(r"([-!#$%&'*+.^_`|~0-9a-z]+)=", re.ASCII | re.IGNORECASE)  # a token
 
 
-def parse_range(header: str, size: int) -> ByteRange:
-    """One `bytes=` range (the only form registries and clients use) against `size`.
+def parse_range(header: str, size: int) -> ByteRange | None:
+    """The one `bytes=` range of `size` a Range header asks for; None for the whole.
 
-    Multiple ranges and malformed headers are answered 416, as aiohttp's FileResponse
-    does; cached and growing blobs are both answered through this.
+    A unit the mirror does not know (`items=0-1`) must be ignored, HTTP says; several
+    ranges may be, and are: a multipart answer is more than image pullers ever ask for.
+    A malformed or unsatisfiable `bytes=` range is answered 416, as aiohttp's
+    FileResponse does; cached and growing blobs are both answered through this.
     """
-    match = _RANGE.fullmatch(header.strip(" \t"))
+    text = header.strip(" \t")
+    unit = _UNIT.match(text)
+    if unit is not None and (unit.group(1).lower() != "bytes" or "," in text):
+        return None
+    match = _RANGE.fullmatch(text)
     if match is None:
         raise RangeInvalid(f"unsupported Range {header!r}: use one bytes=start-end", size)
     first, last = match.groups()

@@ -118,9 +118,9 @@ def test_valid_ranges(header: str, size: int, expected: ByteRange) -> None:
         ("bytes=5-2", 10),  # backwards
         ("bytes=-0", 10),
         ("bytes=-", 10),
-        ("bytes=0-1,3-4", 10),  # several ranges
-        ("items=0-1", 10),
         ("bytes=a-b", 10),
+        ("bytes =0-1", 10),  # no unit: a unit is a token, before the "="
+        ("0-1", 10),
         ("bytes=0-", 0),
         ("bytes=-1", 0),
     ],
@@ -131,6 +131,14 @@ def test_invalid_ranges(header: str, size: int) -> None:
     error = caught.value
     assert (error.code, error.status) == ("RANGE_INVALID", 416)
     assert error.headers() == {"Content-Range": f"bytes */{size}"}
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["items=0-1", "ITEMS=0-1", "bytes=0-1,3-4", "Bytes=0-1, 5-", "bytes=50-60,70-80", "bytes=0-1,"],
+)
+def test_other_units_and_several_ranges_ask_for_the_whole_blob(header: str) -> None:
+    assert parse_range(header, 10) is None
 
 
 def test_byte_range_helpers() -> None:

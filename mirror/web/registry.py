@@ -15,7 +15,7 @@ import os
 import re
 from contextlib import aclosing
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from yarl import URL
 
 from mirror.access import Gate
@@ -159,6 +159,8 @@ def _manifest_response(request: web.Request, found: Manifest) -> web.Response:
     metrics = request.app[METRICS]
     metrics.cache_requests.labels("manifest", found.result).inc()
     request[CACHE_RESULT] = found.result
+    if _unchanged(request, found.digest):
+        return _not_modified(found.digest)
     if request.method == "GET":
         source = "upstream" if found.result == "miss" else "cache"
         metrics.served_bytes.labels(source).inc(len(found.body))
@@ -182,6 +184,9 @@ async def blob(request: web.Request) -> web.StreamResponse:
             return await _hit(request, cached, digest)
     request.app[METRICS].cache_requests.labels("blob", "miss").inc()
     request[CACHE_RESULT] = "miss"
+    if _unchanged(request, digest):
+        await proxy.size(upstream, name, digest)  # that it exists: a HEAD, no download
+        return _not_modified(digest)
     headers = _blob_headers(digest)
     if request.method == "HEAD":
         size = await proxy.size(upstream, name, digest)
@@ -214,12 +219,41 @@ def _blob_headers(digest: Digest) -> dict[str, str]:
 async def _hit(request: web.Request, cached: CachedBlob, digest: Digest) -> web.StreamResponse:
     request.app[METRICS].cache_requests.labels("blob", "hit").inc()
     request[CACHE_RESULT] = "hit"
+    if _unchanged(request, digest):
+        return _not_modified(digest)
     return await _send_cached(request, cached, _blob_headers(digest))
 
 
-def _range(request: web.Request, length: int | None) -> ByteRange | None:
-    header = request.headers.get("Range")
-    return parse_range(header, length) if header is not None and length is not None else None
+def _unchanged(request: web.Request, digest: Digest) -> bool:
+    """Whether the client has these bytes already: its `If-None-Match` is `*` or lists
+    the ETag, the digest (compared weakly, `W/` or not, as HTTP says for this header).
+    Asked only after the content was found: `*` means "if it exists"."""
+    header = request.headers.get(hdrs.IF_NONE_MATCH)
+    if header is None:
+        return False
+    if header.strip(" \t") == "*":
+        return True
+    value = str(digest)
+    return any(tag.value == value for tag in request.if_none_match or ())
+
+
+def _not_modified(digest: Digest) -> web.Response:
+    """A 304: no body, and of the headers a 200 would carry, those naming the content."""
+    return web.Response(
+        status=304, headers={"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
+    )
+
+
+def _range(request: web.Request, etag: str, length: int | None) -> ByteRange | None:
+    """The part of the blob to send; None for all of it, also when `If-Range` holds
+    anything but the ETag (compared strongly): a date, too, as no Last-Modified is sent."""
+    header = request.headers.get(hdrs.RANGE)
+    if header is None or length is None:
+        return None
+    validator = request.headers.get(hdrs.IF_RANGE)
+    if validator is not None and validator.strip(" \t") != etag:
+        return None
+    return parse_range(header, length)
 
 
 async def _start(
@@ -239,7 +273,7 @@ async def _start(
 async def _send_cached(
     request: web.Request, cached: CachedBlob, headers: dict[str, str]
 ) -> web.StreamResponse:
-    byte_range = _range(request, cached.size)
+    byte_range = _range(request, headers["ETag"], cached.size)
     response = await _start(request, headers, cached.size, byte_range)
     start, count = (byte_range.start, byte_range.length) if byte_range else (0, cached.size)
     if request.method == "GET" and count:
@@ -253,7 +287,7 @@ async def _stream(
     request: web.Request, reader: BlobReader, length: int | None, headers: dict[str, str]
 ) -> web.StreamResponse:
     """A blob being downloaded, served from the growing file."""
-    byte_range = _range(request, length)
+    byte_range = _range(request, headers["ETag"], length)
     response = await _start(request, headers, length, byte_range)
     try:
         async with aclosing(reader.chunks(byte_range)) as chunks:
