@@ -19,7 +19,7 @@ from mirror.proxy.manifests import ManifestProxy
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import INDEX_FILE, Index
 from mirror.storage.reconcile import reconcile
-from mirror.upstream.client import Upstream
+from mirror.upstream.client import Upstream, upstream_session
 from mirror.upstream.routing import Router
 from mirror.web import ops, registry
 from mirror.web.handoff import Sender
@@ -65,7 +65,7 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     store.open()
     index = Index(config.storage.path / INDEX_FILE)
     await index.open()
-    session = aiohttp.ClientSession(auto_decompress=False)
+    session = upstream_session()
     evictor = Evictor(config, store, index, metrics)
     blobs = BlobProxy(store, index, evictor, metrics)
     upstreams: dict[str, Upstream] = {}

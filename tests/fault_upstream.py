@@ -2,6 +2,10 @@
 manifest, and on command drops the connection after N bytes, stalls, answers 500 every
 other time, sends more bytes than it declares, or waits before its first byte.
 
+`serve_raw` puts the same registry behind a hand-written HTTP/1.1 server instead, for what
+aiohttp's server will not send: bytes past an answer's declared end (a whole second
+answer, say) on a kept-alive connection, in the same write or later while it idles.
+
 Only for what a real docker-registry cannot be made to do.
 """
 
@@ -38,7 +42,12 @@ class FaultyUpstream:
     stalls: int = 0
     fail_every_other: bool = False  # 500 for every other request
     fail_always: bool = False
-    extra: bytes = b""  # sent after the blob, past its declared length
+    # Sent after the blob, past its declared length (aiohttp's server cuts it to the declared
+    # length: only a chunked answer carries it); the raw server sends it after every answer.
+    extra: bytes = b""
+    extra_delay: float = 0.0  # raw server: 0 sends `extra` in the answer's write, else later
+    extra_sent: asyncio.Event = field(default_factory=asyncio.Event)  # raw server: it went
+    connections: int = 0  # raw server: how many the clients opened
     chunked: bool = False  # no Content-Length
     first_byte_delay: float = 0.0
     release: asyncio.Event = field(default_factory=asyncio.Event)  # ends stalls
@@ -63,6 +72,54 @@ class FaultyUpstream:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         self.manifests[tag] = self.manifests[digest] = body
         return digest
+
+    def raw_answer(self, method: str, path: str) -> tuple[int, bytes]:
+        """The status and the whole HTTP/1.1 answer (head and body) of the raw server."""
+        kind, _, key = path.rpartition("/")
+        body = self.manifests.get(key) if kind.endswith("/manifests") else None
+        if kind.endswith("/blobs"):
+            body = self.blobs.get(key)
+        status = 500 if self._failing_now() else 200 if body is not None else 404
+        headers = {"Content-Type": "application/octet-stream"}
+        if status != 200 or body is None:
+            body, headers = b'{"errors":[{"code":"X","message":"x"}]}', {}
+        elif kind.endswith("/manifests"):
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            headers = {"Content-Type": MANIFEST_TYPE, "Docker-Content-Digest": digest}
+        headers["Content-Length"] = str(len(body))
+        head = f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        return status, (head + "\r\n").encode() + (body if method == "GET" else b"")
+
+    async def serve_raw(self) -> asyncio.Server:
+        """This registry on a loopback port of the raw server; sets `url`."""
+        server = await asyncio.start_server(self._raw_connection, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return server
+
+    async def _raw_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answers requests in turn, keeping the connection until the client closes it."""
+        self.connections += 1
+        try:
+            for _ in range(1000):
+                async with asyncio.timeout(30):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+                status, answer = self.raw_answer(method, path)
+                self.seen.append(Seen(method, path, None, status))
+                writer.write(answer if self.extra_delay else answer + self.extra)
+                await writer.drain()
+                if self.extra_delay:
+                    await asyncio.sleep(self.extra_delay)
+                    writer.write(self.extra)
+                    await writer.drain()
+                self.extra_sent.set()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
 
     def gets(self, digest: str) -> list[Seen]:
         return [s for s in self.seen if s.method == "GET" and s.path.endswith(digest)]

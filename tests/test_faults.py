@@ -53,6 +53,15 @@ async def upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[FaultyUpstrea
 
 
 @pytest.fixture
+async def raw_upstream() -> AsyncIterator[FaultyUpstream]:
+    """The fault upstream behind the hand-written server (bytes past an answer's end)."""
+    fake = FaultyUpstream()
+    server = await fake.serve_raw()
+    yield fake
+    server.close()
+
+
+@pytest.fixture
 def storage(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
@@ -60,6 +69,12 @@ def storage(tmp_path: Path) -> Path:
 async def pull(mirror: MirrorClient, digest: str) -> tuple[int, bytes]:
     async with asyncio.timeout(30), mirror.get(f"/v2/team/app/blobs/{digest}") as response:
         return response.status, await response.read()
+
+
+async def pulled_digest(mirror: MirrorClient, digest: str) -> tuple[int, str]:
+    """The status and the digest of the body received (short to compare and to print)."""
+    status, body = await pull(mirror, digest)
+    return status, "sha256:" + hashlib.sha256(body).hexdigest()
 
 
 def cached(storage: Path) -> dict[str, bool]:
@@ -202,6 +217,92 @@ async def test_too_many_bytes_never_reach_the_cache(
             assert response.status == 502
             assert (await response.json())["errors"][0]["code"] == "UPSTREAM_ERROR"
     assert third not in await settled(storage, third)
+
+
+# An upstream sends a whole second answer after the one asked for, on the kept-alive
+# connection: in the same write, or a moment later while the connection idles in the pool.
+# That answer belongs to no request; the next one on the connection must not take it.
+PAST_THE_END = [0.0, 0.05]
+
+
+def past_the_end_id(delay: float) -> str:
+    return "while-idle" if delay else "same-write"
+
+
+@pytest.mark.parametrize("delay", PAST_THE_END, ids=past_the_end_id)
+async def test_an_answer_past_a_blob_never_answers_the_next_request(
+    raw_upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path, delay: float
+) -> None:
+    first = raw_upstream.add_blob(os.urandom(300 * KIB))  # more than one read of the socket
+    second = raw_upstream.add_blob(os.urandom(KIB))
+    raw_upstream.extra = raw_upstream.raw_answer("GET", f"/v2/team/app/blobs/{first}")[1]
+    raw_upstream.extra_delay = delay
+    mirror = await make_mirror(raw_upstream.url, storage=storage)
+
+    assert await pulled_digest(mirror, first) == (200, first)
+    await asyncio.wait_for(raw_upstream.extra_sent.wait(), 5)
+    assert await pulled_digest(mirror, second) == (200, second)
+    assert await settled(storage, second) == {first: True, second: True}
+    assert [s.path.rpartition("/")[2] for s in raw_upstream.seen] == [first, second]
+    assert raw_upstream.connections == 2  # the one that spoke out of turn was not reused
+
+
+@pytest.mark.parametrize("delay", PAST_THE_END, ids=past_the_end_id)
+async def test_an_answer_past_a_manifest_never_answers_for_another_tag(
+    raw_upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path, delay: float
+) -> None:
+    digests = {
+        tag: raw_upstream.add_manifest(tag, raw_upstream.add_blob(tag.encode())) for tag in "abc"
+    }
+    raw_upstream.extra = raw_upstream.raw_answer("GET", "/v2/team/app/manifests/b")[1]
+    raw_upstream.extra_delay = delay
+    mirror = await make_mirror(raw_upstream.url, storage=storage)
+
+    async def tag_digest(tag: str) -> str:
+        headers = {"Accept": MANIFEST_TYPE}
+        async with (
+            asyncio.timeout(10),
+            mirror.get(f"/v2/team/app/manifests/{tag}", headers=headers) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            return str(resp.headers["Docker-Content-Digest"])
+
+    assert await tag_digest("a") == digests["a"]
+    await asyncio.wait_for(raw_upstream.extra_sent.wait(), 5)
+    assert await tag_digest("c") == digests["c"]
+    assert await tag_digest("c") == digests["c"]  # as recorded, from the cache
+    assert [s.path for s in raw_upstream.seen] == [f"/v2/team/app/manifests/{t}" for t in "ac"]
+    assert raw_upstream.connections == 2
+
+
+async def test_an_upstream_connection_is_kept_alive_while_it_speaks_in_turn(
+    raw_upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    blobs = [raw_upstream.add_blob(os.urandom(size)) for size in (300 * KIB, KIB, 0)]
+    raw_upstream.add_manifest("1", blobs[1])
+    mirror = await make_mirror(raw_upstream.url, storage=storage)
+    for digest in blobs:
+        assert await pulled_digest(mirror, digest) == (200, digest)
+    async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": MANIFEST_TYPE}) as resp:
+        assert resp.status == 200
+    assert (len(raw_upstream.seen), raw_upstream.connections) == (4, 1)
+
+
+async def test_a_body_left_unread_is_never_taken_for_the_next_answer(
+    raw_upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    """The mirror stops reading a manifest past 4 MiB: the rest of it is still coming."""
+    config = raw_upstream.add_blob(b"config")
+    raw_upstream.add_manifest("big", config)
+    raw_upstream.manifests["big"] += b" " * (4 * MIB + 1)
+    small = raw_upstream.add_manifest("small", config)
+    mirror = await make_mirror(raw_upstream.url, storage=storage)
+    headers = {"Accept": MANIFEST_TYPE}
+    async with mirror.get("/v2/team/app/manifests/big", headers=headers) as resp:
+        assert resp.status >= 400, await resp.text()
+    async with mirror.get("/v2/team/app/manifests/small", headers=headers) as resp:
+        assert (resp.status, resp.headers["Docker-Content-Digest"]) == (200, small)
+    assert raw_upstream.connections == 2
 
 
 async def test_an_upstream_slow_to_answer_times_out(

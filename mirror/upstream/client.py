@@ -15,6 +15,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from prometheus_client import Counter
 from yarl import URL
@@ -52,6 +54,41 @@ RETRY_BACKOFF = 0.05  # seconds before the first retry; doubled for each one aft
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRIED_STATUSES = frozenset({500, 502, 503, 504})
 _UNKNOWN = {"manifest": ManifestUnknown, "blob": BlobUnknown, "repository": NameUnknown}
+
+
+class KeptAliveConnector(aiohttp.TCPConnector):
+    """Keeps upstream connections alive between requests, but never hands out one on which
+    the upstream sent anything after its last answer ended.
+
+    aiohttp returns a connection to the pool the moment a body reaches its declared end,
+    and parses whatever comes after it (in the same read, or later while the connection
+    idles) as the answer to the next request sent on it: a tag would be recorded as
+    pointing to a digest the upstream gave for another, a healthy blob would fail its
+    digest. HTTP/1.1 has no way to tell such bytes from a real answer once a request is
+    sent, so the connection is checked before it is used, and closed if it spoke.
+    """
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> Connection:
+        # Each refusal closes a pooled connection, and the pool holds at most `limit`.
+        for _ in range(self.limit + 1):
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            if protocol is None or not protocol.should_close:
+                return connection
+            log.debug("upstream %s sent bytes past an answer; connection closed", req.url.host)
+            connection.close()
+        raise aiohttp.ClientConnectionError(f"{req.url.host} sends answers before any request")
+
+
+def upstream_session() -> aiohttp.ClientSession:
+    """The session every upstream shares: bodies as sent, connections kept alive only
+    while they carry nothing but the answers asked for."""
+    return aiohttp.ClientSession(connector=KeptAliveConnector(), auto_decompress=False)
 
 
 @dataclass(frozen=True)
@@ -241,7 +278,7 @@ class Upstream:
                     self._answering()
                     yield response
                 finally:
-                    response.release()
+                    _let_go(response)
             except STALE_SERVABLE as error:
                 self._failing(error)
                 raise
@@ -295,7 +332,7 @@ class Upstream:
             else:
                 if response.status not in _RETRIED_STATUSES or last:
                     return response
-                response.release()
+                _let_go(response)
             await asyncio.sleep(RETRY_BACKOFF * 2**attempt * random.uniform(1, 1.5))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -310,7 +347,7 @@ class Upstream:
             challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
             retry = await self.auth.answer(challenge, scope, authorization) if challenge else None
             if retry is not None:
-                response.release()
+                _let_go(response)
                 response = await self._follow(method, url, headers, retry)
         return response
 
@@ -354,7 +391,7 @@ class Upstream:
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or location is None:
                 return response
-            response.release()
+            _let_go(response)
             target = url.join(URL(location))
             if target.scheme not in ("http", "https"):
                 raise UpstreamError(f"upstream {self.name} redirected to a non-HTTP URL")
@@ -379,6 +416,16 @@ class Upstream:
                 f"upstream {name} is rate limiting pulls", str(self.ratelimit.retry_after)
             )
         raise UpstreamError(f"upstream {name} answered {status} to {what}")
+
+
+def _let_go(response: aiohttp.ClientResponse) -> None:
+    """Back to the pool only after its body was read to the declared end (what came after
+    that, `KeptAliveConnector` checks); a connection left mid-body, cut or abandoned on an
+    error, is closed: the rest of that body would be taken for the next answer."""
+    if response.content.is_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def _accept(accept: tuple[str, ...]) -> dict[str, str]:
