@@ -132,6 +132,24 @@ async def test_skopeo_pulls_through_two_processes_and_every_hit_is_counted_once(
                 assert (resp.status, resp.content_length) == (200, len(whole))
                 assert resp.headers["Docker-Content-Digest"] == layer
 
+    # And conditional requests: a 304 for the ETag; a Range honoured only when the
+    # If-Range is the ETag; another unit or several ranges, the whole blob.
+    etag = f'"{layer}"'
+    manifest = f"{mirror.url}/v2/{image.name}/manifests/{image.manifest_digest}"
+    for target, tag in ((url, etag), (manifest, f'"{image.manifest_digest}"')):
+        unchanged = await get_on_new_connections(target, headers={"If-None-Match": tag}, status=304)
+        assert set(await asyncio.gather(*unchanged)) == {b""}
+    ranged = {"Range": "bytes=0-9", "If-Range": etag}
+    parts = await asyncio.gather(*await get_on_new_connections(url, headers=ranged, status=206))
+    assert set(parts) == {whole[:10]}
+    for headers in (
+        {"Range": "bytes=0-9", "If-Range": f'"{image.config_digest}"'},
+        {"Range": "items=0-9"},
+        {"Range": "bytes=0-1,5-9"},
+    ):
+        wholes = await asyncio.gather(*await get_on_new_connections(url, headers=headers))
+        assert set(wholes) == {whole}
+
 
 async def test_a_worker_answers_hits_while_the_primary_is_stopped(
     registry: RegistryProcess, start_mirror_process: StartMirrorProcess, tmp_path: Path
