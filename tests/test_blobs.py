@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import downloads_stored
 from pytest_aiohttp import AiohttpServer
 from upstream_registry import free_loopback_port
 
@@ -397,13 +398,18 @@ async def test_chunked_upstream_without_length_is_served_and_cached(
     assert upstream.count("GET") == 1
 
 
-async def test_range_of_a_chunked_upstream_blob_waits_for_the_whole_blob(
+async def test_range_of_a_chunked_upstream_blob_is_answered_whole_until_cached(
     upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
+    """Without a declared length a range cannot be placed while the blob streams: the
+    whole blob, 200 (as a server may answer any Range); once cached, ranges work."""
     blob = upstream.add(make_blob(MiB + 3))
     upstream.default = send_chunked
     client = await make_mirror(upstream.url, storage=storage)
 
+    whole = await pull(client, blob.path, {"Range": "bytes=-3"})
+    assert (whole.status, whole.sha256) == (200, blob.digest)
+    await downloads_stored(client)
     ranged = await pull(client, blob.path, {"Range": "bytes=-3"})
     assert ranged.status == 206
     assert ranged.body == blob.data[-3:]

@@ -10,8 +10,14 @@ last byte as soon as the digest matches: the fsync and rename into the cache com
 
 An upstream connection that breaks mid-body is resumed with a Range request (or, when the
 upstream ignores the Range, received again from the start with the bytes already written
-skipped), `retries` times at most. When the disk fills up, the download carries on as a
-pass-through: readers get the rest from memory, and nothing is cached.
+skipped), `retries` times at most.
+
+A blob that does not fit the budget (at its start, or when a blob of undeclared length
+outgrows the room, or when the disk fills up) passes through: readers get the rest from a
+bounded memory window (window.py), and nothing is cached. The window waits for its slowest
+reader, but not longer than the upstream's idle timeout: a reader that holds it that long
+is cut, so no client can hold a download (and its upstream slot) forever. A reader that
+only waits for its held-back last byte keeps that byte aside and holds nothing.
 
 A blob fetched through an `authenticated` upstream is private (see `Index.mark_private`):
 a request routed to a public upstream does not see it in the cache.
@@ -32,6 +38,7 @@ from typing import BinaryIO
 from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.eviction import Evictor
 from mirror.metrics import Metrics
+from mirror.proxy.window import Window
 from mirror.reference import ByteRange, Digest
 from mirror.storage.blobs import BlobStore, BlobWriter, DigestMismatch, hold, verify
 from mirror.storage.index import Index
@@ -41,7 +48,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024  # bytes a reader takes from memory at a time (pass-through)
 PASSTHROUGH_WINDOW = 4 * 1024 * 1024  # bytes kept in memory for readers of an uncached blob
-GROWTH_STEP = 16 * 1024 * 1024  # reserved at a time for a blob of undeclared length
+GROWTH_STEP = 1024 * 1024  # reserved at a time for a blob of undeclared length
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -87,28 +94,24 @@ class Fetch:
         # the duplicates, keeps the evictor off the blob until the last reader is done.
         self._fd = os.open(writer.temp_path, os.O_RDONLY)
         hold(self._fd)
-        # Pass-through only: the bytes not yet read by every reader, and where each is.
-        self.window: bytearray | None = None
-        self._window_start = 0
-        self._received = 0
-        self._hash = writer.digest.hasher()
-        self._positions: dict[int, int] = {}
+        self.window: Window | None = None  # passing through: the bytes kept in memory
+        # Per reader: the first byte it still needs (None: nothing from the window).
+        self._positions: dict[int, int | None] = {}
+        self._cut: set[int] = set()  # readers that held the window too long
         self._reader_moved = asyncio.Event()
 
     @property
     def written(self) -> int:
-        return self.writer.written if self.window is None else self._received
+        return self.writer.written if self.window is None else self.window.end
 
     @property
     def readers(self) -> int:
         return len(self._positions)
 
     def pass_through(self) -> None:
-        """No room in the cache: from here on (the start, or where the disk filled up)
-        keep bytes in memory only until every reader has them."""
-        self.window = bytearray()
-        self._window_start = self._received = self.writer.written
-        self._hash = self.writer.hasher()
+        """No room in the cache: from here on (the start, or where the room ran out) keep
+        bytes in memory only until every reader has them."""
+        self.window = Window(self.writer.written, self.writer.hasher())
         self.writer.close()  # readers' descriptors keep what was written readable
 
     def append(self, chunk: bytes) -> bool:
@@ -124,9 +127,7 @@ class Fetch:
                 self.pass_through()
                 chunk, filled = chunk[self.writer.written - before :], True
         if self.window is not None:
-            self.window += chunk
-            self._hash.update(chunk)
-            self._received += len(chunk)
+            self.window.append(chunk)
         self.notify()
         return filled
 
@@ -136,35 +137,64 @@ class Fetch:
         if self.window is None:
             self.writer.check(self.length)
         else:
-            verify(self.digest, self._hash, self._received, self.length)
+            verify(self.digest, self.window.hash, self.window.end, self.length)
         self.verified = True
         self.notify()
 
-    async def make_room(self) -> None:
-        """Pass-through: wait until the window is small, dropping what every reader has."""
-        while self.window is not None and len(self.window) > PASSTHROUGH_WINDOW:
-            slowest = min(self._positions.values(), default=self.written)
-            if slowest > self._window_start:
-                del self.window[: slowest - self._window_start]
-                self._window_start = slowest
-                continue
+    async def make_room(self, patience: float) -> None:
+        """Pass-through: wait until the window is small, dropping what no reader needs;
+        readers that hold it `patience` seconds are cut."""
+        window = self.window
+        while window is not None and len(window) > PASSTHROUGH_WINDOW:
+            needed = (p for p in self._positions.values() if p is not None)
+            window.drop_before(min(needed, default=window.end))
+            if len(window) <= PASSTHROUGH_WINDOW:
+                return
             self._reader_moved.clear()
-            await self._reader_moved.wait()
+            try:
+                async with asyncio.timeout(patience):
+                    await self._reader_moved.wait()
+            except TimeoutError:
+                self._cut_slowest(window, patience)
+
+    def _cut_slowest(self, window: Window, patience: float) -> None:
+        slowest = [r for r, p in self._positions.items() if p is not None and p <= window.start]
+        for reader in slowest:
+            self._positions[reader] = None
+            self._cut.add(reader)
+        log.warning(
+            "%d reader(s) of uncached %s fell behind the others for %gs: cut",
+            len(slowest),
+            self.digest,
+            patience,
+        )
+        self.notify()
 
     def read(self, file: BinaryIO, size: int, offset: int) -> Span | bytes:
-        if self.window is None:
+        window = self.window
+        if window is None:
             return Span(file, offset, size)
-        if offset < self._window_start:  # written before the disk filled up
-            return Span(file, offset, min(size, self._window_start - offset))
-        start = offset - self._window_start
-        return bytes(self.window[start : start + min(size, READ_CHUNK)])
+        if offset < window.origin:  # written before the room ran out
+            return Span(file, offset, min(size, window.origin - offset))
+        return window.read(offset, min(size, READ_CHUNK))
 
-    def reader_at(self, reader: int, offset: int | None) -> None:
-        """Where a reader is (None: gone), so pass-through knows what it may drop."""
-        if offset is None:
-            self._positions.pop(reader, None)
-        else:
-            self._positions[reader] = offset
+    def follow(self, reader: int, offset: int) -> None:
+        """Where a reader is, so pass-through keeps what it still needs."""
+        if reader in self._cut:
+            raise UpstreamError(
+                f"this client read uncached {self.digest} too slowly for the others; cut"
+            )
+        self._positions[reader] = offset
+        self._reader_moved.set()
+
+    def release(self, reader: int) -> None:
+        """The reader needs nothing more from the window (it still waits, though)."""
+        self._positions[reader] = None
+        self._reader_moved.set()
+
+    def leave(self, reader: int) -> None:
+        self._positions.pop(reader, None)
+        self._cut.discard(reader)
         self._reader_moved.set()
 
     def notify(self) -> None:
@@ -221,7 +251,7 @@ class BlobReader:
     def __init__(self, fetch: Fetch, fd: int) -> None:
         self.fetch = fetch
         self._file: BinaryIO = os.fdopen(fd, "rb", buffering=0)
-        fetch.reader_at(id(self), 0)
+        fetch.follow(id(self), 0)
 
     def __enter__(self) -> BlobReader:
         return self
@@ -229,7 +259,7 @@ class BlobReader:
     def __exit__(self, *exc_info: object) -> None:
         if not self._file.closed:
             self._file.close()
-            self.fetch.reader_at(id(self), None)
+            self.fetch.leave(id(self))
 
     async def chunks(self, byte_range: ByteRange | None) -> AsyncGenerator[Span | bytes, None]:
         """The bytes of `byte_range` (or the whole blob) as they arrive: spans of the file,
@@ -237,17 +267,25 @@ class BlobReader:
         fetch = self.fetch
         offset = byte_range.start if byte_range else 0
         stop = byte_range.end + 1 if byte_range else fetch.length
-        fetch.reader_at(id(self), offset)
+        reader = id(self)
+        fetch.follow(reader, offset)
         while stop is None or offset < stop:
             limit = fetch.readable(stop)
             if offset < limit:
                 piece = fetch.read(self._file, limit - offset, offset)
                 offset += piece.count if isinstance(piece, Span) else len(piece)
                 yield piece
-                fetch.reader_at(id(self), offset)
+                fetch.follow(reader, offset)
             elif fetch.error is not None:
                 raise fetch.error
             elif fetch.verified:
+                return
+            elif stop is not None and offset == stop - 1 and fetch.written > offset:
+                # Only the held-back last byte is left: set aside, it holds no window.
+                last = fetch.read(self._file, 1, offset)
+                fetch.release(reader)
+                await fetch.wait_verified()
+                yield last
                 return
             else:
                 await fetch.progress()
@@ -396,15 +434,18 @@ class BlobProxy:
                 )
             return
         fetch.length = body.length
-        await self._reserve(fetch, upstream, body.length or GROWTH_STEP)
+        if body.length is not None:  # else reserved step by step as the bytes come
+            await self._reserve(fetch, upstream, body.length)
         fetch.started.set()
 
     async def _take(self, fetch: Fetch, upstream: Upstream, chunk: bytes) -> None:
-        await fetch.make_room()
+        await fetch.make_room(upstream.config.timeouts.idle)
         if fetch.window is not None and not fetch.readers:
             raise UpstreamError("every client of an uncached download went away")
+        if fetch.length is not None and fetch.written + len(chunk) > fetch.length:
+            raise UpstreamError(f"upstream sent more than the {fetch.length} bytes it declared")
         if fetch.window is None and fetch.written + len(chunk) > fetch.reserved:
-            await self._grow(fetch)
+            await self._grow(fetch, upstream, len(chunk))
         if fetch.append(chunk):
             self._forget(upstream, fetch)
             self.metrics.disk_full.inc()
@@ -415,22 +456,16 @@ class BlobProxy:
                     " served without caching (logged once, until a blob is stored again)",
                     fetch.digest,
                 )
-        if fetch.length is not None and fetch.written > fetch.length:
-            raise UpstreamError(f"upstream sent more than the {fetch.length} bytes it declared")
 
     async def _reserve(self, fetch: Fetch, upstream: Upstream, size: int) -> None:
         if await self.evictor.reserve(size):
-            fetch.reserved = size
+            fetch.reserved += size
             return
         self.evictor.passed_through(fetch.digest, fetch.length)
         self._forget(upstream, fetch)
         fetch.pass_through()
 
-    async def _grow(self, fetch: Fetch) -> None:
-        """A blob of undeclared length outgrew its reservation: reserve more, or give up."""
-        step = max(fetch.reserved, GROWTH_STEP)
-        if not await self.evictor.reserve(step):
-            raise UpstreamError(
-                f"blob {fetch.digest}, sent without a length, outgrew the room in the cache"
-            )
-        fetch.reserved += step
+    async def _grow(self, fetch: Fetch, upstream: Upstream, needed: int) -> None:
+        """A blob of undeclared length outgrew its reservation: reserve a little more (not
+        much: concurrent downloads must not crowd each other out), or pass through."""
+        await self._reserve(fetch, upstream, max(needed, GROWTH_STEP))

@@ -20,7 +20,6 @@ from yarl import URL
 
 from mirror.access import Gate
 from mirror.errors import (
-    BlobUnknown,
     LoginRequired,
     PaginationInvalid,
     RegistryError,
@@ -195,16 +194,8 @@ async def blob(request: web.Request) -> web.StreamResponse:
             response.content_length = size
         return response
     with proxy.join(upstream, name, digest) as reader:
-        length = await reader.fetch.wait_started()
-        if length is not None or "Range" not in request.headers:
-            return await _stream(request, reader, length, headers)
-        # A range of a blob of undeclared length: answerable once it is complete.
-        await reader.fetch.wait_done()
-    cached = proxy.local(upstream, digest)
-    if cached is None:
-        raise BlobUnknown(f"blob {digest} vanished from the cache")
-    with cached:
-        return await _send_cached(request, cached, headers)
+        # Without a declared length a Range cannot be placed: the whole blob, 200.
+        return await _stream(request, reader, await reader.fetch.wait_started(), headers)
 
 
 def _blob_headers(digest: Digest) -> dict[str, str]:
