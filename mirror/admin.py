@@ -56,6 +56,9 @@ async def collect_garbage(config: Config, args: argparse.Namespace) -> int:
     """`mirror gc`: one eviction pass now, down to the low watermark, and max_age."""
     async with _storage(config) as (evictor, _):
         evicted = await evictor.run_pass(force=True)
+    if evicted.failure is not None:
+        print(f"mirror: eviction pass failed: {evicted.failure}", file=sys.stderr)
+        return 1
     print(
         f"evicted {evicted.blobs} blobs ({_size(evicted.bytes)}); "
         f"{_size(evicted.used)} of {_size(config.storage.max_size)} used"

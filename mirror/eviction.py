@@ -11,6 +11,10 @@ and once a minute (for `max_age`). It walks blobs least recently used first (one
 query per batch), deletes the file and then the row, and stops at the low watermark. It
 skips blobs that some process holds open (a request reading, a download writing: see
 `BlobStore.evict`) and the content of pinned images.
+
+A pass that fails (the index locked by another process past its retries, a disk error)
+is logged, once until a pass succeeds again, and ends there: it never fails the request
+that needed room, which then finds none and is served uncached.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from mirror.config import Config
-from mirror.errors import RegistryError
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.storage.blobs import BlobStore
@@ -41,6 +45,7 @@ class Evicted:
     blobs: int
     bytes: int
     used: int  # bytes counted against the budget after the pass
+    failure: str | None = None  # why the pass failed; then the counts are not known
 
 
 class Evictor:
@@ -60,6 +65,7 @@ class Evictor:
         self.reserved = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._failing = False  # the last pass failed (and that was logged)
 
     @property
     def high(self) -> int:
@@ -110,21 +116,42 @@ class Evictor:
                 async with asyncio.timeout(PASS_INTERVAL):
                     await self._wake.wait()
             self._wake.clear()
-            try:
-                await self.run_pass()
-            except (OSError, RegistryError) as exc:
-                log.warning("eviction pass failed: %s", exc)
+            await self.run_pass()
 
     async def run_pass(self, force: bool = False) -> Evicted:
         """One pass: down to the low watermark once over the high one (or over the low one
         when `force`d, as `mirror gc` does), and everything older than max_age."""
         async with self._lock:
-            used = await self.used()
-            over = used > (self.low if force else self.high)
-            return await self._evict(self.low if over else None)
+            return await self._logging_failure(self._pass(force))
+
+    async def _pass(self, force: bool) -> Evicted:
+        used = await self.used()
+        over = used > (self.low if force else self.high)
+        return await self._evict_lru(self.low if over else None)
 
     async def _evict(self, target: int | None) -> Evicted:
-        """Under the lock: evict LRU first until `target` bytes, and what max_age expires."""
+        """Under the lock: `_evict_lru`, a failure logged, never raised."""
+        return await self._logging_failure(self._evict_lru(target))
+
+    async def _logging_failure(self, work: Awaitable[Evicted]) -> Evicted:
+        try:
+            evicted = await work
+        except Exception as exc:  # whatever broke, the budget's callers must not see it
+            if not self._failing:
+                log.warning(
+                    "eviction pass failed (logged once until one works): %s: %s",
+                    type(exc).__name__,
+                    exc,
+                )
+            self._failing = True
+            return Evicted(0, 0, 0, failure=str(exc) or repr(exc))
+        if self._failing:
+            log.warning("eviction passes work again")
+            self._failing = False
+        return evicted
+
+    async def _evict_lru(self, target: int | None) -> Evicted:
+        """Evict LRU first until `target` bytes, and what max_age expires."""
         await self.index.flush()  # the latest hits count
         pinned = await self.pinned()
         cutoff = time.time() - self.storage.max_age if self.storage.max_age else None

@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 from conftest import downloads_stored
-from upstream_registry import OCI_MANIFEST, PushedImage, RegistryProcess, push_image
+from upstream_registry import (
+    FOREIGN_LAYERS_ALLOWED,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    PushedImage,
+    RegistryProcess,
+    push_image,
+    push_index_with_foreign_digests,
+)
 
 from mirror.cli import main
 
@@ -100,6 +108,59 @@ async def test_ls_verify_and_rm(
     assert "no upstream of this mirror serves registry 'quay.io'" in capsys.readouterr().err
     assert await cli("ls", *flags) == 0
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["adm/b:v2"]
+
+
+async def test_ls_and_rm_skip_digests_of_other_algorithms(
+    make_mirror: MakeMirror,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An index naming an image with sha384 and md5 layers (foreign, never fetched), pinned."""
+    storage = tmp_path / "cache"
+    with RegistryProcess(tmp_path / "upstream", extra_config=FOREIGN_LAYERS_ALLOWED) as registry:
+        odd = await push_index_with_foreign_digests(registry.url, "adm/odd", "v1")
+        plain = await push_image(registry.url, "adm/plain", "v1", [16 * KIB])
+        mirror = await make_mirror(registry.url, storage=storage)
+        accept = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}
+        for digest in [odd.tag, *odd.manifest_digests() - {odd.manifest_digest}]:
+            async with mirror.get(f"/v2/adm/odd/manifests/{digest}", headers=accept) as resp:
+                assert resp.status == 200
+        for digest in odd.blob_digests():
+            async with mirror.get(f"/v2/adm/odd/blobs/{digest}") as resp:
+                assert resp.status == 200
+        await pull(mirror, plain)
+        await mirror.close()
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage: {{path: {storage}}}\n"
+        f"upstreams: [{{name: upstream, url: '{registry.url}'}}]\n"
+        f"pins: ['{registry.host}/adm/odd:v1']\n"
+    )
+    flags = ("--config", str(config))
+
+    assert await cli("ls", *flags) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines[1:]] == ["adm/odd:v1", "adm/plain:v1"]
+    odd_bytes = len(odd.manifest_bytes) + sum(
+        len(c.manifest_bytes) + sum(c.layer_sizes) + json.loads(c.manifest_bytes)["config"]["size"]
+        for c in odd.children
+    )
+    assert f" {odd_bytes / KIB:.1f} KiB " in lines[1]
+    for algorithm in ("sha384", "md5"):  # logged, once each
+        assert caplog.text.count(f"names '{algorithm}:") == 1, caplog.text
+
+    assert await cli("rm", f"{registry.host}/adm/plain:v1", *flags) == 0  # walks the pins
+    assert "removed" in capsys.readouterr().out
+    odd_files = [blob_file(storage, d) for d in [*odd.manifest_digests(), *odd.blob_digests()]]
+    assert all(path.exists() for path in odd_files)
+    assert await cli("gc", *flags) == 0
+    assert "evicted" in capsys.readouterr().out
+
+    config.write_text(config.read_text().replace("pins:", "#"))  # no longer pinned
+    assert await cli("rm", f"{registry.host}/adm/odd:v1", *flags) == 0
+    assert f"removed {registry.host}/adm/odd:v1: 4 blobs" in capsys.readouterr().out
+    assert not any(path.exists() for path in odd_files)
 
 
 async def test_warm_pulls_through_the_running_mirror(

@@ -24,7 +24,15 @@ import pytest
 from conftest import downloads_stored
 from fake_registry import slow_blobs
 from pytest_aiohttp import AiohttpClient, AiohttpServer
-from upstream_registry import OCI_MANIFEST, PushedImage, RegistryProcess, push_image
+from upstream_registry import (
+    FOREIGN_LAYERS_ALLOWED,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    PushedImage,
+    RegistryProcess,
+    push_image,
+    push_index_with_foreign_digests,
+)
 
 from mirror.app import make_app
 from mirror.cli import main as cli
@@ -227,6 +235,84 @@ async def test_pinned_images_survive_pressure_and_max_age_evicts_the_old(
     left = {p.name for p in (storage / "blobs").rglob("*") if p.is_file()}
     expected = {d.split(":")[1] for d in [pinned.manifest_digest, *pinned.blob_digests()]}
     assert left == expected
+
+
+async def pull_index(mirror: MirrorClient, index: PushedImage) -> None:
+    """The index by tag, its images by digest, and their blobs but the foreign layers."""
+    accept = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}
+    async with mirror.get(f"/v2/{index.name}/manifests/{index.tag}", headers=accept) as resp:
+        assert resp.status == 200, await resp.text()
+    for child in index.children:
+        path = f"/v2/{index.name}/manifests/{child.manifest_digest}"
+        async with mirror.get(path, headers=accept) as resp:
+            assert await resp.read() == child.manifest_bytes
+        for digest in child.blob_digests():
+            async with mirror.get(f"/v2/{index.name}/blobs/{digest}") as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+    await downloads_stored(mirror)
+
+
+async def test_a_pinned_image_naming_sha384_and_md5_digests_breaks_no_eviction(
+    aiohttp_client: AiohttpClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Manifests may name digests of algorithms the mirror never stores: the pins walk
+    skips them (logged once), and eviction keeps making room for cold blobs."""
+    from conftest import mirror_config
+
+    caplog.set_level(logging.WARNING)
+    storage = tmp_path / "cache"
+    with RegistryProcess(tmp_path / "upstream", extra_config=FOREIGN_LAYERS_ALLOWED) as registry:
+        pinned = await push_index_with_foreign_digests(registry.url, "odd/pin", "v1")
+        others = [await push_image(registry.url, f"odd/o{n}", "v1", [600 * KIB]) for n in range(5)]
+        config = dataclasses.replace(
+            mirror_config(storage, registry.url, budget={"max_size": 3 * MIB}),
+            pins=(parse_image_reference(f"{registry.host}/odd/pin:v1"),),
+        )
+        mirror = await aiohttp_client(make_app(config))
+        await pull_index(mirror, pinned)
+        for image in others:  # cold blobs, each needing room: all served
+            await pull(mirror, image)
+        await mirror.close()
+    assert disk_bytes(storage) <= 3 * MIB
+    for digest in [*pinned.manifest_digests(), *pinned.blob_digests()]:
+        assert blob_path(storage, digest).exists(), digest
+    assert not blob_path(storage, others[0].layer_digests[0]).exists()  # evicted
+    for algorithm in ("sha384", "md5"):
+        assert caplog.text.count(f"names '{algorithm}:") == 1, caplog.text
+    assert "eviction pass failed" not in caplog.text
+
+
+async def test_a_failing_eviction_pass_is_logged_once_and_fails_no_request(
+    registry: RegistryProcess,
+    make_mirror: MakeMirror,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    storage = tmp_path / "cache"
+    images = [await push_image(registry.url, f"fail/i{n}", "v1", [600 * KIB]) for n in range(5)]
+    budget = 3 * MIB
+    mirror = await make_mirror(registry.url, storage=storage, budget={"max_size": budget})
+    await pull(mirror, images[0])
+    # A directory where the least recently used layer was: removing it fails (EISDIR), as
+    # a disk error would, in every pass that reaches it.
+    stuck = blob_path(storage, images[0].layer_digests[0])
+    stuck.unlink()
+    stuck.mkdir()
+    for image in images[1:]:
+        await pull(mirror, image)  # every blob whole (served uncached when no room)
+        assert disk_bytes(storage) <= budget
+    assert caplog.text.count("eviction pass failed") == 1
+    assert "IsADirectoryError" in caplog.text
+    assert "served without caching" in caplog.text
+
+    stuck.rmdir()
+    assert mirror.app is not None
+    assert (await mirror.app[EVICTOR].run_pass(force=True)).failure is None
+    assert caplog.text.count("eviction passes work again") == 1
+    await pull(mirror, images[0])
+    assert blob_path(storage, images[0].layer_digests[0]).is_file()  # cached again
 
 
 async def test_a_blob_larger_than_the_budget_passes_through_uncached(

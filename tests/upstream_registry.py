@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -443,6 +444,48 @@ async def push_index(
         media_type=index_type,
         child_digests=[c.manifest_digest for c in children],
         children=children,
+    )
+
+
+# docker-registry takes layers with `urls` (non-distributable, "foreign" layers) without
+# holding their blobs only when this allows the URLs: the one way to have it serve a
+# manifest naming digests of other algorithms (sha384, md5).
+FOREIGN_LAYERS_ALLOWED = {"validation": {"manifests": {"urls": {"allow": ["^https://"]}}}}
+FOREIGN_LAYER = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+
+
+async def push_index_with_foreign_digests(
+    registry_url: str, name: str, tag: str, algorithms: Sequence[str] = ("sha384", "md5")
+) -> PushedImage:
+    """An OCI index (tagged) naming one image whose layers are a real one plus a foreign
+    layer per algorithm, each named by a digest of that algorithm (of bytes never pushed).
+    Needs a registry started with FOREIGN_LAYERS_ALLOWED."""
+    async with aiohttp.ClientSession() as client:
+        base = await push_image(registry_url, name, None, [16 * 1024], session=client)
+        manifest = json.loads(base.manifest_bytes)
+        for algorithm in algorithms:
+            encoded = hashlib.new(algorithm, algorithm.encode()).hexdigest()
+            layer = _descriptor(FOREIGN_LAYER, f"{algorithm}:{encoded}", 1024)
+            layer["urls"] = [f"https://example.com/{algorithm}"]
+            manifest["layers"].append(layer)
+        child_bytes = json_bytes(manifest)
+        child_digest = await put_manifest(
+            client, registry_url, name, None, child_bytes, OCI_MANIFEST
+        )
+        child = dataclasses.replace(base, manifest_digest=child_digest, manifest_bytes=child_bytes)
+        index = json_bytes(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX,
+             "manifests": [_child_descriptor(OCI_MANIFEST, child)]}
+        )  # fmt: skip
+        digest = await put_manifest(client, registry_url, name, tag, index, OCI_INDEX)
+    return PushedImage(
+        name=name,
+        tag=tag,
+        manifest_digest=digest,
+        manifest_bytes=index,
+        media_type=OCI_INDEX,
+        child_digests=[child_digest],
+        children=[child],
     )
 
 
