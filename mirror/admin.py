@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import sys
 import time
@@ -22,9 +21,9 @@ from datetime import UTC, datetime
 import aiohttp
 
 from mirror.config import Config
-from mirror.errors import ConfigError, RegistryError
+from mirror.errors import ConfigError, DigestInvalid, RegistryError
 from mirror.eviction import Evictor
-from mirror.reference import MANIFEST_TYPES, Digest, parse_image_reference
+from mirror.reference import MANIFEST_TYPES, Digest, parse_digest, parse_image_reference
 from mirror.storage.blobs import BlobStore
 from mirror.storage.images import content_of
 from mirror.storage.index import INDEX_FILE, Index
@@ -170,22 +169,25 @@ async def warm(config: Config, args: argparse.Namespace) -> int:
 async def _warm_one(session: aiohttp.ClientSession, mirror: str, text: str) -> int:
     """Every manifest and blob of one image (all platforms), with a progress line."""
     ref = parse_image_reference(text)
-    base, ns = f"{mirror}/v2/{ref.repository}", {"ns": ref.host}
+    base = f"{mirror}/v2/{ref.repository}"
+    # `ns` only for a host the user wrote: a bare name goes where `docker pull
+    # mirror/<name>` goes, to the mirror's default upstream, whichever registry that is.
+    ns = {} if ref.host_implied else {"ns": ref.host}
     accept = {"Accept": ", ".join(MANIFEST_TYPES)}
-    todo, blobs = [str(ref.reference)], {}
+    todo, blobs = [ref.reference], {}
     while todo:
         async with session.get(f"{base}/manifests/{todo.pop()}", params=ns, headers=accept) as r:
             if r.status != 200:
                 raise ValueError(f"manifest answered {r.status}: {await r.text()}")
             manifest = json.loads(await r.read())
         for child in manifest.get("manifests", []):
-            todo.append(child["digest"])
+            todo.extend(_servable(text, child["digest"]))
         for blob in [manifest.get("config"), *manifest.get("layers", [])]:
-            if blob:
-                blobs[blob["digest"]] = int(blob["size"])
+            for digest in _servable(text, blob["digest"]) if blob else []:
+                blobs[digest] = int(blob["size"])
     done, size = 0, sum(blobs.values())
     for digest in blobs:
-        hasher = hashlib.sha256()
+        hasher = digest.hasher()
         async with session.get(f"{base}/blobs/{digest}", params=ns) as r:
             if r.status != 200:
                 raise ValueError(f"blob {digest} answered {r.status}")
@@ -193,10 +195,20 @@ async def _warm_one(session: aiohttp.ClientSession, mirror: str, text: str) -> i
                 hasher.update(chunk)
                 done += len(chunk)
                 _progress(text, done, size)
-        if "sha256:" + hasher.hexdigest() != digest:
+        if hasher.hexdigest() != digest.hex:
             raise ValueError(f"blob {digest} arrived with other bytes")
     _progress(text, done, size, end="\n")
     return done
+
+
+def _servable(image: str, text: str) -> list[Digest]:
+    """The digest a manifest names, unless it is none the mirror serves (an algorithm
+    other than sha256 and sha512: allowed in manifests, cached nowhere)."""
+    try:
+        return [parse_digest(text)]
+    except DigestInvalid as exc:
+        print(f"\r{image}: skipped: {exc.message}", file=sys.stderr)
+        return []
 
 
 def _progress(name: str, done: int, size: int, end: str = "") -> None:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mirror.errors import DigestInvalid, NameInvalid, RangeInvalid, TagInvalid
 
@@ -85,6 +85,9 @@ class ImageReference:
     host: str  # the registry, as containerd's `ns` would name it
     repository: str  # as written: Docker Hub's `library/` is the router's to add
     reference: str | Digest
+    # No host was written (`library/alpine:3`): docker.io by Docker's rule, and to a
+    # mirror, its default upstream (as `docker pull mirror:5000/library/alpine:3` goes).
+    host_implied: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         sep = "@" if isinstance(self.reference, Digest) else ":"
@@ -97,17 +100,18 @@ def parse_image_reference(text: str) -> ImageReference:
     outside the distribution grammar (`ex ample.com`, `[::1`) is NAME_INVALID."""
     rest, _, digest = text.strip().partition("@")
     first, slash, path = rest.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
+    implied = not (slash and ("." in first or ":" in first or first == "localhost"))
+    if implied:
+        host, path = "docker.io", rest
+    else:
         host = first.lower()
         if not _REGISTRY_HOST.fullmatch(host):
             raise NameInvalid(f"invalid registry host {first!r} in {text!r}")
-    else:
-        host, path = "docker.io", rest
     repository, colon, tag = path.rpartition(":")
     if not colon:
         repository, tag = path, "latest"
     reference = parse_digest(digest) if digest else parse_reference(tag)
-    return ImageReference(host, validate_name(repository), reference)
+    return ImageReference(host, validate_name(repository), reference, host_implied=implied)
 
 
 @dataclass(frozen=True)

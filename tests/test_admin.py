@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,6 @@ import pytest
 from conftest import downloads_stored
 from upstream_registry import (
     FOREIGN_LAYERS_ALLOWED,
-    OCI_INDEX,
     OCI_MANIFEST,
     PushedImage,
     RegistryProcess,
@@ -23,7 +23,7 @@ from upstream_registry import (
 from mirror.cli import main
 
 if TYPE_CHECKING:
-    from conftest import MirrorClient
+    from conftest import MirrorClient, MirrorProcess
 
     MakeMirror = Callable[..., Awaitable[MirrorClient]]
 
@@ -122,13 +122,12 @@ async def test_ls_and_rm_skip_digests_of_other_algorithms(
         odd = await push_index_with_foreign_digests(registry.url, "adm/odd", "v1")
         plain = await push_image(registry.url, "adm/plain", "v1", [16 * KIB])
         mirror = await make_mirror(registry.url, storage=storage)
-        accept = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}
-        for digest in [odd.tag, *odd.manifest_digests() - {odd.manifest_digest}]:
-            async with mirror.get(f"/v2/adm/odd/manifests/{digest}", headers=accept) as resp:
-                assert resp.status == 200
-        for digest in odd.blob_digests():
-            async with mirror.get(f"/v2/adm/odd/blobs/{digest}") as resp:
-                assert resp.status == 200
+        url = f"http://127.0.0.1:{mirror.server.port}"
+        assert await cli("warm", "--mirror", url, f"{registry.host}/adm/odd:v1") == 0
+        err = capsys.readouterr().err
+        assert "skipped: unsupported digest algorithm 'sha384'" in err
+        assert "skipped: unsupported digest algorithm 'md5'" in err
+        await downloads_stored(mirror)
         await pull(mirror, plain)
         await mirror.close()
     config = tmp_path / "mirror.yaml"
@@ -190,3 +189,30 @@ async def test_warm_pulls_through_the_running_mirror(
     code = await cli("warm", "--mirror", url, f"{registry.host}/adm/missing:v1")
     assert code == 1
     assert "failed" in capsys.readouterr().err
+
+
+async def test_warm_sends_a_bare_name_to_the_default_upstream(
+    registry: RegistryProcess,
+    start_mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    """`mirror serve --upstream URL`, as the quick start has it: `mirror warm library/x:1`
+    goes to that upstream, not to Docker Hub's `ns`; a written host still routes by it."""
+    storage = tmp_path / "cache"
+    image = await push_image(registry.url, "library/warm", "v1", [32 * KIB])
+    mirror = await asyncio.to_thread(
+        start_mirror_process, "--storage", str(storage), "--upstream", registry.url
+    )
+    for name in ("library/warm:v1", f"{registry.host}/library/warm:v1"):
+        warm = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mirror", "warm", "--mirror", mirror.url, name,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(warm.communicate(), timeout=30)
+        assert warm.returncode == 0, err.decode()
+        assert "warmed 1 of 1 images" in out.decode()
+    for digest in [image.manifest_digest, *image.blob_digests()]:
+        assert blob_file(storage, digest).exists()
+    await registry.settle()
+    assert registry.blob_gets() == len(image.blob_digests())  # the second warm: all hits
+    assert "ns=docker.io" not in mirror.log()
