@@ -215,7 +215,17 @@ def parse_listen(value: object, key: str = "listen") -> Listen:
 
 
 def parse_url(value: object, key: str) -> str:
-    """Checked by both parsers the mirror reads it with (urlsplit and yarl)."""
+    """Checked by both parsers the mirror reads it with (urlsplit and yarl).
+
+    Credentials in it (`user:password@`) are refused, and never repeated in the error: a
+    URL is printed in logs and messages, where a password has no place.
+    """
+    if "@" in str(value):
+        raise ConfigError(
+            key,
+            "must not hold credentials (user:password@host), which would show in logs: give"
+            " them in the config file as auth: {type: basic, username: ..., password_env: ...}",
+        )
     try:
         parts, url = urlsplit(str(value)), URL(str(value))
         valid = parts.scheme in ("http", "https") and bool(parts.hostname and url.host)

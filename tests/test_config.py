@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mirror.cli import main
 from mirror.config import (
     DOCKER_HUB,
     DOCKER_HUB_URL,
@@ -288,3 +291,68 @@ def test_budget_and_pins() -> None:
         "docker.io/library/busybox@sha256:" + "a" * 64,
     ]
     assert Config().storage.max_age is None
+
+
+# --- credentials never in an upstream URL ---------------------------------------------------
+
+SECRET_URLS = [
+    "http://alice:S3CRET@registry.example",
+    "https://alice:S3CRET@registry.example:5000/",
+    "http://alice:S3C@RET@registry.example",  # an @ in the password
+    "http://alice:S3C/RET@registry.example",  # a / in it: no valid URL at all
+    "ftp://alice:S3CRET@registry.example",  # a wrong scheme as well
+    "alice:S3CRET@registry.example",  # no scheme
+    "http://S3CRET@registry.example",  # a token as the user name
+]
+
+
+def assert_no_secret(text: str) -> None:
+    assert "S3C" not in text and "RET@" not in text and "alice" not in text, text
+
+
+@pytest.mark.parametrize("url", SECRET_URLS)
+def test_credentials_in_an_upstream_url_are_refused_and_never_repeated(url: str) -> None:
+    for key, load in [
+        ("upstreams[0].url", lambda: config_from_dict({"upstreams": [{"name": "a", "url": url}]})),
+        ("--upstream", lambda: with_overrides(Config(), upstream=url)),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            load()
+        assert caught.value.key == key
+        assert "auth: {type: basic" in str(caught.value)
+        assert_no_secret(str(caught.value))
+
+
+def test_credentials_in_an_upstream_url_stop_every_command_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing starts, so nothing (log, `mirror ls`, metrics) can show them."""
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage: {{path: {tmp_path / 'cache'}}}\n"
+        f"upstreams: [{{name: up, url: '{SECRET_URLS[0]}'}}]\n"
+    )
+    for args in (
+        ["check-config", str(config)],
+        ["ls", "--config", str(config)],
+        ["serve", "--config", str(config)],
+        ["serve", "--upstream", SECRET_URLS[0], "--storage", str(tmp_path / "cache")],
+    ):
+        assert main(args) == 2, args
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1, (args, err)
+        key = "--upstream" if "--upstream" in args else "upstreams[0].url"
+        assert err.startswith(f"mirror: config error: {key}: must not hold credentials")
+        assert_no_secret(err)
+    # The real console script, as a service manager runs it.
+    script = Path(sys.executable).parent / "mirror"
+    served = subprocess.run(
+        [str(script), "serve", "--config", str(config), "--listen", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert served.returncode == 2 and served.stdout == ""
+    assert served.stderr.startswith("mirror: config error: upstreams[0].url: ")
+    assert_no_secret(served.stderr)
+    assert not (tmp_path / "cache").exists()
