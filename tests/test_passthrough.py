@@ -11,13 +11,24 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MirrorProcess
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import MirrorProcess, downloads_stored
+from fault_upstream import FaultyUpstream
+from pytest_aiohttp import AiohttpServer
 from upstream_registry import RegistryProcess, put_blob
+
+from mirror.reference import parse_digest
+from mirror.storage.blobs import BlobStore
+
+MirrorClient = TestClient[web.Request, web.Application]
+MakeMirror = Callable[..., Any]
 
 MIB = 1024 * 1024
 SIZE = 12 * MIB + 12345  # three times the 4 MiB window, not a multiple of any chunk
@@ -154,3 +165,55 @@ async def test_a_reader_that_stops_reading_cannot_stall_the_others(
     finally:
         writer.close()
     assert "fell behind" in mirror.log()
+
+
+def blob_path(storage: Path, digest: str) -> Path:
+    return BlobStore(storage).path(parse_digest(digest))
+
+
+# --- blobs of undeclared length (no Content-Length): only the fault upstream sends them ---
+
+
+@pytest.fixture
+async def chunked_upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[FaultyUpstream]:
+    fake = FaultyUpstream(chunked=True)
+    server = await aiohttp_server(fake.app())
+    fake.url = str(server.make_url("")).rstrip("/")
+    yield fake
+    fake.release.set()
+
+
+async def pull(mirror: MirrorClient, digest: str) -> tuple[int, bytes]:
+    async with asyncio.timeout(30), mirror.get(f"/v2/x/blobs/{digest}") as response:
+        return response.status, await response.read()
+
+
+async def test_an_undeclared_length_blob_larger_than_the_room_passes_through(
+    chunked_upstream: FaultyUpstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """It outgrows what the budget can reserve mid-way: the rest passes through (it was
+    cut at that point on every try)."""
+    data = os.urandom(20 * MIB + 1)  # larger than the budget, reserved as it arrives
+    digest = chunked_upstream.add_blob(data)
+    storage = tmp_path / "cache"
+    mirror = await make_mirror(chunked_upstream.url, storage=storage, budget={"max_size": 20 * MIB})
+    for _ in range(2):
+        assert await pull(mirror, digest) == (200, data)
+    await downloads_stored(mirror)
+    assert not list((storage / "blobs").rglob("*"))
+    assert len(chunked_upstream.gets(digest)) == 2  # nothing cached: fetched each time
+
+
+async def test_concurrent_undeclared_length_blobs_do_not_crowd_each_other_out(
+    chunked_upstream: FaultyUpstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """Three 1 MiB blobs without a length, at once, in an 8 MiB budget: all cached (each
+    reserved 16 MiB up front once, so each passed through)."""
+    blobs = {chunked_upstream.add_blob(os.urandom(MIB + n)): n for n in range(3)}
+    storage = tmp_path / "cache"
+    mirror = await make_mirror(chunked_upstream.url, storage=storage, budget={"max_size": 8 * MIB})
+    answers = await asyncio.gather(*(pull(mirror, digest) for digest in blobs))
+    assert [status for status, _ in answers] == [200] * 3
+    await downloads_stored(mirror)
+    for digest in blobs:
+        assert blob_path(storage, digest).exists(), digest
