@@ -28,6 +28,7 @@ class Seen:
     path: str
     range: str | None
     status: int
+    authorization: str | None = None  # raw server: the request's Authorization header
 
 
 @dataclass
@@ -106,9 +107,13 @@ class FaultyUpstream:
             for _ in range(1000):
                 async with asyncio.timeout(30):
                     head = await reader.readuntil(b"\r\n\r\n")
-                method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+                line, *fields = head.decode().split("\r\n")
+                method, path, _ = line.split(" ", 2)
                 status, answer = self.raw_answer(method, path)
-                self.seen.append(Seen(method, path, None, status))
+                names = {
+                    name.lower(): value for name, _, value in (f.partition(": ") for f in fields)
+                }
+                self.seen.append(Seen(method, path, None, status, names.get("authorization")))
                 writer.write(answer if self.extra_delay else answer + self.extra)
                 await writer.drain()
                 if self.extra_delay:

@@ -7,6 +7,7 @@ clean error, and the cache holds only verified blobs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import hashlib
@@ -26,7 +27,7 @@ from aiohttp.test_utils import TestClient
 from fault_upstream import MANIFEST_TYPE, FaultyUpstream
 from pytest_aiohttp import AiohttpServer
 
-from mirror.config import Timeouts
+from mirror.config import AuthConfig, Timeouts
 from mirror.reference import parse_digest
 from mirror.storage import index as index_module
 from mirror.storage.blobs import BlobStore, BlobWriter
@@ -301,6 +302,31 @@ async def test_a_body_left_unread_is_never_taken_for_the_next_answer(
     async with mirror.get("/v2/team/app/manifests/small", headers=headers) as resp:
         assert (resp.status, resp.headers["Docker-Content-Digest"]) == (200, small)
     assert raw_upstream.connections == 2
+
+
+async def test_an_answer_that_cannot_be_read_never_shows_the_credentials(
+    raw_upstream: FaultyUpstream,
+    make_mirror: MakeMirror,
+    storage: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiohttp's error for an answer it cannot parse holds the request, headers included."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("FAULT_UPSTREAM_PASSWORD", "S3CRET-pw")
+    auth = AuthConfig("basic", username="alice", password_env="FAULT_UPSTREAM_PASSWORD")
+    digest = raw_upstream.add_blob(os.urandom(KIB))
+    raw_upstream.extra = b"GARBAGE" * 100  # in the answer's write: no answer can be parsed
+    fields = {"auth": auth, "retries": 0}
+    mirror = await make_mirror(raw_upstream.url, storage=storage, upstream=fields)
+
+    async with mirror.get(f"/v2/team/app/blobs/{digest}") as response:
+        assert response.status == 502
+        message = (await response.json())["errors"][0]["message"]
+    header = "Basic " + base64.b64encode(b"alice:S3CRET-pw").decode()
+    assert [s.authorization for s in raw_upstream.seen] == [header]
+    for text in (message, caplog.text):
+        assert "S3CRET" not in text and header[6:] not in text and "Authorization" not in text
 
 
 async def test_an_upstream_slow_to_answer_times_out(

@@ -296,7 +296,9 @@ class Upstream:
                 ) from exc
             except aiohttp.ClientError as exc:
                 raise self._failing(
-                    UpstreamUnavailable(f"upstream {self.name} failed {method} {path}: {exc!r}")
+                    UpstreamUnavailable(
+                        f"upstream {self.name} failed {method} {path}: {_described(exc)}"
+                    )
                 ) from exc
 
     @asynccontextmanager
@@ -416,6 +418,14 @@ class Upstream:
                 f"upstream {name} is rate limiting pulls", str(self.ratelimit.retry_after)
             )
         raise UpstreamError(f"upstream {name} answered {status} to {what}")
+
+
+def _described(exc: aiohttp.ClientError) -> str:
+    """The failure, without the request: the repr of aiohttp's errors holds its headers
+    (`Authorization` among them), and a parse error the bytes that did not parse."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}: an answer that is not HTTP ({exc.message.partition(':')[0]})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _let_go(response: aiohttp.ClientResponse) -> None:
