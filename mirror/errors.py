@@ -32,7 +32,9 @@ class RegistryError(MirrorError):
         self.detail = detail
 
     def headers(self) -> dict[str, str]:
-        return {}
+        # An HTTP 401 must name a way to authenticate: the mirror's own login, whichever
+        # refusal (the mirror's, or an upstream's passed on) it answers.
+        return {"WWW-Authenticate": 'Basic realm="mirror"'} if self.status == 401 else {}
 
 
 class NameInvalid(RegistryError):
@@ -98,9 +100,6 @@ class LoginRequired(RegistryError):
     """A client of an `authenticated` upstream without valid mirror credentials."""
 
     code, status = "UNAUTHORIZED", 401
-
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": 'Basic realm="mirror"'}
 
 
 class Denied(RegistryError):

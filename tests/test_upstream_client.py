@@ -439,6 +439,39 @@ async def test_mirror_answers_upstream_failures_as_oci_errors(
         assert response.status == (429 if (kind, status) == ("manifest", 429) else 200)
 
 
+def registry_errors(kind: type[RegistryError] = RegistryError) -> list[type[RegistryError]]:
+    return [kind, *(sub for child in kind.__subclasses__() for sub in registry_errors(child))]
+
+
+@pytest.mark.parametrize(
+    "kind", [k for k in registry_errors() if k.status == 401], ids=lambda k: k.__name__
+)
+def test_every_401_error_names_a_way_to_authenticate(kind: type[RegistryError]) -> None:
+    assert kind("x").headers()["WWW-Authenticate"] == 'Basic realm="mirror"'
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    ["token refused", "bearer refused", "no challenge"],
+)
+async def test_an_upstream_401_reaches_the_client_with_a_challenge(
+    make_mirror: MakeMirror, registry: FakeRegistry, refusal: str
+) -> None:
+    """A 401 without WWW-Authenticate is no valid HTTP answer; the mirror's own challenge
+    goes out, whatever the upstream's was (or that it had none)."""
+    if refusal == "token refused":
+        registry.token_status = 401
+    elif refusal == "bearer refused":
+        registry.mode = "reject"
+    else:
+        registry.fail(401, {})
+    mirror = await make_mirror(registry.url, upstream=FAST)
+    for path in PATHS.values():
+        async with mirror.get(path, headers={"Accept": OCI_MANIFEST}) as response:
+            await expect_oci_error(response, 401, "UNAUTHORIZED")
+            assert response.headers.getall("WWW-Authenticate") == ['Basic realm="mirror"']
+
+
 async def test_mirror_answers_unreachable_upstream(
     make_mirror: MakeMirror, unused_tcp_port: int
 ) -> None:
