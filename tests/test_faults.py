@@ -325,7 +325,11 @@ async def test_an_answer_that_cannot_be_read_never_shows_the_credentials(
         message = (await response.json())["errors"][0]["message"]
     header = "Basic " + base64.b64encode(b"alice:S3CRET-pw").decode()
     assert [s.authorization for s in raw_upstream.seen] == [header]
-    for text in (message, caplog.text):
+    metrics = await (await mirror.get("/metrics")).text()
+    assert (
+        'mirror_upstream_requests_total{method="GET",status="error",upstream="upstream"}' in metrics
+    )
+    for text in (message, caplog.text, metrics):
         assert "S3CRET" not in text and header[6:] not in text and "Authorization" not in text
 
 
