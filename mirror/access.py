@@ -3,7 +3,8 @@
 Anonymous stays the default: dockerd sends its Docker Hub credentials to a mirror, so on a
 `public` upstream credentials are never looked at. An `authenticated` upstream needs a user
 of the htpasswd file (bcrypt entries, as `htpasswd -B` writes them). Checks are cached,
-since bcrypt is slow on purpose, and failed logins are limited per client address.
+since bcrypt is slow on purpose, and failed logins are limited per client address (an
+IPv6 client per /64, which one host commonly holds whole), in a table of bounded size.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import ipaddress
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from mirror.errors import ConfigError, LoginRequired, TooManyRequests
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 MAX_FAILURES = 5  # failed logins from one address within FAILURE_WINDOW...
 FAILURE_WINDOW = 60.0  # ...after which that address is refused until the window passes
+# Client networks whose failed logins are remembered at once: past this, the one that
+# failed least recently is forgotten (a few hundred bytes each).
+FAILURE_TABLE_SIZE = 10_000
 CHECK_CACHE_TTL = 300.0
 CHECK_CACHE_SIZE = 10_000
 
@@ -60,7 +65,7 @@ class Gate:
         self.users = users
         self.anyone_may_pull = anyone_may_pull  # some upstream is `public`
         self._checked: dict[bytes, tuple[bool, float]] = {}
-        self._failures: dict[str, deque[float]] = {}
+        self.failures = FailedLogins()
 
     @property
     def enabled(self) -> bool:
@@ -99,20 +104,68 @@ class Gate:
         return valid
 
     def _refuse_if_blocked(self, address: str) -> None:
-        failures = self._failures.get(address)
-        if failures is None:
-            return
-        now = time.monotonic()
-        while failures and failures[0] <= now - FAILURE_WINDOW:
-            failures.popleft()
-        if not failures:
-            del self._failures[address]
-        elif len(failures) >= MAX_FAILURES:
-            wait = int(failures[0] + FAILURE_WINDOW - now) + 1
+        wait = self.failures.retry_after(address, time.monotonic())
+        if wait is not None:
             raise TooManyRequests(f"too many failed logins from {address}", str(wait))
 
     def _failed(self, address: str) -> None:
-        self._failures.setdefault(address, deque(maxlen=MAX_FAILURES)).append(time.monotonic())
+        self.failures.add(address, time.monotonic())
+
+
+class FailedLogins:
+    """The latest failed logins (at most MAX_FAILURES) of each client network, for at
+    most `size` networks, the least recently failing first in line to be forgotten. A
+    network's entry goes FAILURE_WINDOW after its last failure."""
+
+    def __init__(self, size: int = FAILURE_TABLE_SIZE) -> None:
+        self.size = size
+        self._times: OrderedDict[str, tuple[float, ...]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def retry_after(self, address: str, now: float) -> int | None:
+        """Seconds until a client at `address` may try to log in again; None: it may now."""
+        if not self._times:
+            return None  # no parsing of addresses while nobody fails
+        network = client_network(address)
+        times = self._times.get(network)
+        if times is None:
+            return None
+        times = tuple(t for t in times if t > now - FAILURE_WINDOW)
+        if not times:
+            del self._times[network]
+            return None
+        self._times[network] = times
+        if len(times) < MAX_FAILURES:
+            return None
+        return int(times[0] + FAILURE_WINDOW - now) + 1
+
+    def add(self, address: str, now: float) -> None:
+        network = client_network(address)
+        earlier = self._times.pop(network, ())
+        self._times[network] = (*earlier[-(MAX_FAILURES - 1) :], now)
+        while len(self._times) > self.size:
+            self._times.popitem(last=False)
+        while True:  # expired entries, from the least recently failing on
+            oldest = next(iter(self._times.values()))
+            if oldest[-1] > now - FAILURE_WINDOW:
+                break
+            self._times.popitem(last=False)
+
+
+def client_network(address: str) -> str:
+    """What failed logins are counted by: an IPv4 address (IPv4-mapped IPv6 included),
+    an IPv6 /64; anything else (a Unix socket's peer) as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:

@@ -97,6 +97,42 @@ async def test_gate_checks_caches_and_limits_failed_logins(
     assert await gate.require(basic(ALICE), "10.0.0.4") == "alice"  # other addresses are not
 
 
+async def test_failed_logins_from_endless_addresses_stay_in_a_bounded_table(
+    tmp_path: Path,
+) -> None:
+    """Whatever the number of client addresses (an IPv6 range is endless), the gate
+    remembers failures of at most FAILURE_TABLE_SIZE networks; an IPv6 client counts by
+    its /64, so another address of the same /64 does not start afresh."""
+    gate = Gate(read_htpasswd(write_htpasswd(tmp_path / "htpasswd")))
+    stranger = basic("nobody:guess")  # an unknown user: no bcrypt, quick to fail
+    for n in range(3 * access.FAILURE_TABLE_SIZE):
+        with pytest.raises(LoginRequired):
+            await gate.require(stranger, str(ipaddress.IPv6Address((0x20010DB8 << 96) + (n << 64))))
+    assert len(gate.failures) == access.FAILURE_TABLE_SIZE
+
+    for n in range(access.MAX_FAILURES):
+        with pytest.raises(LoginRequired):
+            await gate.require(stranger, f"2001:db8:ffff:1::{n + 1:x}")
+    with pytest.raises(TooManyRequests):  # the same /64, a new address
+        await gate.require(basic(ALICE), "2001:db8:ffff:1:abcd::99")
+    assert await gate.require(basic(ALICE), "2001:db8:ffff:2::1") == "alice"  # another /64
+    assert len(gate.failures) == access.FAILURE_TABLE_SIZE
+
+
+def test_failed_logins_expire_and_the_least_recent_go_first() -> None:
+    failures = access.FailedLogins(size=3)
+    for n, address in enumerate(["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]):
+        for _ in range(access.MAX_FAILURES):
+            failures.add(address, 100.0 + n)
+    assert len(failures) == 3
+    assert failures.retry_after("10.0.0.1", 104.0) is None  # forgotten: the least recent
+    # Refused until the window of the first failure kept is over (rounded up).
+    assert failures.retry_after("::ffff:10.0.0.2", 104.0) == 101 + access.FAILURE_WINDOW - 104 + 1
+    assert failures.retry_after("10.0.0.4", 104.0) == 103 + access.FAILURE_WINDOW - 104 + 1
+    failures.add("10.0.0.5", 103.0 + access.FAILURE_WINDOW + 1)  # the others' window is over
+    assert len(failures) == 1
+
+
 def test_ecr_upstreams_are_authenticated_by_default(tmp_path: Path) -> None:
     ecr = {
         "name": "ecr",
