@@ -371,7 +371,7 @@ class BlobProxy:
             raise
         except Exception as exc:
             log.exception("download of %s from %s failed", fetch.digest, upstream.name)
-            error = UpstreamError(f"download failed: {exc!r}")
+            error = UpstreamError(f"download failed: {type(exc).__name__}")  # the log has the rest
         finally:
             # Readers are released first: nothing after this may leave them waiting.
             self._forget(upstream, fetch)
