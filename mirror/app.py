@@ -23,7 +23,14 @@ from mirror.upstream.client import Upstream, upstream_session
 from mirror.upstream.routing import Router
 from mirror.web import ops, registry
 from mirror.web.handoff import Sender
-from mirror.web.middleware import METRICS, api_version_header, observe, registry_errors
+from mirror.web.middleware import (
+    ANSWERS,
+    METRICS,
+    Answers,
+    api_version_header,
+    observe,
+    registry_errors,
+)
 
 CONFIG = web.AppKey("config", Config)
 
@@ -50,6 +57,7 @@ def _base_app(config: Config, metrics: Metrics | None) -> web.Application:
     app = web.Application(middlewares=[observe, registry_errors])
     app[CONFIG] = config
     app[METRICS] = metrics or Metrics()
+    app[ANSWERS] = Answers()
     htpasswd = config.auth.htpasswd
     app[registry.GATE] = Gate(
         read_htpasswd(htpasswd) if htpasswd else None,

@@ -20,10 +20,19 @@ from mirror.config import Config, load_config, with_overrides
 from mirror.errors import ConfigError
 from mirror.metrics import share_between_processes
 from mirror.web.handoff import Receiver
-from mirror.web.listener import SHUTDOWN_TIMEOUT, cannot_listen, run_until_stopped, serving
+from mirror.web.listener import (
+    SHUTDOWN_TIMEOUT,
+    cannot_listen,
+    connection_cap,
+    raise_open_files_limit,
+    run_until_stopped,
+    serving,
+)
 from mirror.workers import Workers
 
 log = logging.getLogger("mirror")
+
+WORKER_MARGIN = 2.0  # seconds of SHUTDOWN_TIMEOUT left after workers that did not stop are killed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,36 +73,58 @@ def serve(config: Config) -> int:
             f" and /v2/{upstream.prefix}/..." if upstream.prefix else "",
             " (default)" if upstream.default else "",
         )
+    _raise_open_files_limit(config)
     if config.workers == 1:
-        run_until_stopped(_serve(config, None))
-        return 0
+        return 0 if run_until_stopped(_serve(config, None)) else 1
     with tempfile.TemporaryDirectory(prefix="mirror-") as shared:
         metrics_dir = Path(shared, "metrics")
         metrics_dir.mkdir()
         share_between_processes(str(metrics_dir))
-        run_until_stopped(_serve(config, str(Path(shared, "handoff.sock"))))
-    return 0
+        stopped = run_until_stopped(_serve(config, str(Path(shared, "handoff.sock"))))
+    return 0 if stopped else 1
+
+
+def _raise_open_files_limit(config: Config) -> None:
+    """Raises the open-files limit (worker processes inherit it) and says how many client
+    connections it allows."""
+    before, open_files = raise_open_files_limit()
+    cap = connection_cap(config, open_files)
+    if before != open_files:
+        log.info("open files limit raised from %d to %d (the hard limit)", before, open_files)
+    if cap < config.limits.max_connections:
+        log.warning(
+            "client connections: at most %d per process, not limits.max_connections (%d): "
+            "the open files limit is %d; raise it (LimitNOFILE= in a systemd unit)",
+            cap,
+            config.limits.max_connections,
+            open_files,
+        )
+    else:
+        log.info("client connections: at most %d per process (limits.max_connections)", cap)
 
 
 async def _serve(config: Config, handoff: str | None) -> None:
     """The primary process, with its workers when `handoff` is the socket to take their
     connections on."""
     app = make_app(config)
-    if handoff is not None:
-        await _check_port_free(config)
-    async with serving(app, config) as runner:
-        if handoff is None:
+    if handoff is None:
+        async with serving(app, config):
             await asyncio.Event().wait()  # until SIGTERM or SIGINT
-            return
-        assert runner.server is not None
-        receiver = Receiver(handoff, runner.server)
-        receiver.start()
-        workers = Workers(config, handoff)
-        try:
-            await workers.run()
-        finally:
-            await workers.stop(SHUTDOWN_TIMEOUT)
-            receiver.close()
+        return
+    await _check_port_free(config)
+    workers = Workers(config, handoff)
+    try:
+        async with serving(app, config) as connection:
+            receiver = Receiver(handoff, connection)
+            receiver.start()
+            try:
+                await workers.run()
+            finally:
+                # Told now, the workers finish their answers while this process does.
+                workers.terminate()
+                receiver.close()
+    finally:
+        await workers.join(SHUTDOWN_TIMEOUT - WORKER_MARGIN)
 
 
 async def _check_port_free(config: Config) -> None:

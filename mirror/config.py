@@ -156,6 +156,10 @@ class Limits:
 
     max_connections: int = 4096
     max_header_size: int = 8190  # bytes of one request line or header field
+    # Seconds a client has to send a request's headers, from connecting or from the
+    # request's first byte; and to start its next request on a kept-alive connection.
+    header_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -329,14 +333,24 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 def _limits(data: object) -> Limits:
-    raw = _mapping(data, "limits", {"max_connections", "max_header_size"})
+    keys = {"max_connections", "max_header_size", "header_timeout", "keepalive_timeout"}
+    raw = _mapping(data, "limits", keys)
     defaults = Limits()
     return Limits(
         max_connections=_positive(raw, "max_connections", "limits", defaults.max_connections),
         max_header_size=parse_size(
             raw.get("max_header_size", defaults.max_header_size), "limits.max_header_size"
         ),
+        header_timeout=_limit_duration(raw, "header_timeout", defaults.header_timeout),
+        keepalive_timeout=_limit_duration(raw, "keepalive_timeout", defaults.keepalive_timeout),
     )
+
+
+def _limit_duration(raw: Mapping[str, Any], name: str, default: float) -> float:
+    value = parse_duration(raw.get(name, default), f"limits.{name}")
+    if value <= 0:
+        raise ConfigError(f"limits.{name}", "must be longer than 0s")
+    return value
 
 
 def _positive(raw: Mapping[str, Any], name: str, key: str, default: int) -> int:

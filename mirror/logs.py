@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -22,6 +23,40 @@ ACCESS = "mirror.access"
 CACHE_RESULT = web.RequestKey("cache_result", str)
 UPSTREAM_NAME = web.RequestKey("upstream_name", str)
 HANDED_OFF = web.RequestKey("handed_off", bool)  # a worker's: the primary answers and logs it
+# Bytes that were not an HTTP request (a TLS probe, an oversized header): no access line,
+# the connection logs them once per episode.
+MALFORMED = web.RequestKey("malformed", bool)
+EPISODE_QUIET = 60.0  # seconds without an event that end an episode of it
+
+
+class Episodes:
+    """Events that can repeat without end (clients' malformed requests, TLS probes, slow
+    clients), logged once per episode: when the first happens, and then only once
+    `quiet` seconds have passed without another; that line says how many went unlogged.
+
+    Kinds are a fixed set of names, never a client's address: memory stays bounded.
+    """
+
+    def __init__(self, logger: logging.Logger, quiet: float = EPISODE_QUIET) -> None:
+        self.logger = logger
+        self.quiet = quiet
+        self._last: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def log(self, level: int, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        self._last[kind] = now
+        if last is not None and now - last < self.quiet:
+            self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+            return
+        unlogged = self._unlogged.pop(kind, 0)
+        message += " (logged once until %.0fs pass without another"
+        args += (self.quiet,)
+        if unlogged:
+            message += "; %d more in the previous episode"
+            args += (unlogged,)
+        self.logger.log(level, message + ")", *args)
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,7 +93,7 @@ class AccessLogger(AbstractAccessLogger):
     """`GET /v2/library/alpine/blobs/sha256:… 200 3452 0.012s cache=hit upstream=hub`."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if HANDED_OFF in request:
+        if HANDED_OFF in request or MALFORMED in request:
             return
         fields = {
             "method": request.method,

@@ -37,6 +37,7 @@ class Workers:
         self.config = config
         self.handoff = handoff
         self._processes: dict[int, subprocess.Popen[bytes]] = {}  # by number, 1..workers-1
+        self._terminated_at: float | None = None
 
     async def run(self) -> None:
         """Start the workers, and each again when it exits; until cancelled."""
@@ -54,14 +55,19 @@ class Workers:
             await asyncio.sleep(RESTART_DELAY)
             self._start(number)
 
-    async def stop(self, grace: float) -> None:
-        """SIGTERM to each (they finish the answers under way), SIGKILL after `grace`."""
+    def terminate(self) -> None:
+        """SIGTERM to each: they finish the answers under way, then exit."""
+        self._terminated_at = time.monotonic()
         for process in self._processes.values():
             process.terminate()
-        await asyncio.to_thread(self._join_all, grace)
 
-    def _join_all(self, grace: float) -> None:
-        deadline = time.monotonic() + grace
+    async def join(self, grace: float) -> None:
+        """Until each has exited; SIGKILL to those still running `grace` seconds after
+        `terminate`."""
+        deadline = (self._terminated_at or time.monotonic()) + grace
+        await asyncio.to_thread(self._join_all, deadline)
+
+    def _join_all(self, deadline: float) -> None:
         for process in self._processes.values():
             try:
                 process.wait(max(deadline - time.monotonic(), 0))
@@ -99,10 +105,10 @@ class Workers:
             mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
 
 
-def run_worker(config: Config, handoff: str, number: int) -> None:
-    """A worker process, from start to exit."""
+def run_worker(config: Config, handoff: str, number: int) -> int:
+    """A worker process, from start to exit; its exit code."""
     logs.configure(config.log)
-    run_until_stopped(_serve_hits(config, handoff, number))
+    return 0 if run_until_stopped(_serve_hits(config, handoff, number)) else 1
 
 
 async def _serve_hits(config: Config, handoff: str, number: int) -> None:
@@ -119,4 +125,4 @@ def _settle(future: asyncio.Future[int], number: int) -> None:
 
 
 if __name__ == "__main__":
-    run_worker(*pickle.load(sys.stdin.buffer))
+    sys.exit(run_worker(*pickle.load(sys.stdin.buffer)))

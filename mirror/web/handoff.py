@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -123,7 +124,7 @@ def _head(request: web.BaseRequest) -> bytes:
 class Receiver:
     """The primary's end: takes handed-over connections into its aiohttp server."""
 
-    def __init__(self, path: str, server: web.Server) -> None:
+    def __init__(self, path: str, server: Callable[[], web.RequestHandler]) -> None:
         self.path = path
         self.server = server
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

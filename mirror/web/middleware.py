@@ -1,10 +1,13 @@
 """Around every handler: the one place errors become responses (OCI error JSON with the
-error's status and headers), and the request metrics."""
+error's status and headers), the request metrics, and the answers under way (which a
+shutdown waits for, then cuts)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -16,6 +19,52 @@ from mirror.metrics import Metrics
 log = logging.getLogger(__name__)
 
 METRICS = web.AppKey("metrics", Metrics)
+
+CLIENT_LEFT = 499  # the status nginx logs for a client that left before its answer ended
+CANCEL_WAIT = 2.0  # seconds cut answers get to unwind
+
+
+class Answers:
+    """The tasks answering requests now, each from its headers to its last byte."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def finish(self, grace: float) -> int:
+        """Until all have ended, or `grace` seconds; then cancel the rest, and say how many."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        late = set(self._tasks)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=CANCEL_WAIT)
+        return len(late)
+
+
+ANSWERS = web.AppKey("answers", Answers)
+
+
+class ClientLeft(web.StreamResponse):
+    """What a handler's end looks like when its client left mid-answer: logged and counted
+    as 499, never 500; nothing more is written to the connection."""
+
+    def __init__(self) -> None:
+        super().__init__(status=CLIENT_LEFT)
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
 
 API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
 
@@ -39,6 +88,10 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(Unsupported(f"{request.method} is not supported by a mirror"))
     except web.HTTPException:
         raise
+    except (ConnectionResetError, BrokenPipeError):
+        # The client's connection: upstream failures arrive as RegistryErrors (the
+        # upstream client wraps aiohttp's), and the hand-off's as Busy.
+        return ClientLeft()
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return error_response(RegistryError("internal error in the mirror"))
@@ -53,6 +106,9 @@ async def api_version_header(request: web.Request, response: web.StreamResponse)
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count and time every request by route: a fixed name, never the path."""
     began = time.monotonic()
+    task = asyncio.current_task()
+    if task is not None:  # aiohttp answers each request in a task of its own
+        request.app[ANSWERS].add(task)
     status = 500
     try:
         response = await handler(request)
