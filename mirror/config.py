@@ -176,6 +176,8 @@ class Config:
     # Processes sharing the listening port; the first fetches, the others serve cache hits
     # and hand it every other request (web/handoff.py).
     workers: int = 1
+    # The status page at / and /status.json (web/status.py).
+    status_page: bool = True
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -258,7 +260,8 @@ def load_config(path: Path | str | None = None) -> Config:
 
 
 def config_from_dict(data: object) -> Config:
-    keys = {"listen", "storage", "upstreams", "pins", "log", "auth", "tls", "limits", "workers"}
+    keys = {"listen", "storage", "upstreams", "pins", "log", "auth", "tls", "limits", "workers",
+            "status_page"}  # fmt: skip
     root = _mapping(data, "", keys)
     defaults = Config()
     upstreams = _upstreams(root["upstreams"]) if "upstreams" in root else defaults.upstreams
@@ -275,6 +278,7 @@ def config_from_dict(data: object) -> Config:
         tls=tls,
         limits=_limits(root.get("limits", {})),
         workers=_workers(root.get("workers", 1), "workers", tls),
+        status_page=_status_page(root.get("status_page", True)),
     )
 
 
@@ -287,6 +291,12 @@ def _workers(value: object, key: str, tls: TlsConfig | None) -> int:
             "more than 1 needs plain HTTP (a TLS connection cannot be handed from one"
             " process to another): terminate TLS in front of the mirror, or set workers: 1",
         )
+    return value
+
+
+def _status_page(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError("status_page", f"must be true or false, got {value!r}")
     return value
 
 
