@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
+from mirror.activity import Activity
 from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
@@ -55,9 +56,11 @@ class Evictor:
         store: BlobStore,
         index: Index,
         metrics: Metrics | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self.storage = config.storage
         self.metrics = metrics or Metrics()
+        self.activity = activity or Activity()  # the recent evictions, for the status page
         self.pins = config.pins
         self.router = Router(config.upstreams)
         self.store = store
@@ -171,8 +174,10 @@ class Evictor:
                 if row.digest not in pinned and self.store.evict(parse_digest(row.digest)):
                     victims.append(row.digest)
                     freed += row.size
-                    self.metrics.evictions.labels("age" if expired else "size").inc()
+                    reason = "age" if expired else "size"
+                    self.metrics.evictions.labels(reason).inc()
                     self.metrics.evicted_bytes.inc(row.size)
+                    self.activity.evicted(row.digest, row.size, reason)
             await self.index.remove_blobs(victims)
             count += len(victims)
             after = (rows[-1].last_access, rows[-1].digest)
