@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -176,6 +177,7 @@ class Upstream:
         )
         self.ratelimit = RateLimit(config.name, config.ratelimit_reserve)
         self.failing = False
+        self.last_error: tuple[float, str] | None = None  # (Unix time, message), for /status
         self._slots = asyncio.Semaphore(config.max_fetches)
         self._queued = 0
 
@@ -355,6 +357,7 @@ class Upstream:
 
     def _failing(self, error: RegistryError) -> RegistryError:
         """Log an outage once, when it begins, however many requests meet it."""
+        self.last_error = (time.time(), error.message)
         if not self.failing:
             self.failing = True
             log.warning(
