@@ -131,7 +131,8 @@ def test_compose_systemd_and_client_snippets() -> None:
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), source
     unit = (DEPLOY / "systemd" / "mirror.service").read_text()
-    for option in ("DynamicUser=yes", "StateDirectory=mirror", "ProtectSystem=strict"):
+    for option in ("DynamicUser=yes", "StateDirectory=mirror", "ProtectSystem=strict",
+                   "LimitNOFILE=65536"):  # fmt: skip
         assert re.search(rf"^{re.escape(option)}$", unit, re.MULTILINE), option
     daemon = json.loads((DEPLOY / "clients" / "daemon.json").read_text())
     assert daemon["registry-mirrors"] == ["http://mirror:5000"]
