@@ -93,23 +93,37 @@ async def list_images(config: Config, args: argparse.Namespace) -> int:
 
 
 async def verify(config: Config, args: argparse.Namespace) -> int:
-    """`mirror verify`: re-hash every blob; remove the corrupt ones. Exit 1 if any."""
+    """`mirror verify`: re-hash every blob; remove the corrupt ones, and the rows of
+    missing ones. Exit 1 if any.
+
+    A file gone since the listing is not corrupt: beside a running server, it was evicted
+    meanwhile, and its row is gone too by the end of the walk. A row that stays has lost
+    its file some other way."""
     async with _storage(config) as (evictor, index):
         digests = sorted(await index.digests())
-        corrupt = []
+        corrupt, gone = [], []
         for text in digests:
             digest = Digest(*text.split(":", 1))
             try:
                 intact = await asyncio.to_thread(evictor.store.verify, digest)
             except FileNotFoundError:
-                intact = False
+                gone.append(text)
+                continue
             if not intact:
                 corrupt.append(text)
                 evictor.store.remove(digest)
                 print(f"corrupt, removed: {text}")
-        await index.remove_blobs(corrupt)
-    print(f"verified {len(digests)} blobs: {len(corrupt)} corrupt")
-    return 1 if corrupt else 0
+        missing = sorted(set(gone) & await index.digests())
+        for text in missing:
+            print(f"missing, forgotten: {text}")
+        await index.remove_blobs(corrupt + missing)
+    evicted = len(gone) - len(missing)
+    print(
+        f"verified {len(digests) - len(gone)} blobs: {len(corrupt)} corrupt"
+        + (f", {len(missing)} missing" if missing else "")
+        + (f"; {evicted} evicted while checking" if evicted else "")
+    )
+    return 1 if corrupt or missing else 0
 
 
 async def remove_image(config: Config, args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.manifests import ManifestProxy
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import INDEX_FILE, Index
+from mirror.storage.lock import storage_locked
 from mirror.storage.reconcile import reconcile
 from mirror.upstream.client import Upstream, upstream_session
 from mirror.upstream.routing import Router
@@ -37,6 +38,7 @@ CONFIG = web.AppKey("config", Config)
 
 def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     app = _base_app(config, metrics)
+    app.cleanup_ctx.append(_one_server_per_storage)
     app.cleanup_ctx.append(_storage_and_upstream)
     registry.add_routes(app)
     ops.add_routes(app)
@@ -65,6 +67,12 @@ def _base_app(config: Config, metrics: Metrics | None) -> web.Application:
     )
     app.on_response_prepare.append(api_version_header)
     return app
+
+
+async def _one_server_per_storage(app: web.Application) -> AsyncIterator[None]:
+    """Before anything touches the storage directory: it is this server's, or no start."""
+    with storage_locked(app[CONFIG].storage.path):
+        yield
 
 
 async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:

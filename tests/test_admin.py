@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
 import pytest
 from conftest import downloads_stored
 from upstream_registry import (
@@ -18,6 +22,8 @@ from upstream_registry import (
     RegistryProcess,
     push_image,
     push_index_with_foreign_digests,
+    put_blob,
+    sha256_digest,
 )
 
 from mirror.cli import main
@@ -92,6 +98,14 @@ async def test_ls_verify_and_rm(
     assert not victim.exists()
     assert await cli("verify", *flags) == 0
     assert "verified 6 blobs: 0 corrupt" in capsys.readouterr().out
+    # A file lost with no server evicting it: its row goes, as a start would drop it.
+    blob_file(storage, a.layer_digests[0]).unlink()
+    assert await cli("verify", *flags) == 1
+    out = capsys.readouterr().out
+    assert f"missing, forgotten: {a.layer_digests[0]}" in out
+    assert "verified 5 blobs: 0 corrupt, 1 missing\n" in out
+    assert await cli("verify", *flags) == 0
+    assert "verified 5 blobs: 0 corrupt\n" in capsys.readouterr().out
     await pull(mirror, b)  # the removed blob is simply fetched again
     assert victim.exists()
 
@@ -216,3 +230,86 @@ async def test_warm_sends_a_bare_name_to_the_default_upstream(
     await registry.settle()
     assert registry.blob_gets() == len(image.blob_digests())  # the second warm: all hits
     assert "ns=docker.io" not in mirror.log()
+
+
+async def test_verify_beside_a_server_takes_no_evicted_blob_for_corrupt(
+    registry: RegistryProcess,
+    start_mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    """The server evicts blobs `mirror verify` listed and has not hashed yet. To hold the
+    walk at that point, the blob it hashes first is made a FIFO holding the same bytes:
+    verify waits in it until the evictions are done."""
+    storage = tmp_path / "cache"
+    victims = {sha256_digest(d): d for d in (os.urandom(256 * KIB) for _ in range(4))}
+    first = os.urandom(KIB)  # sorts before every victim, so verify reads it first
+    for _ in range(1000):
+        if sha256_digest(first) < min(victims):
+            break
+        first = os.urandom(KIB)
+    filler = os.urandom(512 * KIB)  # needs room: a victim, the least recently used, goes
+    blobs = {**victims, sha256_digest(first): first, sha256_digest(filler): filler}
+    async with aiohttp.ClientSession() as session:
+        for digest, data in blobs.items():
+            await put_blob(session, registry.url, "adm/v", digest, data)
+    storage_flags = ("--storage", str(storage), "--max-size", "2MiB")
+    mirror = await asyncio.to_thread(
+        start_mirror_process, *storage_flags, "--upstream", registry.url
+    )
+
+    async def get(digest: str) -> None:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+            session.get(f"{mirror.url}/v2/adm/v/blobs/{digest}") as resp,
+        ):
+            assert await resp.read() == blobs[digest]
+        await until(lambda: blob_file(storage, digest).exists())
+
+    for digest in [*victims, sha256_digest(first)]:  # the first read is the last used
+        await get(digest)
+    fifo = blob_file(storage, sha256_digest(first))
+    fifo.unlink()
+    os.mkfifo(fifo)
+
+    verify = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirror", "verify", *storage_flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    writer = -1
+    try:
+        # Opening a FIFO to write without waiting succeeds once a reader has it open.
+        def reading() -> bool:
+            nonlocal writer
+            with contextlib.suppress(OSError):
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            return writer >= 0
+
+        await until(reading)  # verify listed the blobs and waits for the first one's bytes
+        await get(sha256_digest(filler))
+        await until(lambda: not all(blob_file(storage, d).exists() for d in victims))
+        os.set_blocking(writer, True)
+        os.write(writer, first)
+        os.close(writer)
+        writer = -1
+        async with asyncio.timeout(30):
+            out, err = await verify.communicate()
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if verify.returncode is None:
+            verify.kill()
+            await verify.wait()
+    evicted = sum(not blob_file(storage, d).exists() for d in victims)
+    assert evicted >= 1
+    assert "corrupt, removed" not in out.decode(), out.decode()
+    assert verify.returncode == 0, out.decode() + err.decode()
+    assert f"verified {5 - evicted} blobs: 0 corrupt; {evicted} evicted while checking" in (
+        out.decode()
+    )
+
+
+async def until(ready: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert time.monotonic() < deadline, f"still not so after {seconds} s"
+        await asyncio.sleep(0.02)

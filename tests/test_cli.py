@@ -10,15 +10,23 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import aiohttp
 import pytest
+from fault_upstream import FaultyUpstream
+from pytest_aiohttp import AiohttpServer
 from upstream_registry import free_loopback_port
 
 from mirror.cli import main
 from mirror.reference import Digest, digest_of
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
+
+if TYPE_CHECKING:
+    from conftest import MirrorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -155,3 +163,57 @@ file, size = BlobStore(Path(sys.argv[1])).open_blob(parse_digest(sys.argv[2]))
 print("open", flush=True)
 sys.stdin.read()
 """
+
+
+async def test_a_second_server_on_the_same_storage_exits_2_and_touches_nothing(
+    aiohttp_server: AiohttpServer,
+    start_mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    """It would have cleared the first one's temp files (a download in progress) and kept
+    a budget of its own."""
+    upstream = FaultyUpstream()
+    upstream.url = str((await aiohttp_server(upstream.app())).make_url("")).rstrip("/")
+    data = os.urandom(256 * 1024)
+    digest = upstream.add_blob(data)
+    upstream.stall_after, upstream.stalls = 64 * 1024, 1
+    storage = tmp_path / "cache"
+    args = ("--storage", str(storage), "--upstream", upstream.url)
+    first = await asyncio.to_thread(start_mirror_process, *args)
+
+    async def get() -> bytes:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+            session.get(f"{first.url}/v2/x/blobs/{digest}") as resp,
+        ):
+            return await resp.read()
+
+    pending = asyncio.create_task(get())
+    try:
+        deadline = time.monotonic() + 10
+        while sum(p.stat().st_size for p in (storage / "tmp").iterdir()) < 64 * 1024:
+            assert time.monotonic() < deadline, "the download never got going"
+            await asyncio.sleep(0.01)  # until it stalls, 64 KiB in
+        downloading = list((storage / "tmp").iterdir())
+
+        command = [sys.executable, "-m", "mirror", "serve", *args]
+        command += ["--listen", f"127.0.0.1:{free_loopback_port()}"]
+        second = await asyncio.create_subprocess_exec(*command, stderr=subprocess.PIPE)
+        try:
+            async with asyncio.timeout(15):
+                _, stderr = await second.communicate()
+        finally:
+            if second.returncode is None:
+                second.kill()
+                await second.wait()
+        errors = [line for line in stderr.decode().splitlines() if "error" in line]
+        assert errors == [
+            f"mirror: config error: storage.path: {storage} is in use by another mirror serve"
+            f" (pid {first.proc.pid})"
+        ]
+        assert second.returncode == 2
+        assert list((storage / "tmp").iterdir()) == downloading  # not cleared
+    finally:
+        upstream.release.set()
+    assert await pending == data
+    assert first.proc.poll() is None

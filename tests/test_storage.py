@@ -11,9 +11,11 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
+from mirror.errors import ConfigError
 from mirror.reference import Digest, digest_of
 from mirror.storage.blobs import BlobStore, DigestMismatch
 from mirror.storage.index import Index
+from mirror.storage.lock import LOCK_FILE, storage_locked
 from mirror.storage.reconcile import reconcile
 
 
@@ -184,3 +186,21 @@ async def test_totals_follow_every_change(tmp_path: Path) -> None:
     await reopened.open()
     assert (await reopened.usage()).bytes == 120  # exact across restarts
     await reopened.close()
+
+
+def test_the_storage_lock_admits_one_holder_at_a_time(tmp_path: Path) -> None:
+    root = tmp_path / "new" / "cache"  # created by the lock, as by a first start
+    with storage_locked(root):
+        assert (root / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ConfigError) as caught, storage_locked(root):
+            pass
+        assert str(caught.value) == (
+            f"storage.path: {root} is in use by another mirror serve (pid {os.getpid()})"
+        )
+        assert (root / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # the holder's, still
+    with storage_locked(root):  # released with the block
+        pass
+    (tmp_path / "file").write_text("")
+    refused = pytest.raises(ConfigError, match=r"^storage.path: cannot use .*: Not a directory")
+    with refused, storage_locked(tmp_path / "file" / "cache"):
+        pass
