@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from mirror.access import Gate, read_htpasswd
+from mirror.activity import Activity
 from mirror.config import Config
 from mirror.eviction import Evictor
 from mirror.metrics import Metrics
@@ -22,9 +23,10 @@ from mirror.storage.lock import storage_locked
 from mirror.storage.reconcile import reconcile
 from mirror.upstream.client import Upstream, upstream_session
 from mirror.upstream.routing import Router
-from mirror.web import ops, registry
+from mirror.web import ops, registry, status
 from mirror.web.handoff import Sender
 from mirror.web.middleware import (
+    ACTIVITY,
     ANSWERS,
     METRICS,
     Answers,
@@ -42,6 +44,8 @@ def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     app.cleanup_ctx.append(_storage_and_upstream)
     registry.add_routes(app)
     ops.add_routes(app)
+    if config.status_page:
+        status.add_routes(app, config.workers)
     return app
 
 
@@ -59,6 +63,7 @@ def _base_app(config: Config, metrics: Metrics | None) -> web.Application:
     app = web.Application(middlewares=[observe, registry_errors])
     app[CONFIG] = config
     app[METRICS] = metrics or Metrics()
+    app[ACTIVITY] = Activity()
     app[ANSWERS] = Answers()
     htpasswd = config.auth.htpasswd
     app[registry.GATE] = Gate(
@@ -82,7 +87,7 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     index = Index(config.storage.path / INDEX_FILE)
     await index.open()
     session = upstream_session()
-    evictor = Evictor(config, store, index, metrics)
+    evictor = Evictor(config, store, index, metrics, app[ACTIVITY])
     blobs = BlobProxy(store, index, evictor, metrics)
     upstreams: dict[str, Upstream] = {}
     evicting: asyncio.Task[None] | None = None

@@ -12,13 +12,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mirror.activity import Activity
 from mirror.errors import NotFound, RegistryError, Unsupported
-from mirror.logs import HANDED_OFF
+from mirror.logs import CACHE_RESULT, HANDED_OFF, UPSTREAM_NAME
 from mirror.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 METRICS = web.AppKey("metrics", Metrics)
+ACTIVITY = web.AppKey("activity", Activity)
 
 CLIENT_LEFT = 499  # the status nginx logs for a client that left before its answer ended
 CANCEL_WAIT = 2.0  # seconds cut answers get to unwind
@@ -104,7 +106,8 @@ async def api_version_header(request: web.Request, response: web.StreamResponse)
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request by route: a fixed name, never the path."""
+    """Count and time every request by route: a fixed name, never the path; and record
+    what each manifest or blob answer served, by repository (for the status page)."""
     began = time.monotonic()
     task = asyncio.current_task()
     if task is not None:  # aiohttp answers each request in a task of its own
@@ -113,6 +116,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
         status = response.status
+        if CACHE_RESULT in request and status < 400:
+            _served(request, response)
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -127,3 +132,12 @@ def _count(request: web.Request, status: int, began: float) -> None:
     metrics = request.app[METRICS]
     metrics.http_requests.labels(route, request.method, str(status)).inc()
     metrics.http_duration.labels(route).observe(time.monotonic() - began)
+
+
+def _served(request: web.Request, response: web.StreamResponse) -> None:
+    """Pulls and bytes by repository, for the status page. The declared length, as the
+    access line has it: sendfile bypasses aiohttp's own count."""
+    size = 0 if request.method == "HEAD" else response.content_length or 0
+    pull = request.method == "GET" and request.match_info.route.name == "manifest"
+    repository = request.match_info["name"]
+    request.app[ACTIVITY].served(request[UPSTREAM_NAME], repository, size, pull)
