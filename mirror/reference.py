@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mirror.errors import DigestInvalid, NameInvalid, RangeInvalid, TagInvalid
+from mirror.errors import DigestInvalid, ManifestUnknown, NameInvalid, RangeInvalid, TagInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -76,6 +76,16 @@ def parse_reference(text: str) -> str | Digest:
     if not _TAG.fullmatch(text):
         raise TagInvalid(f"invalid tag {text!r}")
     return text
+
+
+def parse_manifest_reference(text: str) -> str | Digest:
+    """The reference of a manifest request: a tag or a digest. Anything else names no
+    manifest there can be, so it is unknown (404), as registries answer it, rather than
+    a bad request; a client probing with `.INVALID_MANIFEST_NAME` expects just that."""
+    try:
+        return parse_reference(text)
+    except (TagInvalid, DigestInvalid) as exc:
+        raise ManifestUnknown(f"no manifest is named {text!r}: {exc.message}") from None
 
 
 @dataclass(frozen=True)

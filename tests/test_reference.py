@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mirror.errors import DigestInvalid, NameInvalid, RangeInvalid, RegistryError, TagInvalid
+from mirror.errors import (
+    DigestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    RangeInvalid,
+    RegistryError,
+    TagInvalid,
+)
 from mirror.reference import (
     ByteRange,
     Digest,
@@ -13,6 +20,7 @@ from mirror.reference import (
     parse_accept,
     parse_digest,
     parse_image_reference,
+    parse_manifest_reference,
     parse_range,
     parse_reference,
     validate_name,
@@ -50,6 +58,22 @@ def test_invalid_tags(tag: str) -> None:
     with pytest.raises(TagInvalid) as caught:
         parse_reference(tag)
     assert (caught.value.code, caught.value.status) == ("TAG_INVALID", 400)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [".INVALID_MANIFEST_NAME", "-x", "a" * 129, "ü", "sha256:abc", "sha256:" + "A" * 64,
+     "md5:" + "a" * 32],
+)  # fmt: skip
+def test_a_manifest_reference_neither_tag_nor_digest_names_nothing(text: str) -> None:
+    with pytest.raises(ManifestUnknown) as caught:
+        parse_manifest_reference(text)
+    assert (caught.value.code, caught.value.status) == ("MANIFEST_UNKNOWN", 404)
+
+
+@pytest.mark.parametrize("text", ["latest", "_x", "A" * 128, f"sha256:{HEX64}"])
+def test_a_manifest_reference_is_a_tag_or_a_digest(text: str) -> None:
+    assert parse_manifest_reference(text) == parse_reference(text)
 
 
 @pytest.mark.parametrize(

@@ -35,10 +35,13 @@ async def test_ping(mirror: Any) -> None:
         ("GET", "/v2/UPPER/manifests/latest", 400, "NAME_INVALID"),
         ("GET", "/v2/a//b/manifests/latest", 400, "NAME_INVALID"),
         ("GET", f"/v2/{'a' * 256}/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/a/manifests/-bad", 400, "TAG_INVALID"),
-        ("GET", f"/v2/a/manifests/{'t' * 129}", 400, "TAG_INVALID"),
-        ("GET", "/v2/a/manifests/sha256:abc", 400, "DIGEST_INVALID"),
-        ("GET", "/v2/a/manifests/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
+        # A reference that is neither tag nor digest names no manifest, and is not asked
+        # upstream (which would answer 502 here).
+        ("GET", "/v2/a/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+        ("GET", "/v2/a/manifests/-bad", 404, "MANIFEST_UNKNOWN"),
+        ("GET", f"/v2/a/manifests/{'t' * 129}", 404, "MANIFEST_UNKNOWN"),
+        ("GET", "/v2/a/manifests/sha256:abc", 404, "MANIFEST_UNKNOWN"),
+        ("GET", "/v2/a/manifests/md5:" + "a" * 32, 404, "MANIFEST_UNKNOWN"),
         ("GET", "/v2/a/blobs/sha256:ABC", 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/blobs/latest", 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/referrers/latest", 400, "DIGEST_INVALID"),

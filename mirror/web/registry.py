@@ -34,8 +34,8 @@ from mirror.reference import (
     Digest,
     parse_accept,
     parse_digest,
+    parse_manifest_reference,
     parse_range,
-    parse_reference,
     validate_name,
 )
 from mirror.upstream.client import Upstream
@@ -87,7 +87,7 @@ async def hand_off(request: web.Request) -> web.StreamResponse:
 
 async def cached_manifest(request: web.Request) -> web.StreamResponse:
     upstream, _ = await _upstream(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = parse_manifest_reference(request.match_info["reference"])
     parse_accept(request.headers.getall("Accept", ()))
     if isinstance(reference, Digest):
         found = await request.app[MANIFESTS].cached(upstream, reference)
@@ -144,7 +144,7 @@ async def ping(request: web.Request) -> web.Response:
 
 async def manifest(request: web.Request) -> web.Response:
     upstream, name = await _upstream(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = parse_manifest_reference(request.match_info["reference"])
     accept = parse_accept(request.headers.getall("Accept", ()))
     proxy = request.app[MANIFESTS]
     if isinstance(reference, Digest):
