@@ -37,7 +37,6 @@ from mirror.errors import (
     BlobUnknown,
     ConfigError,
     Denied,
-    ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
@@ -329,17 +328,18 @@ async def test_blob_that_stops_mid_body_times_out(
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-async def test_manifest_over_4mib_is_refused(
+async def test_manifest_over_4mib_is_an_upstream_error(
     registry: FakeRegistry, session: aiohttp.ClientSession, chunked: bool
 ) -> None:
+    """The upstream's fault, not the client's: 502, not MANIFEST_INVALID (400)."""
     registry.chunked = chunked
     registry.put_manifest("library/x", "latest", manifest_bytes("big", MAX_MANIFEST_SIZE + 1))
     registry.put_manifest("library/x", "limit", manifest_bytes("limit", MAX_MANIFEST_SIZE))
     upstream = upstream_for(registry.url, session)
 
-    with pytest.raises(ManifestInvalid) as caught:
+    with pytest.raises(UpstreamError) as caught:
         await upstream.get_manifest("library/x", "latest", ACCEPT)
-    assert (caught.value.code, caught.value.status) == ("MANIFEST_INVALID", 400)
+    assert (caught.value.code, caught.value.status) == ("UPSTREAM_ERROR", 502)
     exactly_4mib = await upstream.get_manifest("library/x", "limit", ACCEPT)
     assert exactly_4mib.body is not None
     assert len(exactly_4mib.body) == MAX_MANIFEST_SIZE
@@ -488,7 +488,7 @@ async def test_mirror_refuses_an_oversized_manifest(
     registry.put_manifest("library/x", "latest", manifest_bytes("big", MAX_MANIFEST_SIZE + 1))
     mirror = await make_mirror(registry.url)
     async with mirror.get(PATHS["manifest"]) as response:
-        await expect_oci_error(response, 400, "MANIFEST_INVALID")
+        await expect_oci_error(response, 502, "UPSTREAM_ERROR")
 
 
 async def test_mirror_cuts_a_blob_whose_upstream_stalls(

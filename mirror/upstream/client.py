@@ -28,7 +28,6 @@ from mirror.errors import (
     BlobUnknown,
     Busy,
     Denied,
-    ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
@@ -193,16 +192,20 @@ class Upstream:
     async def get_manifest(
         self, repository: str, reference: str, accept: tuple[str, ...]
     ) -> UpstreamManifest:
-        """A counted pull on Docker Hub: refused here while the quota is at its reserve."""
+        """A counted pull on Docker Hub: refused here while the quota is at its reserve.
+
+        A manifest over 4 MiB is the upstream's fault, not the client's: an UpstreamError.
+        """
         await self._check_quota(repository, reference, accept)
         path = f"/v2/{repository}/manifests/{reference}"
+        too_large = f"upstream {self.name} sent a manifest over {MAX_MANIFEST_SIZE} bytes"
         async with self._request("GET", path, repository, "manifest", _accept(accept)) as resp:
             if (resp.content_length or 0) > MAX_MANIFEST_SIZE:
-                raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_SIZE} bytes")
+                raise UpstreamError(too_large)
             body = await read_at_most(resp.content, MAX_MANIFEST_SIZE)
             self._received.inc(len(body))
             if len(body) > MAX_MANIFEST_SIZE:
-                raise ManifestInvalid(f"upstream manifest is larger than {MAX_MANIFEST_SIZE} bytes")
+                raise UpstreamError(too_large)
             return UpstreamManifest(body, _media_type(resp), _content_digest(resp))
 
     async def head_manifest(
