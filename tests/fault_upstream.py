@@ -1,6 +1,7 @@
 """A fault-injection upstream registry (aiohttp on loopback): it holds blobs and one
 manifest, and on command drops the connection after N bytes, stalls, answers 500 every
-other time, sends more bytes than it declares, or waits before its first byte.
+other time, sends more bytes than it declares, or waits before its first byte. It serves
+manifests under any Content-Type (or none), or a maintenance page instead.
 
 `serve_raw` puts the same registry behind a hand-written HTTP/1.1 server instead, for what
 aiohttp's server will not send: bytes past an answer's declared end (a whole second
@@ -20,6 +21,7 @@ from aiohttp import web
 
 CHUNK = 64 * 1024
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+UNTYPED = web.RequestKey("untyped", bool)  # a manifest answer sent without a Content-Type
 
 
 @dataclass
@@ -54,6 +56,8 @@ class FaultyUpstream:
     release: asyncio.Event = field(default_factory=asyncio.Event)  # ends stalls
     requested: asyncio.Event = field(default_factory=asyncio.Event)  # a blob GET came in
     url: str = ""
+    manifest_type: str | None = MANIFEST_TYPE  # Content-Type of manifests; None: none at all
+    maintenance: bool = False  # manifests answered 200 with an HTML page
 
     def add_blob(self, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -126,6 +130,12 @@ class FaultyUpstream:
         finally:
             writer.close()
 
+    def put_manifest(self, tag: str, body: bytes) -> str:
+        """Serve `body` as it is under `tag` and under its digest; returns the digest."""
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        self.manifests[tag] = self.manifests[digest] = body
+        return digest
+
     def gets(self, digest: str) -> list[Seen]:
         return [s for s in self.seen if s.method == "GET" and s.path.endswith(digest)]
 
@@ -133,6 +143,7 @@ class FaultyUpstream:
         app = web.Application()
         app.router.add_get("/v2/{name:.+}/blobs/{digest}", self.blob)
         app.router.add_get("/v2/{name:.+}/manifests/{reference}", self.manifest)
+        app.on_response_prepare.append(_untyped)
         return app
 
     def _failing_now(self) -> bool:
@@ -144,10 +155,14 @@ class FaultyUpstream:
         self.seen.append(Seen(request.method, request.path, None, status))
         if status != 200 or body is None:
             return web.json_response({"errors": [{"code": "X", "message": "x"}]}, status=status)
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        return web.Response(
-            body=body, headers={"Content-Type": MANIFEST_TYPE, "Docker-Content-Digest": digest}
-        )
+        if self.maintenance:
+            return _maintenance_page()
+        headers = {"Docker-Content-Digest": "sha256:" + hashlib.sha256(body).hexdigest()}
+        if self.manifest_type is None:
+            request[UNTYPED] = True
+        else:
+            headers["Content-Type"] = self.manifest_type
+        return web.Response(body=body, headers=headers)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         data = self.blobs.get(request.match_info["digest"])
@@ -188,6 +203,18 @@ class FaultyUpstream:
                 return
             await response.write(piece)
         await response.write_eof()
+
+
+async def _untyped(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp gives every body a Content-Type by now; some registries send none."""
+    if request.get(UNTYPED):
+        response.headers.popall("Content-Type", None)
+
+
+def _maintenance_page() -> web.Response:
+    return web.Response(
+        text="<html><body><h1>Down for maintenance</h1></body></html>", content_type="text/html"
+    )
 
 
 def _cut(request: web.Request) -> None:

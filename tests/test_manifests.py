@@ -1,10 +1,15 @@
-"""Manifest requests through the whole app (`make_app`): references that name nothing
-are unknown, without asking upstream.
+"""Manifests through the whole app (`make_app`): the media type belongs to the content,
+upstream answers that are not manifests are upstream errors, and references that name
+nothing are unknown.
+
+A real docker-registry where it can show the behaviour; the fault upstream for what it
+cannot (another type for the same bytes, a maintenance page).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,13 +21,20 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from fault_upstream import FaultyUpstream
-from pytest_aiohttp import AiohttpServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 from upstream_registry import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
     RegistryProcess,
+    json_bytes,
     push_image,
+    put_manifest,
 )
 
-from mirror.reference import MANIFEST_TYPES
+from mirror.app import make_app
+from mirror.config import Config, StorageConfig, UpstreamConfig, default_hosts
+from mirror.reference import MANIFEST_TYPES, digest_of
+from mirror.storage.blobs import BlobStore
 from mirror.storage.index import INDEX_FILE
 
 if TYPE_CHECKING:
@@ -64,6 +76,176 @@ def tag_row(storage: Path, tag: str) -> str | None:
     with sqlite3.connect(storage / INDEX_FILE) as db:
         row = db.execute("SELECT digest FROM tags WHERE tag = ?", (tag,)).fetchone()
     return None if row is None else str(row[0])
+
+
+# --- the media type belongs to the content ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("declared", "sent_by_b", "b_status"),
+    [
+        (True, DOCKER_MANIFEST, 200),  # its own mediaType says OCI
+        (False, DOCKER_MANIFEST, 200),  # no mediaType: the first type recorded stays
+        (True, OCTET_STREAM, 502),  # no manifest type at all: an upstream error
+    ],
+    ids=["declared", "undeclared", "octet-stream"],
+)
+async def test_another_upstreams_type_for_the_same_bytes_changes_nothing(
+    registry: RegistryProcess,
+    fault: FaultyUpstream,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    declared: bool,
+    sent_by_b: str,
+    b_status: int,
+) -> None:
+    """Upstream a (a real registry) serves an OCI manifest; upstream b serves the very same
+    bytes under another Content-Type. Whatever b sent, pulls from a, by tag or digest,
+    get the OCI type, from memory and from the index."""
+    image = await push_image(registry.url, "media/app", "v1", [4 * KIB])
+    body = image.manifest_bytes
+    if not declared:
+        fields = json.loads(body)
+        del fields["mediaType"]
+        body = json_bytes(fields)
+        async with aiohttp.ClientSession() as session:
+            await put_manifest(session, registry.url, image.name, "v1", body, OCI_MANIFEST)
+    digest = fault.put_manifest("v1", body)
+    fault.manifest_type = sent_by_b
+    storage = tmp_path / "cache"
+    config = Config(
+        storage=StorageConfig(path=storage),
+        upstreams=(
+            UpstreamConfig(name="a", url=registry.url, hosts=default_hosts(registry.url),
+                           default=True),
+            UpstreamConfig(name="b", url=fault.url, hosts=("b.example",), prefix="b"),
+        ),
+    )  # fmt: skip
+    mirror = await aiohttp_client(make_app(config))
+
+    async with mirror.get("/v2/media/app/manifests/v1", headers=ACCEPT) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Docker-Content-Digest"] == digest
+        assert response.content_type == OCI_MANIFEST
+    async with mirror.get("/v2/b/media/app/manifests/v1", headers=ACCEPT) as response:
+        assert response.status == b_status, await response.text()
+        if b_status == 200:
+            assert response.content_type == OCI_MANIFEST
+            assert await response.read() == body
+    assert [s.method for s in fault.seen] == ["GET"]  # b's answer was fetched, and judged
+
+    for path in (f"/v2/media/app/manifests/{digest}", "/v2/media/app/manifests/v1"):
+        async with mirror.get(path, headers=ACCEPT) as response:
+            assert response.status == 200, await response.text()
+            assert response.content_type == OCI_MANIFEST
+            assert await response.read() == body
+    assert recorded_type(storage, digest) == OCI_MANIFEST
+
+
+async def test_a_manifest_is_served_as_its_own_type_whatever_the_index_says(
+    make_mirror: MakeMirror, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    """A cache written before types belonged to the content may hold the type the last
+    upstream sent; the manifest's own `mediaType` is what is served."""
+    body = json_bytes({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []})
+    storage = tmp_path / "cache"
+    mirror = await make_mirror(f"http://127.0.0.1:{unused_tcp_port}", storage=storage)
+    digest = digest_of(body)
+    BlobStore(storage).write(digest, body)
+    with sqlite3.connect(storage / INDEX_FILE) as db:
+        now = time.time()
+        db.execute(
+            "INSERT INTO blobs (digest, size, media_type, created, last_access)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (str(digest), len(body), OCTET_STREAM, now, now),
+        )
+
+    async with mirror.get(f"/v2/x/manifests/{digest}", headers=ACCEPT) as response:
+        assert response.status == 200, await response.text()
+        assert response.content_type == OCI_MANIFEST
+        assert await response.read() == body
+
+
+# --- answers that are not manifests -----------------------------------------------------
+
+GOOD = json_bytes({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []})
+NEW = json_bytes({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": [{}]})
+UNDECLARED = json_bytes({"schemaVersion": 2, "config": {}, "layers": [{}]})
+
+
+@pytest.mark.parametrize(
+    ("body", "sent"),
+    [
+        (None, None),  # the maintenance page: HTML, answered 200
+        (NEW, OCTET_STREAM),  # a manifest, and a type that is none
+        (NEW, "text/html"),
+        (json_bytes({"errors": [{"code": "UNAVAILABLE"}]}), OCI_MANIFEST),
+        (json_bytes({"schemaVersion": 2, "mediaType": "text/html"}), None),
+        (UNDECLARED, None),  # no type anywhere
+    ],
+    ids=["maintenance", "octet-stream", "html-type", "error-json", "declares-html", "untyped"],
+)
+async def test_an_answer_that_is_no_manifest_is_an_upstream_error(
+    make_mirror: MakeMirror,
+    fault: FaultyUpstream,
+    tmp_path: Path,
+    body: bytes | None,
+    sent: str | None,
+) -> None:
+    """502 UPSTREAM_ERROR, nothing stored, the tag not recorded; a tag cached before is
+    served stale meanwhile, and all is well once the upstream answers manifests again."""
+    storage = tmp_path / "cache"
+    cached = fault.put_manifest("cached", GOOD)
+    mirror = await make_mirror(fault.url, tag_ttl=0, storage=storage)
+    async with mirror.get("/v2/team/app/manifests/cached", headers=ACCEPT) as response:
+        assert response.status == 200, await response.text()
+
+    if body is None:
+        fault.maintenance = True
+        bad = fault.put_manifest("new", NEW)  # behind the page: never seen
+    else:
+        fault.manifest_type = sent
+        fault.put_manifest("cached", body)
+        bad = fault.put_manifest("new", body)
+    for path in ("/v2/team/app/manifests/new", f"/v2/team/app/manifests/{bad}"):
+        for method in ("GET", "HEAD"):
+            async with mirror.request(method, path, headers=ACCEPT) as response:
+                if method == "GET":
+                    await expect_error(response, 502, "UPSTREAM_ERROR")
+                assert response.status == 502
+    async with mirror.get("/v2/team/app/manifests/cached", headers=ACCEPT) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Docker-Content-Digest"] == cached  # stale
+        assert await response.read() == GOOD
+    assert [str(d) for d in BlobStore(storage).scan()] == [cached]  # nothing else stored
+    assert recorded_type(storage, bad) is None
+    assert (tag_row(storage, "new"), tag_row(storage, "cached")) == (None, cached)
+
+    fault.maintenance, fault.manifest_type = False, OCI_MANIFEST
+    fault.put_manifest("cached", GOOD)
+    fault.put_manifest("new", GOOD)
+    async with mirror.get("/v2/team/app/manifests/new", headers=ACCEPT) as response:
+        assert response.status == 200, await response.text()
+        assert response.content_type == OCI_MANIFEST
+    assert tag_row(storage, "new") == cached
+
+
+async def test_a_manifest_sent_without_a_type_has_its_own(
+    make_mirror: MakeMirror, fault: FaultyUpstream
+) -> None:
+    digest = fault.put_manifest("v1", GOOD)
+    fault.manifest_type = None
+    mirror = await make_mirror(fault.url)
+    for path in ("/v2/team/app/manifests/v1", f"/v2/team/app/manifests/{digest}"):
+        async with mirror.get(path, headers=ACCEPT) as response:
+            assert response.status == 200, await response.text()
+            assert response.content_type == OCI_MANIFEST
+            assert await response.read() == GOOD
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{fault.url}/v2/team/app/manifests/v1") as response,
+    ):
+        assert "Content-Type" not in response.headers  # as sent: no type but its own
 
 
 # --- references that name nothing -------------------------------------------------------

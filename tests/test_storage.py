@@ -103,6 +103,23 @@ async def test_index_blobs_tags_and_restart(tmp_path: Path) -> None:
     await reopened.close()
 
 
+async def test_the_first_media_type_recorded_for_a_digest_stays(tmp_path: Path) -> None:
+    """The type belongs to the content: a later write, through whatever upstream, keeps it
+    and says which type the row holds."""
+    index = Index(tmp_path / "index.db")
+    await index.open()
+    digest = digest_of(b"manifest")
+    oci = "application/vnd.oci.image.manifest.v1+json"
+    try:
+        assert await index.add_blob(digest, 8) is None  # first fetched as a plain blob
+        assert await index.add_blob(digest, 8, oci) == oci
+        assert await index.add_blob(digest, 8, "application/octet-stream") == oci
+        row = await index.blob(digest)
+        assert row is not None and row.media_type == oci
+    finally:
+        await index.close()  # its thread would keep the test process alive
+
+
 async def test_touch_is_batched_and_flushed_on_close(tmp_path: Path) -> None:
     path = tmp_path / "index.db"
     index = Index(path)

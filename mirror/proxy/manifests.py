@@ -1,9 +1,12 @@
 """Pull-through for manifests, tags/list and referrers.
 
 Manifests are stored as blobs (their exact bytes) with their media type in the index.
-By digest they are immutable: local first. By tag they are fresh for the upstream's
-`tag_ttl`, then revalidated with a HEAD (which Docker Hub does not count as a pull); when
-the upstream cannot answer, a cached copy is served stale.
+The media type belongs to the content: the manifest's own `mediaType` when it declares
+one, else the first type recorded for its digest. An upstream answer that is not a
+manifest is an upstream error, never stored. By digest manifests are immutable: local
+first. By tag they are fresh for the upstream's `tag_ttl`, then revalidated with a HEAD
+(which Docker Hub does not count as a pull); when the upstream cannot answer, a cached
+copy is served stale.
 """
 
 from __future__ import annotations
@@ -262,13 +265,20 @@ class ManifestProxy:
         )
 
     async def _store(
-        self, upstream: Upstream, body: bytes, media_type: str, digest: Digest
+        self, upstream: Upstream, body: bytes, sent_type: str, digest: Digest
     ) -> Manifest:
-        """Verify and keep the exact bytes; the index row marks the blob as a manifest."""
+        """Verify and keep the exact bytes; the index row marks the blob as a manifest.
+
+        Its type is its own `mediaType`, else the first one recorded for the digest, else
+        the one sent now: another upstream or repository serving the same bytes under
+        another type changes nothing for anyone.
+        """
         actual = digest_of(body, digest.algorithm)
         if actual != digest:
             raise DigestMismatch(f"upstream manifest hashes to {actual}, not {digest}; not cached")
-        media_type = media_type or _declared_media_type(body)
+        sent_type = sent_type.lower()
+        own_type = _own_media_type(upstream.name, body, sent_type)
+        media_type = own_type or await self._recorded_type(digest) or sent_type
         if not await self.evictor.reserve(len(body)):
             self.evictor.passed_through(digest, len(body))
             return Manifest(body, media_type, digest)
@@ -277,14 +287,19 @@ class ManifestProxy:
             if private:  # see BlobProxy._keep
                 await self.index.mark_private(digest)
             await asyncio.to_thread(self.store.write, digest, body)
-            await self.index.add_blob(digest, len(body), media_type, public=not private)
+            kept = await self.index.add_blob(digest, len(body), media_type, public=not private)
         except (OSError, sqlite3.Error) as exc:  # a full disk, say: verified, so served
             log.warning("manifest %s was served but could not be cached: %s", digest, exc)
         else:
+            media_type = own_type or kept or media_type  # another fetch's may have been first
             self._remember(Manifest(body, media_type, digest, "hit"))
         finally:
             self.evictor.release(len(body))
         return Manifest(body, media_type, digest)
+
+    async def _recorded_type(self, digest: Digest) -> str | None:
+        row = await self.index.blob(digest)
+        return None if row is None else row.media_type
 
     async def cached(self, upstream: Upstream, digest: Digest) -> Manifest | None:
         """The cached manifest; None on a miss, or when it is private and `upstream` public."""
@@ -308,7 +323,9 @@ class ManifestProxy:
             body = self.store.path(digest).read_bytes()
         except FileNotFoundError:
             return None
-        manifest = Manifest(body, row.media_type, digest, "hit")
+        # Its own type over the row's, which a version before types belonged to the content
+        # may have taken from the last upstream to serve it.
+        manifest = Manifest(body, _declared_type(body) or row.media_type, digest, "hit")
         self._remember(manifest)
         return manifest
 
@@ -333,12 +350,40 @@ def _descriptors(index: bytes) -> list[dict[str, Any]]:
     return [m for m in manifests if isinstance(m, dict)]
 
 
-def _declared_media_type(body: bytes) -> str:
-    """The `mediaType` a manifest declares, for upstreams that send no Content-Type."""
-    try:
-        declared = json.loads(body).get("mediaType")
-    except (ValueError, AttributeError):
-        declared = None
-    if not isinstance(declared, str):
-        raise UpstreamError("upstream sent a manifest without a media type")
+def _own_media_type(upstream: str, body: bytes, sent_type: str) -> str | None:
+    """The `mediaType` the manifest declares, if any; an UpstreamError unless the answer is
+    a manifest: a JSON object of schema version 2 whose type (its own, else the one sent)
+    is a manifest type, and sent as one if sent with a type at all (some upstreams send
+    none: the body's own type suffices then). An HTML page answered with a 200 (a registry
+    in maintenance) is no manifest, nor is anything typed otherwise."""
+    fields = _json_object(body)
+    if fields is None or fields.get("schemaVersion") != 2:
+        raise UpstreamError(
+            f"upstream {upstream} answered a manifest request with no manifest"
+            f" ({sent_type or 'no Content-Type'}, {len(body)} bytes)"
+        )
+    if sent_type and sent_type not in MANIFEST_TYPES:
+        raise UpstreamError(f"upstream {upstream} sent a manifest as {sent_type}")
+    declared = fields.get("mediaType")
+    if declared is None:
+        if not sent_type:
+            raise UpstreamError(f"upstream {upstream} sent a manifest without a media type")
+        return None
+    if not isinstance(declared, str) or declared not in MANIFEST_TYPES:
+        raise UpstreamError(f"upstream {upstream} sent a manifest of type {declared!r}")
     return declared
+
+
+def _declared_type(body: bytes) -> str | None:
+    """The manifest type a cached manifest declares itself, if it does."""
+    fields = _json_object(body)
+    declared = fields.get("mediaType") if fields is not None else None
+    return declared if isinstance(declared, str) and declared in MANIFEST_TYPES else None
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return value if isinstance(value, dict) else None

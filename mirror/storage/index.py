@@ -128,18 +128,28 @@ class Index:
 
     async def add_blob(
         self, digest: Digest, size: int, media_type: str | None = None, *, public: bool = True
-    ) -> None:
-        """A complete blob; fetched through a public upstream, it is private no longer."""
+    ) -> str | None:
+        """A complete blob; fetched through a public upstream, it is private no longer.
+
+        Returns the media type the row holds: the first one recorded for the digest, which
+        a later write never changes (the type belongs to the content, not to whichever
+        upstream or repository served it last).
+        """
+        kept: str | None = None
 
         async def write() -> None:
+            nonlocal kept
             now = time.time()
-            await self.db.execute(
+            async with self.db.execute(
                 "INSERT INTO blobs (digest, size, media_type, created, last_access)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
                 " size = excluded.size, last_access = excluded.last_access,"
-                " media_type = coalesce(excluded.media_type, blobs.media_type)",
+                " media_type = coalesce(blobs.media_type, excluded.media_type)"
+                " RETURNING media_type",
                 (str(digest), size, media_type, now, now),
-            )
+            ) as cursor:
+                row = await cursor.fetchone()
+            kept = None if row is None else row[0]
             if public:
                 await self.db.execute("DELETE FROM private_blobs WHERE digest = ?", (str(digest),))
             await self.db.commit()
@@ -147,6 +157,7 @@ class Index:
         await self._retrying(write)
         if public:
             self.private.discard(str(digest))
+        return kept
 
     def hidden(self, digest: Digest, access: str) -> bool:
         """Whether this is a private blob asked for through a `public` upstream."""
