@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -230,6 +231,11 @@ async def test_the_page_in_chromium_after_cold_and_warm_pulls(
         True,
         None,
     )
+
+    code, headers, page = get(mirror.url + "/")
+    assert (code, headers["Content-Type"]) == (200, "text/html; charset=utf-8")
+    # Nothing to fetch from elsewhere: no images, scripts, style sheets, fonts or frames.
+    assert not re.search(rb"<(img|script|link|iframe|object)\b|\bsrc=|url\(|@import", page)
 
     document = Texts(rendered_dom(mirror.url + "/"))
     assert document.by_id["hit-ratio-since-start"] == "50.0%"
