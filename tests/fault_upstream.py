@@ -1,7 +1,8 @@
 """A fault-injection upstream registry (aiohttp on loopback): it holds blobs and one
 manifest, and on command drops the connection after N bytes, stalls, answers 500 every
 other time, sends more bytes than it declares, or waits before its first byte. It serves
-manifests under any Content-Type (or none), or a maintenance page instead.
+manifests under any Content-Type (or none), or a maintenance page instead, and lists tags
+in its own order and pages, misapplying `n` and ignoring `last`.
 
 `serve_raw` puts the same registry behind a hand-written HTTP/1.1 server instead, for what
 aiohttp's server will not send: bytes past an answer's declared end (a whole second
@@ -57,7 +58,10 @@ class FaultyUpstream:
     requested: asyncio.Event = field(default_factory=asyncio.Event)  # a blob GET came in
     url: str = ""
     manifest_type: str | None = MANIFEST_TYPE  # Content-Type of manifests; None: none at all
-    maintenance: bool = False  # manifests answered 200 with an HTML page
+    maintenance: bool = False  # manifests and tags/list answered 200 with an HTML page
+    tags: list[str] = field(default_factory=list)  # tags/list, in this order, sorted or not
+    tags_page: int = 0  # > 0: tags/list in pages of this many, linked by a cursor of its own
+    tags_link_loops: bool = False  # every page links back to the first
 
     def add_blob(self, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -143,6 +147,7 @@ class FaultyUpstream:
         app = web.Application()
         app.router.add_get("/v2/{name:.+}/blobs/{digest}", self.blob)
         app.router.add_get("/v2/{name:.+}/manifests/{reference}", self.manifest)
+        app.router.add_get("/v2/{name:.+}/tags/list", self.tag_list)
         app.on_response_prepare.append(_untyped)
         return app
 
@@ -163,6 +168,26 @@ class FaultyUpstream:
         else:
             headers["Content-Type"] = self.manifest_type
         return web.Response(body=body, headers=headers)
+
+    async def tag_list(self, request: web.Request) -> web.Response:
+        """`self.tags` in their order; `n` counts from there, `last` is ignored."""
+        status = 500 if self._failing_now() else 200
+        self.seen.append(Seen(request.method, request.path_qs, None, status))
+        if status != 200:
+            return web.json_response({"errors": [{"code": "X", "message": "x"}]}, status=status)
+        if self.maintenance:
+            return _maintenance_page()
+        listed = self.tags[: int(request.query["n"])] if "n" in request.query else self.tags
+        headers = {}
+        if self.tags_page:
+            page = int(request.query.get("page", "0"))
+            more = len(listed) > (page + 1) * self.tags_page
+            listed = listed[page * self.tags_page : (page + 1) * self.tags_page]
+            if more:
+                after = 0 if self.tags_link_loops else page + 1
+                headers["Link"] = f'<{request.path}?page={after}>; rel="next"'
+        name = request.match_info["name"]
+        return web.json_response({"name": name, "tags": listed}, headers=headers)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         data = self.blobs.get(request.match_info["digest"])

@@ -1,9 +1,10 @@
-"""Manifests through the whole app (`make_app`): the media type belongs to the content,
-upstream answers that are not manifests are upstream errors, and references that name
-nothing are unknown.
+"""Manifests and tags through the whole app (`make_app`): the media type belongs to the
+content, upstream answers that are not manifests are upstream errors, references that
+name nothing are unknown, and tags/list is sorted and paged by the mirror.
 
 A real docker-registry where it can show the behaviour; the fault upstream for what it
-cannot (another type for the same bytes, a maintenance page).
+cannot (another type for the same bytes, a maintenance page, tags in its own order and
+pages).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from upstream_registry import (
 
 from mirror.app import make_app
 from mirror.config import Config, StorageConfig, UpstreamConfig, default_hosts
+from mirror.proxy.manifests import MAX_TAG_PAGES
 from mirror.reference import MANIFEST_TYPES, digest_of
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import INDEX_FILE
@@ -305,3 +307,116 @@ async def test_every_process_answers_an_invalid_reference_alike(
                 await expect_error(response, 404, "MANIFEST_UNKNOWN")
     await registry.settle()
     assert registry.requests() == []
+
+
+# --- tags/list, paged by the mirror -----------------------------------------------------
+
+UPSTREAM_ORDER = ["v10", "latest", "v2", "B", "v1", "_x", "a", "v1.1"]
+SORTED = sorted(UPSTREAM_ORDER)  # B, _x, a, latest, v1, v1.1, v10, v2
+
+
+async def pages(mirror: MirrorClient, start: str) -> list[list[str]]:
+    """The tags of each page from `start` on, following the mirror's `Link`s."""
+    found: list[list[str]] = []
+    path: str | None = start
+    while path is not None and len(found) < 20:
+        async with mirror.get(path) as response:
+            assert response.status == 200, await response.text()
+            found.append((await response.json())["tags"])
+            link = response.headers.get("Link")
+        path = link[link.index("<") + 1 : link.index(">")] if link else None
+    return found
+
+
+async def test_tags_are_sorted_and_paged_by_the_mirror_whatever_the_upstream_does(
+    make_mirror: MakeMirror, fault: FaultyUpstream
+) -> None:
+    """The upstream lists its tags unsorted, three a page behind a cursor of its own, and
+    takes `n` from its unsorted list; the mirror follows its pages and pages itself."""
+    fault.tags, fault.tags_page = UPSTREAM_ORDER, 3
+    mirror = await make_mirror(fault.url, tag_ttl=0, upstream={"retries": 0})
+
+    async with mirror.get("/v2/team/app/tags/list") as response:
+        assert response.status == 200, await response.text()
+        assert await response.json() == {"name": "team/app", "tags": SORTED}
+        assert "Link" not in response.headers
+    asked = [s.path for s in fault.seen]
+    assert asked == [f"/v2/team/app/tags/list{q}" for q in ("", "?page=1", "?page=2")]
+
+    expected = [
+        ("?n=3", SORTED[:3], "?n=3&last=a"),
+        ("?n=3&last=a", SORTED[3:6], "?n=3&last=v1.1"),
+        ("?n=3&last=v1.1", SORTED[6:], None),
+        ("?n=2&last=b", ["latest", "v1"], "?n=2&last=v1"),  # `last` need not be a tag
+        ("?last=v1", SORTED[5:], None),
+        ("?n=0", [], None),
+        ("?n=0&last=a", [], None),
+        (f"?n={len(SORTED)}", SORTED, None),
+        ("?n=" + "9" * 5000, SORTED, None),
+    ]
+    for query, tags, link in expected:
+        async with mirror.get(f"/v2/team/app/tags/list{query}") as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["tags"] == tags, query
+            next_page = f'</v2/team/app/tags/list{link}>; rel="next"' if link else None
+            assert response.headers.get("Link") == next_page, query
+    assert await pages(mirror, "/v2/team/app/tags/list?n=3") == [
+        SORTED[:3],
+        SORTED[3:6],
+        SORTED[6:],
+    ]
+    assert not any("n=" in s.path or "last=" in s.path for s in fault.seen)
+
+    for bad in ("ten", "-1", "²", "1.5"):
+        async with mirror.get(f"/v2/team/app/tags/list?n={bad}") as response:
+            await expect_error(response, 400, "PAGINATION_NUMBER_INVALID")
+
+    # tag_ttl 0: asked again each time; while it fails, the list is served stale, paged.
+    fault.fail_always = True
+    assert await pages(mirror, "/v2/team/app/tags/list?n=5") == [SORTED[:5], SORTED[5:]]
+    async with mirror.get("/v2/team/app/tags/list?n=2&last=v1") as response:
+        assert (await response.json())["tags"] == ["v1.1", "v10"]
+        assert response.headers["Link"] == '</v2/team/app/tags/list?n=2&last=v10>; rel="next"'
+    assert fault.seen[-1].status == 500
+
+
+async def test_tags_link_keeps_the_path_and_namespace_the_client_asked(
+    fault: FaultyUpstream, aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    fault.tags = UPSTREAM_ORDER
+    config = Config(
+        storage=StorageConfig(path=tmp_path / "cache"),
+        upstreams=(
+            UpstreamConfig(name="hub", url="http://127.0.0.1:9", hosts=("docker.io",),
+                           default=True),
+            UpstreamConfig(name="f", url=fault.url, hosts=("f.example",), prefix="f"),
+        ),
+    )  # fmt: skip
+    mirror = await aiohttp_client(make_app(config))
+    for path in ("/v2/f/team/app/tags/list?n=4", "/v2/team/app/tags/list?ns=f.example&n=4"):
+        found = await pages(mirror, path)
+        assert found == [SORTED[:4], SORTED[4:]], path
+    async with mirror.get("/v2/f/team/app/tags/list?n=4") as response:
+        assert await response.json() == {"name": "f/team/app", "tags": SORTED[:4]}
+        assert response.headers["Link"] == '</v2/f/team/app/tags/list?n=4&last=latest>; rel="next"'
+    async with mirror.get("/v2/team/app/tags/list?n=4&ns=f.example") as response:
+        link = '</v2/team/app/tags/list?n=4&last=latest&ns=f.example>; rel="next"'
+        assert response.headers["Link"] == link
+
+
+@pytest.mark.parametrize("failure", ["loop", "pages", "maintenance"])
+async def test_an_upstream_tag_list_that_never_ends_or_is_no_list_is_an_upstream_error(
+    make_mirror: MakeMirror, fault: FaultyUpstream, failure: str
+) -> None:
+    fault.tags, fault.tags_page = UPSTREAM_ORDER, 2
+    if failure == "loop":
+        fault.tags_link_loops = True  # every page links back to the first
+    elif failure == "pages":
+        fault.tags, fault.tags_page = [f"t{i:03d}" for i in range(MAX_TAG_PAGES + 5)], 1
+    else:
+        fault.maintenance = True
+    mirror = await make_mirror(fault.url)
+    async with mirror.get("/v2/team/app/tags/list?n=2") as response:
+        await expect_error(response, 502, "UPSTREAM_ERROR")
+    expected = {"loop": 2, "pages": MAX_TAG_PAGES, "maintenance": 1}[failure]
+    assert len(fault.seen) == expected

@@ -7,20 +7,27 @@ manifest is an upstream error, never stored. By digest manifests are immutable: 
 first. By tag they are fresh for the upstream's `tag_ttl`, then revalidated with a HEAD
 (which Docker Hub does not count as a pull); when the upstream cannot answer, a cached
 copy is served stale.
+
+Tags are listed by the mirror itself: the upstream's whole list, sorted, paged with `n`
+and `last` here, whatever the upstream does with them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from yarl import URL
 
 from mirror.errors import STALE_SERVABLE, ManifestUnknown, UpstreamError
 from mirror.eviction import Evictor
@@ -35,12 +42,15 @@ from mirror.reference import (
 )
 from mirror.storage.blobs import BlobStore, DigestMismatch
 from mirror.storage.index import Index
-from mirror.upstream.client import Upstream, UpstreamListing
+from mirror.upstream.client import MAX_LISTING_SIZE, Upstream, UpstreamListing
 
 log = logging.getLogger(__name__)
 
 LISTING_CACHE_ENTRIES = 1024
 MEMORY_BYTES = 16 * 1024 * 1024  # cached manifests also kept in memory, most recent first
+MAX_TAG_PAGES = 100  # of an upstream that pages its tags/list; more is an upstream error
+_LINK = re.compile(r"\s*<([^>]*)>")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,39 @@ class Manifest:
     result: str = "miss"  # what the cache could do: hit, miss (fetched), stale
 
 
+@dataclass(frozen=True)
+class TagPage:
+    """Tags of a repository in lexical order, and whether more follow them."""
+
+    tags: tuple[str, ...]
+    more: bool
+
+
+class _Listings(Generic[T]):
+    """Upstream listings kept for the upstream's `tag_ttl`, then asked again; the last one
+    kept is served (stale) when the upstream fails. The least recently stored go first."""
+
+    def __init__(self, entries: int) -> None:
+        self._kept: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
+        self._entries = entries
+
+    async def get(self, key: Hashable, ttl: float, fetch: Callable[[], Awaitable[T]]) -> T:
+        kept = self._kept.get(key)
+        if kept is not None and time.time() - kept[0] < ttl:
+            return kept[1]
+        try:
+            value = await fetch()
+        except STALE_SERVABLE:
+            if kept is None:
+                raise
+            return kept[1]
+        self._kept[key] = (time.time(), value)
+        self._kept.move_to_end(key)
+        while len(self._kept) > self._entries:
+            self._kept.popitem(last=False)
+        return value
+
+
 class ManifestProxy:
     def __init__(
         self, store: BlobStore, index: Index, evictor: Evictor, metrics: Metrics | None = None
@@ -59,7 +102,8 @@ class ManifestProxy:
         self.index = index
         self.evictor = evictor
         self.metrics = metrics or Metrics()
-        self._listings: OrderedDict[tuple[str, str], tuple[float, UpstreamListing]] = OrderedDict()
+        self._listings: _Listings[UpstreamListing] = _Listings(LISTING_CACHE_ENTRIES)
+        self._tag_lists: _Listings[tuple[str, ...]] = _Listings(LISTING_CACHE_ENTRIES)
         # Hits without a query or a read: manifests are small, and asked for on every pull.
         self._recent: OrderedDict[Digest, Manifest] = OrderedDict()
         self._recent_bytes = 0
@@ -166,22 +210,52 @@ class ManifestProxy:
     async def listing(
         self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
     ) -> UpstreamListing:
-        """tags/list or referrers, kept briefly and served stale when the upstream fails."""
+        """An upstream listing (referrers), kept briefly and served stale when it fails."""
         key = (upstream.name, path + "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items())))
-        cached = self._listings.get(key)
-        if cached is not None and time.time() - cached[0] < upstream.config.tag_ttl:
-            return cached[1]
-        try:
-            listing = await upstream.listing(repository, path, query)
-        except STALE_SERVABLE:
-            if cached is None:
-                raise
-            return cached[1]
-        self._listings[key] = (time.time(), listing)
-        self._listings.move_to_end(key)
-        while len(self._listings) > LISTING_CACHE_ENTRIES:
-            self._listings.popitem(last=False)
-        return listing
+        fetch = partial(upstream.listing, repository, path, query)
+        return await self._listings.get(key, upstream.config.tag_ttl, fetch)
+
+    async def tags(
+        self, upstream: Upstream, repository: str, n: int | None, last: str | None
+    ) -> TagPage:
+        """The tags after `last` (lexically; `last` need not be one), at most `n` of them.
+
+        Paged here, from the upstream's whole list, since upstreams differ in what they do
+        with `n` and `last` (ignore them, or sort otherwise); the list is kept briefly and
+        served stale when the upstream fails, as other listings are.
+        """
+        every = await self._tag_lists.get(
+            (upstream.name, repository),
+            upstream.config.tag_ttl,
+            partial(self._every_tag, upstream, repository),
+        )
+        rest = every if last is None else every[bisect.bisect_right(every, last) :]
+        if n is None:
+            return TagPage(rest, more=False)
+        return TagPage(rest[:n], more=0 < n < len(rest))
+
+    async def _every_tag(self, upstream: Upstream, repository: str) -> tuple[str, ...]:
+        """The upstream's tags, sorted, following its own pages (its `Link`) if it pages."""
+        path = f"/v2/{repository}/tags/list"
+        found: set[str] = set()
+        query: dict[str, str] = {}
+        received = 0
+        for _ in range(MAX_TAG_PAGES):
+            page = await upstream.listing(repository, path, query)
+            received += len(page.body)
+            if received > MAX_LISTING_SIZE:
+                raise UpstreamError(f"upstream {upstream.name} listed tags over 4 MiB")
+            before = len(found)
+            found.update(_tag_names(upstream.name, page.body))
+            next_page = _next_page(page.link)
+            if next_page is None:
+                return tuple(sorted(found))
+            if len(found) == before:  # a link back to a page seen already: it would loop
+                raise UpstreamError(f"upstream {upstream.name} linked to more tags but sent none")
+            query = next_page
+        raise UpstreamError(
+            f"upstream {upstream.name} listed tags in more than {MAX_TAG_PAGES} pages"
+        )
 
     async def referrers(
         self, upstream: Upstream, repository: str, digest: Digest, artifact_type: str | None
@@ -387,3 +461,26 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     except ValueError:  # UnicodeDecodeError included
         return None
     return value if isinstance(value, dict) else None
+
+
+def _tag_names(upstream: str, body: bytes) -> list[str]:
+    """The tags of one upstream tags/list answer (`"tags": null` is none)."""
+    listing = _json_object(body)
+    tags = None if listing is None else listing.get("tags") or []
+    if not isinstance(tags, list):
+        raise UpstreamError(f"upstream {upstream} answered tags/list with no tag list")
+    return [tag for tag in tags if isinstance(tag, str)]
+
+
+def _next_page(link: str | None) -> dict[str, str] | None:
+    """The query of the upstream's next page of tags, from its `Link: <url>; rel="next"`.
+    Only the query is taken, and asked on the upstream's own path: its link can point the
+    mirror at nothing else."""
+    match = _LINK.match(link or "")
+    if match is None:
+        return None
+    try:
+        query = dict(URL(match.group(1)).query)
+    except ValueError:
+        return None
+    return query or None

@@ -55,7 +55,8 @@ SENDER = web.AppKey("sender", Sender)  # a worker's channel to the primary
 
 OCTET_STREAM = "application/octet-stream"
 COPY_CHUNK = 256 * 1024  # bytes read at a time where sendfile cannot be used
-_LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: `str.isdigit` takes "²", which int() refuses
+_MAX_N_DIGITS = 9  # an `n` this long asks for more tags than any repository has
 
 
 def add_routes(app: web.Application) -> None:
@@ -348,28 +349,33 @@ async def _copy(response: web.StreamResponse, piece: Span) -> None:
 
 
 async def tags(request: web.Request) -> web.Response:
+    """The repository's tags in lexical order, paged by `n` and `last` by the mirror."""
     upstream, name = await _upstream(request)
-    query = {key: request.query[key] for key in ("n", "last") if key in request.query}
-    if "n" in query and not query["n"].isdigit():
-        raise PaginationInvalid(f"invalid n={query['n']!r}: must be a non-negative number")
-    path = f"/v2/{name}/tags/list"
-    listing = await request.app[MANIFESTS].listing(upstream, name, path, query)
-    headers = {"Content-Type": listing.content_type}
-    if listing.link:
-        headers["Link"] = _client_link(listing.link, request)
-    return web.Response(body=listing.body, headers=headers)
+    n = _page_size(request.query.get("n"))
+    last = request.query.get("last")
+    page = await request.app[MANIFESTS].tags(upstream, name, n, last)
+    headers = {}
+    if page.more and n is not None:
+        headers["Link"] = _client_link(request, n, page.tags[-1])
+    body = {"name": request.match_info["name"], "tags": list(page.tags)}
+    return web.json_response(body, headers=headers)
 
 
-def _client_link(link: str, request: web.Request) -> str:
-    """The upstream's `Link: <url>; rel="next"` pointed back at the path the client asked
-    (its prefix, and its `ns`), keeping the upstream's pagination query."""
-    match = _LINK.match(link)
-    if match is None:
-        return link
-    query = dict(URL(match.group(1)).query)
+def _page_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not _DIGITS.fullmatch(text):
+        raise PaginationInvalid(f"invalid n={text!r}: must be a non-negative number")
+    return int(text.lstrip("0")[:_MAX_N_DIGITS] or "0")  # past any tag count: all of them
+
+
+def _client_link(request: web.Request, n: int, last: str) -> str:
+    """`Link: <…?n=&last=>; rel="next"` to the next page, on the path the client asked (its
+    prefix, and its `ns`): following it reaches the same upstream through the mirror."""
+    query = {"n": str(n), "last": last}
     if "ns" in request.query:
         query["ns"] = request.query["ns"]
-    return f"<{URL.build(path=request.path, query=query)}>{match.group(2)}"
+    return f'<{URL.build(path=request.path, query=query)}>; rel="next"'
 
 
 async def referrers(request: web.Request) -> web.Response:
