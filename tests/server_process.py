@@ -41,6 +41,13 @@ class ServerProcess:
         return f"http://{self.host}"
 
     @property
+    def pid(self) -> int:
+        """The running server's process id (what prlimit or kill act on)."""
+        if self._proc is None:
+            raise self.error(f"{self.name} is not running")
+        return self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

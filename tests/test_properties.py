@@ -665,6 +665,8 @@ KEY_PATHS: list[tuple[str | int, ...]] = [
     ("limits",),
     ("limits", "max_connections"),
     ("limits", "max_header_size"),
+    ("limits", "header_timeout"),
+    ("limits", "keepalive_timeout"),
 ]
 
 
@@ -693,7 +695,12 @@ def base_config() -> dict[str, Any]:
             },
         ],
         "log": {"format": "json", "level": "debug"},
-        "limits": {"max_connections": 100, "max_header_size": "16KiB"},
+        "limits": {
+            "max_connections": 100,
+            "max_header_size": "16KiB",
+            "header_timeout": "10s",
+            "keepalive_timeout": 60,
+        },
     }
 
 
@@ -740,7 +747,7 @@ KNOWN_KEYS: dict[tuple[str | int, ...], set[str]] = {
     ("upstreams", 0): {*_UPSTREAM_KEYS, "username", "password_env"},  # the last two: moved
     ("upstreams", 1, "auth"): set(_AUTH_KEYS),
     ("log",): {"format", "level"},
-    ("limits",): {"max_connections", "max_header_size"},
+    ("limits",): {"max_connections", "max_header_size", "header_timeout", "keepalive_timeout"},
 }
 
 

@@ -35,6 +35,7 @@ from mirror.web.connection import Connection
 from mirror.web.middleware import ANSWERS, METRICS
 
 log = logging.getLogger(__name__)
+episodes = logs.Episodes(log)
 
 SHUTDOWN_TIMEOUT = 30.0  # SIGTERM: the process has exited within this...
 SHUTDOWN_GRACE = 25.0  # ...answers under way get this long to finish, then are cut
@@ -101,7 +102,8 @@ class Listener(asyncio.AbstractServer):
         self._protocol = protocol
         self._ssl_context = ssl_context
         self._handshake_timeout = handshake_timeout if ssl_context else None
-        self._starting: set[asyncio.Task[Any]] = set()  # accepted, not yet connected
+        self._tasks: set[asyncio.Task[None]] = set()  # connecting accepted sockets
+        self._starting: set[asyncio.Task[Any]] = set()  # ...of those, with a protocol
         self._retry: asyncio.TimerHandle | None = None
         self._starved_since: float | None = None  # out of descriptors since
         self._serving = False
@@ -109,7 +111,8 @@ class Listener(asyncio.AbstractServer):
 
     @property
     def starting(self) -> int:
-        """Connections accepted whose protocol has no transport yet (a TLS handshake)."""
+        """Connections accepted and given a protocol, not yet connected to it: aiohttp
+        counts a connection only from then on (after the TLS handshake, if any)."""
         return len(self._starting)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
@@ -137,7 +140,7 @@ class Listener(asyncio.AbstractServer):
             self._retry.cancel()
         for sock in self._sockets:
             sock.close()
-        for task in self._starting:
+        for task in self._tasks:
             task.cancel()
 
     async def wait_closed(self) -> None:
@@ -201,21 +204,29 @@ class Listener(asyncio.AbstractServer):
 
     def _start(self, client: socket.socket) -> None:
         client.setblocking(False)
-        connected = self._loop.connect_accepted_socket(
-            self._protocol,
-            client,
-            ssl=self._ssl_context,
-            ssl_handshake_timeout=self._handshake_timeout,
-        )
-        task = self._loop.create_task(connected)
-        self._starting.add(task)
-        task.add_done_callback(self._started)
+        task = self._loop.create_task(self._connect(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _started(self, task: asyncio.Task[Any]) -> None:
-        self._starting.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+    async def _connect(self, client: socket.socket) -> None:
+        # The protocol is chosen in the task, a round of the loop after the accept: by
+        # then a connection the same wake-up saw closing has been let go.
+        protocol = self._protocol()
+        task = asyncio.current_task()
+        assert task is not None
+        self._starting.add(task)
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: protocol,
+                client,
+                ssl=self._ssl_context,
+                ssl_handshake_timeout=self._handshake_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
             # A TLS handshake that failed or timed out, a client that left at once.
-            log.debug("a connection ended before it was served: %r", task.exception())
+            log.debug("a connection ended before it was served: %r", exc)
+        finally:
+            self._starting.discard(task)
 
 
 class CappedSite(web.TCPSite):
@@ -237,34 +248,31 @@ class CappedSite(web.TCPSite):
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.refused = refused
-        self._listener: Listener | None = None
-        self._warned = False
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site; TCPSite.start would bind
         sockets = await _bind(self._host or "0.0.0.0", self._port, bool(self._reuse_port))
-        self._listener = Listener(
-            sockets, self._protocol, self._ssl_context, self.handshake_timeout
-        )
-        self._server = self._listener
-        await self._listener.start_serving()
+        listener = Listener(sockets, self._protocol, self._ssl_context, self.handshake_timeout)
+        self._server = listener
+        await listener.start_serving()
 
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
-        assert server is not None and self._listener is not None
-        # The connection being made is among those starting.
-        if len(server.connections) + self._listener.starting <= self.max_connections:
-            self._warned = False
+        assert server is not None
+        listener = self._server
+        assert isinstance(listener, Listener)
+        # aiohttp keeps a connection in its list until its task ends, closed or not.
+        open_connections = sum(1 for c in server.connections if c.transport is not None)
+        if open_connections + listener.starting < self.max_connections:
             return self.connection()
         self.refused.inc()
-        if not self._warned:
-            self._warned = True
-            log.warning(
-                "%d client connections open: refusing new ones with 503 (limits."
-                "max_connections, or the open files limit; logged once until one is "
-                "accepted again)",
-                self.max_connections,
-            )
+        episodes.log(
+            logging.WARNING,
+            "refused",
+            "%d client connections open: refusing new ones with 503 (limits.max_connections, "
+            "or the open files limit)",
+            self.max_connections,
+        )
         return _Refuse()
 
 
