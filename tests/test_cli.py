@@ -21,6 +21,7 @@ from pytest_aiohttp import AiohttpServer
 from upstream_registry import free_loopback_port
 
 from mirror.cli import main
+from mirror.config import load_config
 from mirror.reference import Digest, digest_of
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import Index
@@ -44,6 +45,23 @@ def test_check_config_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "upstreams[0].url" in err[0]
+
+
+def test_check_config_takes_the_client_timeouts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text("limits: {header_timeout: 10s, keepalive_timeout: 2m}\n")
+    assert main(["check-config", str(path)]) == 0
+    limits = load_config(path).limits
+    assert (limits.header_timeout, limits.keepalive_timeout) == (10, 120)
+    for bad, key in (("header_timeout: 0", "limits.header_timeout"),
+                     ("keepalive_timeout: soon", "limits.keepalive_timeout")):  # fmt: skip
+        path.write_text(f"limits: {{{bad}}}\n")
+        capsys.readouterr()
+        assert main(["check-config", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{key}:" in err[0], err
 
 
 def test_serve_with_bad_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,7 @@
 """Logs of `mirror serve`: an access line per request, text or JSON; outages logged once;
-never a credential or token; SIGTERM lets a response under way finish."""
+never a credential or token; SIGTERM lets a response under way finish; what clients get
+wrong (oversized headers, TLS on the plain port, leaving mid-blob) is no ERROR, and an
+event that repeats is logged once per episode."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ import logging
 import os
 import re
 import signal
+import socket
+import ssl
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,11 +31,13 @@ from fake_registry import (
     serve,
     slow_blobs,
 )
+from fault_upstream import FaultyUpstream
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from upstream_registry import RegistryProcess, push_image
 
 from mirror.app import make_app
 from mirror.config import AuthConfig, Config, StorageConfig, UpstreamConfig
+from mirror.logs import Episodes
 
 if TYPE_CHECKING:
     from conftest import MirrorClient, MirrorProcess
@@ -172,3 +180,88 @@ async def test_sigterm_lets_a_download_under_way_finish(
         rest = await resp.read()
     assert hashlib.sha256(first + rest).hexdigest() == digest.split(":")[1]
     assert await asyncio.to_thread(mirror.proc.wait, 30) == 0
+
+
+def client_hello() -> bytes:
+    """The first bytes a TLS client sends (skopeo and podman probe plain-HTTP mirrors so)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="mirror")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def send_raw(port: int, data: bytes) -> bytes:
+    """What the mirror answers to `data`, up to its closing the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def leave_mid_blob(port: int, path: str) -> None:
+    """Read the start of a blob, then reset the connection (a client killed mid-pull)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n\r\n".encode())
+    received = 0
+    while received < 64 * KIB:
+        received += len(sock.recv(16 * KIB))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_client_mistakes_log_no_error_and_repeats_once(
+    aiohttp_server: AiohttpServer, start_mirror_process: StartMirrorProcess, tmp_path: Path
+) -> None:
+    upstream = FaultyUpstream()
+    digest = upstream.add_blob(os.urandom(8 * 1024 * KIB))  # more than the sockets buffer
+    server = await aiohttp_server(upstream.app())
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage: {{path: {tmp_path / 'cache'}}}\n"
+        f"upstreams: [{{name: up, url: '{str(server.make_url('')).rstrip('/')}'}}]\n"
+    )
+    mirror = await asyncio.to_thread(start_mirror_process, "--config", str(config))
+    oversized = b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+    for data in (oversized, client_hello(), b"GET /v2/ HTTP/1.1\r\nno colon\r\n\r\n") * 3:
+        answer = await asyncio.to_thread(send_raw, mirror.port, data)
+        assert answer.split(b" ")[1] == b"400", answer[:100]
+    path = f"/v2/x/blobs/{digest}"
+    for _ in range(3):  # a miss, then hits
+        await asyncio.to_thread(leave_mid_blob, mirror.port, path)
+        await asyncio.sleep(0.5)
+    async with aiohttp.ClientSession() as session, session.get(f"{mirror.url}/metrics") as resp:
+        metrics = await resp.text()
+    await asyncio.to_thread(mirror.stop)
+    log = mirror.log()
+    assert "ERROR" not in log and "Traceback" not in log
+    assert log.count("limits.max_header_size") == 1
+    assert log.count("spoke TLS") == 1
+    assert log.count("not valid HTTP") == 1
+    assert "UNKNOWN" not in log  # no access line for what was no request
+    statuses = re.findall(rf"GET {path} (\d+) ", log)
+    assert statuses == ["499"] * 3
+    assert re.search(r'mirror_http_requests_total\{[^}]*status="499"[^}]*\} 3\.0', metrics)
+    assert 'status="500"' not in metrics
+
+
+def test_a_repeated_event_is_logged_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    episodes = Episodes(logging.getLogger("test.episodes"), quiet=0.3)
+    for _ in range(5):
+        episodes.log(logging.WARNING, "bad", "bad request %d", 1)
+    episodes.log(logging.INFO, "other", "another kind")
+    time.sleep(0.4)  # the episode ends after `quiet` without one
+    episodes.log(logging.WARNING, "bad", "bad request %d", 2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.episodes"]
+    assert len(lines) == 3
+    assert lines[0].startswith("bad request 1 (logged once until 0s pass without another)")
+    assert lines[1].startswith("another kind")
+    assert lines[2] == (
+        "bad request 2 (logged once until 0s pass without another; 4 more in the previous episode)"
+    )
