@@ -34,6 +34,7 @@ from upstream_registry import (
 
 from mirror.app import make_app
 from mirror.config import Config, StorageConfig, UpstreamConfig, default_hosts
+from mirror.proxy import manifests
 from mirror.proxy.manifests import MAX_TAG_PAGES
 from mirror.reference import MANIFEST_TYPES, digest_of
 from mirror.storage.blobs import BlobStore
@@ -420,3 +421,26 @@ async def test_an_upstream_tag_list_that_never_ends_or_is_no_list_is_an_upstream
         await expect_error(response, 502, "UPSTREAM_ERROR")
     expected = {"loop": 2, "pages": MAX_TAG_PAGES, "maintenance": 1}[failure]
     assert len(fault.seen) == expected
+
+
+async def test_tag_lists_kept_for_stale_answers_are_bounded_in_memory(
+    make_mirror: MakeMirror, fault: FaultyUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any client may list any repository: the lists kept to serve stale take at most
+    LISTING_CACHE_BYTES, the least recently stored dropped first; a larger one is not kept."""
+    monkeypatch.setattr(manifests, "LISTING_CACHE_BYTES", 4096)
+    fault.tags = ["a", "b", "c"]  # about 200 bytes kept per repository
+    mirror = await make_mirror(fault.url, tag_ttl=0, upstream={"retries": 0})
+    for n in range(30):
+        async with mirror.get(f"/v2/team/r{n}/tags/list") as response:
+            assert response.status == 200, await response.text()
+    fault.tags = [f"t{i:04d}" for i in range(200)]  # over 10 KiB as Python strings
+    async with mirror.get("/v2/team/big/tags/list") as response:
+        assert len((await response.json())["tags"]) == 200
+
+    fault.fail_always = True
+    async with mirror.get("/v2/team/r29/tags/list") as response:
+        assert (await response.json())["tags"] == ["a", "b", "c"]  # stale
+    for dropped in ("r0", "big"):
+        async with mirror.get(f"/v2/team/{dropped}/tags/list") as response:
+            await expect_error(response, 502, "UPSTREAM_ERROR")

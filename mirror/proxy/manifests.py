@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import sqlite3
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
@@ -47,6 +48,7 @@ from mirror.upstream.client import MAX_LISTING_SIZE, Upstream, UpstreamListing
 log = logging.getLogger(__name__)
 
 LISTING_CACHE_ENTRIES = 1024
+LISTING_CACHE_BYTES = 32 * 1024 * 1024  # each of the listing caches, in memory
 MEMORY_BYTES = 16 * 1024 * 1024  # cached manifests also kept in memory, most recent first
 MAX_TAG_PAGES = 100  # of an upstream that pages its tags/list; more is an upstream error
 _LINK = re.compile(r"\s*<([^>]*)>")
@@ -71,11 +73,14 @@ class TagPage:
 
 class _Listings(Generic[T]):
     """Upstream listings kept for the upstream's `tag_ttl`, then asked again; the last one
-    kept is served (stale) when the upstream fails. The least recently stored go first."""
+    kept is served (stale) when the upstream fails. At most LISTING_CACHE_ENTRIES of them
+    in LISTING_CACHE_BYTES (as `size` counts them), the least recently stored dropped
+    first; one larger than that is served, not kept."""
 
-    def __init__(self, entries: int) -> None:
-        self._kept: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
-        self._entries = entries
+    def __init__(self, size: Callable[[T], int]) -> None:
+        self._kept: OrderedDict[Hashable, tuple[float, T, int]] = OrderedDict()
+        self._size = size
+        self._bytes = 0
 
     async def get(self, key: Hashable, ttl: float, fetch: Callable[[], Awaitable[T]]) -> T:
         kept = self._kept.get(key)
@@ -87,11 +92,20 @@ class _Listings(Generic[T]):
             if kept is None:
                 raise
             return kept[1]
-        self._kept[key] = (time.time(), value)
-        self._kept.move_to_end(key)
-        while len(self._kept) > self._entries:
-            self._kept.popitem(last=False)
+        self._keep(key, value)
         return value
+
+    def _keep(self, key: Hashable, value: T) -> None:
+        old = self._kept.pop(key, None)
+        self._bytes -= old[2] if old else 0
+        size = self._size(value)
+        if size > LISTING_CACHE_BYTES:
+            return
+        self._kept[key] = (time.time(), value, size)
+        self._bytes += size
+        while self._bytes > LISTING_CACHE_BYTES or len(self._kept) > LISTING_CACHE_ENTRIES:
+            _, (_, _, dropped) = self._kept.popitem(last=False)
+            self._bytes -= dropped
 
 
 class ManifestProxy:
@@ -102,8 +116,8 @@ class ManifestProxy:
         self.index = index
         self.evictor = evictor
         self.metrics = metrics or Metrics()
-        self._listings: _Listings[UpstreamListing] = _Listings(LISTING_CACHE_ENTRIES)
-        self._tag_lists: _Listings[tuple[str, ...]] = _Listings(LISTING_CACHE_ENTRIES)
+        self._listings: _Listings[UpstreamListing] = _Listings(lambda kept: len(kept.body))
+        self._tag_lists: _Listings[tuple[str, ...]] = _Listings(_tags_size)
         # Hits without a query or a read: manifests are small, and asked for on every pull.
         self._recent: OrderedDict[Digest, Manifest] = OrderedDict()
         self._recent_bytes = 0
@@ -470,6 +484,11 @@ def _tag_names(upstream: str, body: bytes) -> list[str]:
     if not isinstance(tags, list):
         raise UpstreamError(f"upstream {upstream} answered tags/list with no tag list")
     return [tag for tag in tags if isinstance(tag, str)]
+
+
+def _tags_size(tags: tuple[str, ...]) -> int:
+    """The memory a tag list takes: a short tag's object is several times its characters."""
+    return sys.getsizeof(tags) + sum(sys.getsizeof(tag) for tag in tags)
 
 
 def _next_page(link: str | None) -> dict[str, str] | None:
