@@ -24,6 +24,7 @@ from aiohttp import web
 
 from mirror.activity import Activity, Eviction, RepositoryUse, Served, counted
 from mirror.metrics import Metrics
+from mirror.upstream.client import Upstream
 from mirror.web.middleware import ACTIVITY, METRICS
 from mirror.web.ops import EVICTOR
 from mirror.web.registry import GATE, UPSTREAMS
@@ -108,21 +109,23 @@ async def current(app: web.Application) -> Status:
         since_start=now.served,
         last_hour=activity.last_hour(now.served, time.monotonic()),
         fetches_in_flight=now.fetches_in_flight,
-        upstreams=[
-            UpstreamHealth(
-                name=upstream.name,
-                url=str(upstream.url),
-                failing=upstream.failing,
-                last_error=upstream.last_error[1] if upstream.last_error else None,
-                last_error_at=upstream.last_error[0] if upstream.last_error else None,
-                quota_remaining=upstream.ratelimit.remaining,
-                quota_limit=upstream.ratelimit.limit,
-            )
-            for upstream in app[UPSTREAMS].values()
-        ],
+        upstreams=[_health(upstream) for upstream in app[UPSTREAMS].values()],
         by_pulls=activity.top(TOP, "pulls"),
         by_bytes=activity.top(TOP, "bytes"),
         evictions=activity.evictions(),
+    )
+
+
+def _health(upstream: Upstream) -> UpstreamHealth:
+    at, error = upstream.last_error or (None, None)
+    return UpstreamHealth(
+        name=upstream.name,
+        url=str(upstream.url),
+        failing=upstream.failing,
+        last_error=error,
+        last_error_at=at,
+        quota_remaining=upstream.ratelimit.remaining,
+        quota_limit=upstream.ratelimit.limit,
     )
 
 
