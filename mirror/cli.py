@@ -75,13 +75,14 @@ def serve(config: Config) -> int:
         )
     _raise_open_files_limit(config)
     if config.workers == 1:
-        return 0 if run_until_stopped(_serve(config, None)) else 1
+        run_until_stopped(_serve(config, None))
+        return 0
     with tempfile.TemporaryDirectory(prefix="mirror-") as shared:
         metrics_dir = Path(shared, "metrics")
         metrics_dir.mkdir()
         share_between_processes(str(metrics_dir))
-        stopped = run_until_stopped(_serve(config, str(Path(shared, "handoff.sock"))))
-    return 0 if stopped else 1
+        run_until_stopped(_serve(config, str(Path(shared, "handoff.sock"))))
+    return 0
 
 
 def _raise_open_files_limit(config: Config) -> None:

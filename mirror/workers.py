@@ -105,10 +105,10 @@ class Workers:
             mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
 
 
-def run_worker(config: Config, handoff: str, number: int) -> int:
-    """A worker process, from start to exit; its exit code."""
+def run_worker(config: Config, handoff: str, number: int) -> None:
+    """A worker process, from start to exit."""
     logs.configure(config.log)
-    return 0 if run_until_stopped(_serve_hits(config, handoff, number)) else 1
+    run_until_stopped(_serve_hits(config, handoff, number))
 
 
 async def _serve_hits(config: Config, handoff: str, number: int) -> None:
@@ -125,4 +125,4 @@ def _settle(future: asyncio.Future[int], number: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_worker(*pickle.load(sys.stdin.buffer)))
+    run_worker(*pickle.load(sys.stdin.buffer))

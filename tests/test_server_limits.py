@@ -12,6 +12,7 @@ import hashlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 from fault_upstream import FaultyUpstream
 from pytest_aiohttp import AiohttpServer
 from server_process import ServerProcess
+from test_access import write_certificate
 from upstream_registry import free_loopback_port, require_tool
 
 if TYPE_CHECKING:
@@ -168,6 +170,35 @@ async def test_connections_without_complete_headers_are_closed_and_others_answer
     for _, idle_writer in idle:
         idle_writer.close()
     await asyncio.to_thread(mirror.stop)
+    assert "Traceback" not in mirror.log()
+
+
+def test_over_tls_a_stalled_handshake_is_closed_and_refusals_are_encrypted(
+    start_mirror_process: StartMirrorProcess, tmp_path: Path
+) -> None:
+    """The handshake counts against header_timeout; past max_connections the 503 is said
+    over TLS."""
+    cert, key = write_certificate(tmp_path / "tls")
+    config = write_config(tmp_path, limits="{header_timeout: 2s, max_connections: 2}")
+    config.write_text(config.read_text() + f"tls: {{cert: {cert}, key: {key}}}\n")
+    mirror = start_mirror_process("--config", str(config), ca=cert)
+    context = ssl.create_default_context(cafile=cert)
+    with contextlib.ExitStack() as stack:
+        began = time.monotonic()
+        stalled = stack.enter_context(socket.create_connection(("127.0.0.1", mirror.port), 10))
+        assert stalled.recv(1) == b""  # no ClientHello: closed
+        assert 1.5 < time.monotonic() - began < 5
+        held = [
+            stack.enter_context(
+                context.wrap_socket(
+                    socket.create_connection(("127.0.0.1", mirror.port), 5),
+                    server_hostname="127.0.0.1",
+                )
+            )
+            for _ in range(3)
+        ]
+        assert held[2].recv(64).startswith(b"HTTP/1.1 503")
+    mirror.stop()
     assert "Traceback" not in mirror.log()
 
 

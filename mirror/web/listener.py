@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import resource
+import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -40,7 +41,9 @@ episodes = logs.Episodes(log)
 SHUTDOWN_TIMEOUT = 30.0  # SIGTERM: the process has exited within this...
 SHUTDOWN_GRACE = 25.0  # ...answers under way get this long to finish, then are cut
 BACKLOG = 128  # connections the kernel queues before they are accepted
-ACCEPT_BATCH = 128  # connections accepted per wake-up, at most
+# Connections accepted per wake-up, at most: each holds a descriptor until its task runs,
+# in the next round of the loop (FD_RESERVE covers them).
+ACCEPT_BATCH = 32
 ACCEPT_PAUSE = 0.5  # seconds without accepting once the process is out of descriptors
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Descriptors kept for all but client connections: the index, logs, listening sockets,
@@ -55,13 +58,6 @@ REFUSAL = (
 )
 
 ConnectionFactory = Callable[[], web.RequestHandler]
-
-
-class _Refuse(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(REFUSAL)
-        transport.close()
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -87,13 +83,22 @@ def connection_cap(config: Config, open_files: int) -> int:
     return max(1, min(config.limits.max_connections, spare // FDS_PER_CONNECTION))
 
 
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(REFUSAL)
+        transport.close()
+
+
 class Listener(asyncio.AbstractServer):
-    """Listening sockets whose connections go to `protocol()`."""
+    """Listening sockets whose connections go to `protocol()`; when that is None, they
+    are answered 503 and closed (over plain HTTP at once, without a transport, so that
+    the descriptor is free again)."""
 
     def __init__(
         self,
         sockets: list[socket.socket],
-        protocol: Callable[[], asyncio.BaseProtocol],
+        protocol: Callable[[], asyncio.BaseProtocol | None],
         ssl_context: ssl.SSLContext | None,
         handshake_timeout: float,
     ) -> None:
@@ -212,6 +217,13 @@ class Listener(asyncio.AbstractServer):
         # The protocol is chosen in the task, a round of the loop after the accept: by
         # then a connection the same wake-up saw closing has been let go.
         protocol = self._protocol()
+        if protocol is None and self._ssl_context is None:
+            with contextlib.suppress(OSError):  # a new socket's buffer takes the few bytes
+                client.send(REFUSAL)
+            client.close()
+            return
+        if protocol is None:
+            protocol = _Refuse()  # said over TLS, once the handshake is done
         task = asyncio.current_task()
         assert task is not None
         self._starting.add(task)
@@ -256,7 +268,8 @@ class CappedSite(web.TCPSite):
         self._server = listener
         await listener.start_serving()
 
-    def _protocol(self) -> asyncio.BaseProtocol:
+    def _protocol(self) -> asyncio.BaseProtocol | None:
+        """A `Connection`, or None past the cap."""
         server = self._runner.server
         assert server is not None
         listener = self._server
@@ -273,7 +286,7 @@ class CappedSite(web.TCPSite):
             "or the open files limit)",
             self.max_connections,
         )
-        return _Refuse()
+        return None
 
 
 async def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
@@ -295,28 +308,40 @@ async def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
     return sockets
 
 
-def run_until_stopped(main: Coroutine[object, object, None]) -> bool:
-    """Run `main` on a new loop until it ends, or SIGTERM or SIGINT (then it is cancelled
-    and its cleanup runs). False when that cleanup outlasted SHUTDOWN_TIMEOUT and was
-    abandoned."""
+def run_until_stopped(main: Coroutine[object, object, None]) -> None:
+    """Run `main` on a new loop until it ends, or SIGTERM or SIGINT cancels it: once, so
+    that its cleanup then runs undisturbed. Should that outlast SHUTDOWN_TIMEOUT, the
+    process exits there and then (the index is left as after a crash, which reconcile
+    handles at the next start)."""
     loop = asyncio.new_event_loop()
     task = loop.create_task(main)
+    stopping: list[asyncio.TimerHandle] = []
+
+    def stop() -> None:
+        if not stopping:
+            task.cancel()
+            stopping.append(loop.call_later(SHUTDOWN_TIMEOUT, _abandon))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
     try:
         loop.run_until_complete(task)
-    except (web.GracefulExit, KeyboardInterrupt):
+    except asyncio.CancelledError:
         pass
     finally:
-        task.cancel()
-        loop.run_until_complete(asyncio.wait({task}, timeout=SHUTDOWN_TIMEOUT))
-        if not task.done():
-            log.error("still stopping after %.0fs: exiting anyway", SHUTDOWN_TIMEOUT)
+        for handle in stopping:
+            handle.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
-    if not task.done():
-        return False
-    if not task.cancelled() and (error := task.exception()) is not None:
-        raise error  # a failure while stopping
-    return True
+
+
+def _abandon() -> None:
+    # Not sys.exit: threads still running (an index's) would keep the process alive.
+    log.error("still stopping after %.0fs: exiting anyway", SHUTDOWN_TIMEOUT)
+    logging.shutdown()
+    os._exit(1)
 
 
 @contextlib.asynccontextmanager
@@ -335,7 +360,7 @@ async def serving(app: web.Application, config: Config) -> AsyncIterator[Connect
     app.on_shutdown.append(_finish_answers)
     # By then the answers were let finish or cut (on_shutdown): this bounds what aiohttp
     # then waits for, which is twice this timeout for an answer that does not end.
-    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=1.0, **options)
+    runner = web.AppRunner(app, shutdown_timeout=1.0, **options)
     await runner.setup()
     try:
         server = runner.server
@@ -366,7 +391,19 @@ async def serving(app: web.Application, config: Config) -> AsyncIterator[Connect
             raise cannot_listen(config, exc) from None
         yield connection
     finally:
-        await runner.cleanup()
+        await _uninterrupted(runner.cleanup())
+
+
+async def _uninterrupted(cleanup: Coroutine[object, object, None]) -> None:
+    """`cleanup` run to its end even when this task is cancelled meanwhile (SIGTERM to a
+    worker whose primary just went away, say), then the cancellation passed on: cut
+    short, it would leave the index open, and its thread would keep the process alive."""
+    running = asyncio.ensure_future(cleanup)
+    try:
+        await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await running
+        raise
 
 
 async def _finish_answers(app: web.Application) -> None:
