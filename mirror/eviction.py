@@ -140,14 +140,11 @@ class Evictor:
         try:
             evicted = await work
         except Exception as exc:  # whatever broke, the budget's callers must not see it
+            failure = f"{type(exc).__name__}: {exc}"
             if not self._failing:
-                log.warning(
-                    "eviction pass failed (logged once until one works): %s: %s",
-                    type(exc).__name__,
-                    exc,
-                )
+                log.warning("eviction pass failed (logged once until one works): %s", failure)
             self._failing = True
-            return Evicted(0, 0, 0, failure=str(exc) or repr(exc))
+            return Evicted(0, 0, 0, failure=failure)
         if self._failing:
             log.warning("eviction passes work again")
             self._failing = False

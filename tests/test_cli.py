@@ -150,6 +150,20 @@ async def test_gc_evicts_the_oldest_down_to_the_low_watermark(
     assert capsys.readouterr().out.startswith("evicted 0 blobs (0 B); ")
 
 
+async def test_gc_says_why_a_pass_failed_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "cache"
+    oldest, *_ = await make_cache(root, [MIB, MIB, MIB])
+    stuck = BlobStore(root).path(oldest)
+    stuck.unlink()
+    stuck.mkdir()  # what the pass must remove first cannot be: as on a failing disk
+    code = await asyncio.to_thread(main, ["gc", "--storage", str(root), "--max-size", "2MiB"])
+    err = capsys.readouterr().err.splitlines()
+    failure = f"IsADirectoryError: [Errno 21] Is a directory: '{stuck}'"
+    assert (code, err) == (1, [f"mirror: eviction pass failed: {failure}"])
+
+
 def test_gc_skips_a_blob_another_process_is_reading(tmp_path: Path) -> None:
     """Holds are file locks, so they hold across processes: a worker, or `mirror serve`
     while `mirror gc` runs."""
