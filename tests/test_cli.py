@@ -245,6 +245,8 @@ async def test_a_second_server_on_the_same_storage_exits_2_and_touches_nothing(
         ]
         assert second.returncode == 2
         assert list((storage / "tmp").iterdir()) == downloading  # not cleared
+        for admin in ("du", "gc", "ls", "verify"):  # beside the server, as ever
+            assert await asyncio.to_thread(main, [admin, "--storage", str(storage)]) == 0
     finally:
         upstream.release.set()
     assert await pending == data
