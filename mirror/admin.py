@@ -25,7 +25,7 @@ from mirror.errors import ConfigError, DigestInvalid, RegistryError
 from mirror.eviction import Evictor
 from mirror.reference import MANIFEST_TYPES, Digest, parse_digest, parse_image_reference
 from mirror.storage.blobs import BlobStore
-from mirror.storage.images import content_of
+from mirror.storage.images import Skipped, content_of
 from mirror.storage.index import INDEX_FILE, Index
 from mirror.upstream.routing import Router
 
@@ -70,13 +70,14 @@ async def list_images(config: Config, args: argparse.Namespace) -> int:
     async with _storage(config) as (evictor, index):
         blobs = await index.blobs()
         rows = []
+        skipped = Skipped()
         for image in await index.tagged():
             if args.repository and args.repository not in (
                 image.repository,
                 image.repository.removeprefix("library/"),
             ):
                 continue
-            content = await content_of(index, evictor.store, [image.digest])
+            content = await content_of(index, evictor.store, [image.digest], skipped)
             cached = [blobs[d] for d in content if d in blobs]
             size = sum(s for s, _ in cached)
             last = max((used for _, used in cached), default=0.0)
@@ -148,8 +149,9 @@ async def remove_image(config: Config, args: argparse.Namespace) -> int:
             return 1
         roots = [t.digest for t in mine] or [str(ref.reference)]
         others = [t.digest for t in tagged if t not in mine]
-        keep = await content_of(index, evictor.store, others) | await evictor.pinned()
-        victims = sorted(await content_of(index, evictor.store, roots) - keep)
+        skipped = Skipped()
+        keep = await content_of(index, evictor.store, others, skipped) | await evictor.pinned()
+        victims = sorted(await content_of(index, evictor.store, roots, skipped) - keep)
         present = await index.blobs()
         victims = [v for v in victims if v in present]
         for image in mine:

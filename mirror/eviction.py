@@ -31,7 +31,7 @@ from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.storage.blobs import BlobStore
-from mirror.storage.images import content_of
+from mirror.storage.images import Skipped, content_of
 from mirror.storage.index import Index
 from mirror.upstream.routing import Router
 
@@ -69,6 +69,7 @@ class Evictor:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._failing = False  # the last pass failed (and that was logged)
+        self._skipped = Skipped()  # digests the pins name that no walk can read
 
     @property
     def high(self) -> int:
@@ -196,4 +197,4 @@ class Evictor:
             tag = await self.index.tag(route.upstream.name, route.repository, pin.reference)
             if tag is not None:
                 roots.append(tag.digest)
-        return await content_of(self.index, self.store, roots)
+        return await content_of(self.index, self.store, roots, self._skipped)

@@ -13,13 +13,34 @@ from mirror.storage.index import Index
 
 log = logging.getLogger(__name__)
 
-# Digests already logged as unreadable, so that walks repeated every eviction pass log
-# each one once; bounded, as manifests are upstream content.
-_UNREADABLE_LOGGED: set[str] = set()
-UNREADABLE_LOGGED_MAX = 1024
+
+class Skipped:
+    """Digests that walks could not read, each logged once by its owner (a command, or
+    the evictor, whose walks repeat every pass); bounded, as manifests are upstream
+    content."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._logged: set[str] = set()
+
+    def note(self, text: str) -> None:
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        if shown in self._logged:
+            return
+        if len(self._logged) >= self.LIMIT:
+            self._logged.clear()
+        self._logged.add(shown)
+        log.warning(
+            "a cached manifest names %r, no digest this mirror can store (sha256 or sha512):"
+            " skipped (logged once)",
+            shown,
+        )
 
 
-async def content_of(index: Index, store: BlobStore, roots: Iterable[str]) -> set[str]:
+async def content_of(
+    index: Index, store: BlobStore, roots: Iterable[str], skipped: Skipped
+) -> set[str]:
     """Every digest reachable from the manifests `roots`, through the cached manifests.
 
     A manifest may name digests of algorithms this mirror never stores (sha384, md5:
@@ -28,7 +49,7 @@ async def content_of(index: Index, store: BlobStore, roots: Iterable[str]) -> se
     found: set[str] = set()
     todo = list(roots)
     while todo:
-        digest = _readable(todo.pop())
+        digest = _readable(todo.pop(), skipped)
         if digest is None or str(digest) in found:
             continue
         found.add(str(digest))
@@ -38,20 +59,11 @@ async def content_of(index: Index, store: BlobStore, roots: Iterable[str]) -> se
     return found
 
 
-def _readable(text: str) -> Digest | None:
+def _readable(text: str, skipped: Skipped) -> Digest | None:
     try:
         return parse_digest(text)
     except DigestInvalid:
-        shown = text if len(text) <= 200 else text[:200] + "..."
-        if shown not in _UNREADABLE_LOGGED:
-            if len(_UNREADABLE_LOGGED) >= UNREADABLE_LOGGED_MAX:
-                _UNREADABLE_LOGGED.clear()
-            _UNREADABLE_LOGGED.add(shown)
-            log.warning(
-                "a cached manifest names %r, no digest this mirror can store (sha256 or"
-                " sha512): skipped (logged once)",
-                shown,
-            )
+        skipped.note(text)
         return None
 
 

@@ -80,6 +80,9 @@ class Index:
         self.private: set[str] = set()
         self._private_elsewhere = private_elsewhere
         self._private_reader: sqlite3.Connection | None = None
+        # One transaction at a time on the shared connection: another coroutine's commit
+        # would otherwise commit half of this one, and its rollback undo this one's writes.
+        self._writing = asyncio.Lock()
 
     async def open(self) -> None:
         self._db = await aiosqlite.connect(self.path)
@@ -148,8 +151,8 @@ class Index:
                 " RETURNING media_type",
                 (str(digest), size, media_type, now, now),
             ) as cursor:
-                row = await cursor.fetchone()
-            kept = None if row is None else row[0]
+                rows = list(await cursor.fetchall())  # to its end: open, it blocks commits
+            kept = rows[0][0] if rows else None
             if public:
                 await self.db.execute("DELETE FROM private_blobs WHERE digest = ?", (str(digest),))
             await self.db.commit()
@@ -203,12 +206,16 @@ class Index:
 
     async def adopt_blobs(self, found: Iterable[tuple[str, int, float]]) -> None:
         """Rows for complete files found without one: (digest, size, last use)."""
-        await self.db.executemany(
-            "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
-            " VALUES (?, ?, NULL, ?, ?)",
-            [(digest, size, used, used) for digest, size, used in found],
-        )
-        await self.db.commit()
+
+        async def write() -> None:
+            await self.db.executemany(
+                "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
+                " VALUES (?, ?, NULL, ?, ?)",
+                [(digest, size, used, used) for digest, size, used in found],
+            )
+            await self.db.commit()
+
+        await self._retrying(write)
 
     async def usage(self) -> Usage:
         async with self.db.execute(
@@ -235,11 +242,14 @@ class Index:
             return [TaggedImage(*row) async for row in cursor]
 
     async def remove_tag(self, upstream: str, repository: str, tag: str) -> None:
-        await self.db.execute(
-            "DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
-            (upstream, repository, tag),
-        )
-        await self.db.commit()
+        async def write() -> None:
+            await self.db.execute(
+                "DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
+                (upstream, repository, tag),
+            )
+            await self.db.commit()
+
+        await self._retrying(write)
 
     async def blobs(self) -> dict[str, tuple[int, float]]:
         """Every blob: its size and last use."""
@@ -252,11 +262,15 @@ class Index:
 
     async def recount(self) -> None:
         """Set the totals from the rows themselves (after reconciliation at start)."""
-        await self.db.execute(
-            "UPDATE totals SET bytes = (SELECT coalesce(sum(size), 0) FROM blobs),"
-            " blobs = (SELECT count(*) FROM blobs)"
-        )
-        await self.db.commit()
+
+        async def write() -> None:
+            await self.db.execute(
+                "UPDATE totals SET bytes = (SELECT coalesce(sum(size), 0) FROM blobs),"
+                " blobs = (SELECT count(*) FROM blobs)"
+            )
+            await self.db.commit()
+
+        await self._retrying(write)
 
     def file_bytes(self) -> int:
         """The index's own files on disk (database, WAL, shared memory), with the WAL at
@@ -294,16 +308,17 @@ class Index:
 
     async def _retrying(self, write: Callable[[], Awaitable[None]]) -> None:
         """`write` (one transaction), again while the database stays locked by another."""
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
-            try:
-                await write()
-                return
-            except sqlite3.OperationalError as exc:
-                await self.db.rollback()
-                if not _locked(exc) or attempt == WRITE_ATTEMPTS:
-                    raise
-                log.warning("index is locked by another process (%s); trying again", exc)
-                await asyncio.sleep(0.05 * 2**attempt)
+        async with self._writing:
+            for attempt in range(1, WRITE_ATTEMPTS + 1):
+                try:
+                    await write()
+                    return
+                except sqlite3.OperationalError as exc:
+                    await self.db.rollback()
+                    if not _locked(exc) or attempt == WRITE_ATTEMPTS:
+                        raise
+                    log.warning("index is locked by another process (%s); trying again", exc)
+                    await asyncio.sleep(0.05 * 2**attempt)
 
     async def tag(self, upstream: str, repository: str, tag: str) -> TagRow | None:
         async with self.db.execute(
