@@ -18,6 +18,7 @@ class ConfigError(MirrorError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"{key}: {problem}" if key else problem)
         self.key = key
+        self.problem = problem
 
 
 class RegistryError(MirrorError):
