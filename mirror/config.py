@@ -2,14 +2,19 @@
 
 With no file at all the embedded default applies: listen on 0.0.0.0:5000, cache in
 `./data`, Docker Hub as the one (anonymous) upstream.
+
+Environment variables set scalar keys over the file (`MIRROR_STORAGE__MAX_SIZE` for
+storage.max_size), and command-line flags over both. Loading reads the file and nothing
+else: the environment is passed in as a mapping.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, get_args
@@ -40,6 +45,21 @@ _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?")
 _PREFIX = re.compile(r"[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*")
 _ECR_HOST = re.compile(r"(\d{12})\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
+
+# The keys of the file, by section, as its parser checks them. The environment's variable
+# names are made from the same tables.
+_ROOT_KEYS = frozenset({"listen", "storage", "upstreams", "pins", "log", "auth", "tls",
+                        "limits", "workers", "status_page"})  # fmt: skip
+_SECTION_KEYS: Mapping[str, frozenset[str]] = {
+    "storage": frozenset({"path", "max_size", "high_watermark", "low_watermark", "max_age"}),
+    "log": frozenset({"format", "level"}),
+    "auth": frozenset({"htpasswd"}),
+    "tls": frozenset({"cert", "key"}),
+    "limits": frozenset({"max_connections", "max_header_size", "header_timeout",
+                         "keepalive_timeout"}),
+}  # fmt: skip
+# Lists of entries, which no single variable can hold.
+_LIST_KEYS = frozenset({"upstreams", "pins"})
 
 AuthType = Literal["anonymous", "basic", "ecr"]
 Access = Literal["public", "authenticated"]
@@ -243,26 +263,126 @@ def parse_url(value: object, key: str) -> str:
     return value.rstrip("/")
 
 
-def load_config(path: Path | str | None = None) -> Config:
-    """The config in `path`, or the embedded default when no path is given."""
-    if path is None:
-        return Config()
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """The config in `path` (else in the file `env` names in MIRROR_CONFIG, else the
+    embedded default), with the MIRROR_* variables of `env` over it."""
+    env = {} if env is None else env
+    data: object = {}
+    if path is not None:
+        data = _read_file(path, "")
+    elif env.get(CONFIG_VARIABLE):  # set but empty: no file, as when unset
+        data = _read_file(env[CONFIG_VARIABLE], CONFIG_VARIABLE)
+    config = _config_with_variables(data, env)
+    _check_variables(env, config)
+    if UPSTREAM_VARIABLE in env:
+        upstream = _sole_upstream(env[UPSTREAM_VARIABLE], UPSTREAM_VARIABLE)
+        config = replace(config, upstreams=(upstream,))
+    return config
+
+
+def _read_file(path: Path | str, key: str) -> object:
+    """`key`: where the path was given (none for the command line)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, ValueError) as exc:
-        raise ConfigError("", f"cannot read config file {path!r}: {exc}") from None
+        raise ConfigError(key, f"cannot read config file {str(path)!r}: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
+    except ValueError as exc:
+        raise ConfigError(key, f"{path} is not valid YAML: {exc}") from None
+    return {} if data is None else data
+
+
+def _yaml(text: str) -> object:
+    try:
+        return yaml.safe_load(text)
     # PyYAML's constructors let these through for values such as `!!int zz` or 2001-02-30.
     except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
-    return config_from_dict({} if data is None else data)
+        raise ValueError(str(exc)) from None
+
+
+# --- the environment ------------------------------------------------------------------------
+
+ENV_PREFIX = "MIRROR_"
+CONFIG_VARIABLE = "MIRROR_CONFIG"  # the config file
+UPSTREAM_VARIABLE = "MIRROR_UPSTREAM"  # the one upstream's URL, as --upstream
+# Read by the test suite, which starts `mirror serve` in the environment it runs in.
+_OTHER_VARIABLES = frozenset({"MIRROR_UPDATE_SCREENSHOT"})
+# What Kubernetes adds to a pod's environment for each Service of its namespace: for one
+# named mirror(-x), MIRROR(_X)_SERVICE_HOST with these beside it.
+_SERVICE_LINK = re.compile(
+    r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
+
+
+def key_variables() -> dict[str, tuple[str, ...]]:
+    """Each variable that sets a key, and the key's path: MIRROR_STORAGE__MAX_SIZE is
+    (storage, max_size). Every scalar key has one; the lists (upstreams, pins) none."""
+    paths: list[tuple[str, ...]] = [
+        (key,) for key in _ROOT_KEYS - _SECTION_KEYS.keys() - _LIST_KEYS
+    ]
+    paths += [(section, key) for section, keys in _SECTION_KEYS.items() for key in keys]
+    return {ENV_PREFIX + "__".join(path).upper(): path for path in sorted(paths)}
+
+
+def environment_names() -> frozenset[str]:
+    """Every variable the configuration reads."""
+    return frozenset(key_variables()) | {CONFIG_VARIABLE, UPSTREAM_VARIABLE}
+
+
+def _config_with_variables(data: object, env: Mapping[str, str]) -> Config:
+    """The file's data with the keys the environment sets put in, parsed as one; an error
+    about a key a variable set names the variable."""
+    variables = {name: path for name, path in key_variables().items() if name in env}
+    if not isinstance(data, dict):
+        return config_from_dict(data)  # the file's own error comes first
+    merged = dict(data)
+    for name, path in variables.items():
+        value = _variable_value(env[name])
+        if len(path) == 1:
+            merged[path[0]] = value
+        elif isinstance(merged.get(path[0], {}), dict):  # else the file's error for it stands
+            merged[path[0]] = {**merged.get(path[0], {}), path[1]: value}
+    try:
+        return config_from_dict(merged)
+    except ConfigError as error:
+        by_key = {".".join(path): name for name, path in variables.items()}
+        if error.key in by_key:
+            raise ConfigError(by_key[error.key], error.problem) from None
+        raise
+
+
+def _variable_value(text: str) -> object:
+    """What YAML reads the text as where it is a number or a boolean (4, 0.9, true);
+    anything else is the text itself (a path or an address needs no quoting)."""
+    try:
+        value = _yaml(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, bool | int | float) else text
+
+
+def _check_variables(env: Mapping[str, str], config: Config) -> None:
+    """A MIRROR_* variable nothing reads is a mistake (a typo would otherwise be lost)."""
+    known = environment_names() | _OTHER_VARIABLES
+    known |= {u.auth.password_env for u in config.upstreams if u.auth.password_env}
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known and not _service_link(name, env):
+            close = difflib.get_close_matches(name, sorted(environment_names()), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(name, f"unknown variable: no config key has this name{hint}")
+
+
+def _service_link(name: str, env: Mapping[str, str]) -> bool:
+    return any(
+        _SERVICE_LINK.fullmatch(name, i) and f"{name[:i]}_SERVICE_HOST" in env
+        for i in range(len(ENV_PREFIX) - 1, len(name))
+        if name[i] == "_"
+    )
 
 
 def config_from_dict(data: object) -> Config:
-    keys = {"listen", "storage", "upstreams", "pins", "log", "auth", "tls", "limits", "workers",
-            "status_page"}  # fmt: skip
-    root = _mapping(data, "", keys)
+    root = _mapping(data, "", _ROOT_KEYS)
     defaults = Config()
     upstreams = _upstreams(root["upstreams"]) if "upstreams" in root else defaults.upstreams
     auth = _client_auth(root.get("auth", {}))
@@ -301,7 +421,7 @@ def _status_page(value: object) -> bool:
 
 
 def _client_auth(data: object) -> ClientAuth:
-    raw = _mapping(data, "auth", {"htpasswd"})
+    raw = _mapping(data, "auth", _SECTION_KEYS["auth"])
     path = _typed(raw, "htpasswd", "auth", str, None)
     if path is None:
         return ClientAuth()
@@ -321,7 +441,7 @@ def _check_access(upstreams: tuple[UpstreamConfig, ...], auth: ClientAuth) -> No
 
 
 def _tls(data: object) -> TlsConfig:
-    raw = _mapping(data, "tls", {"cert", "key"})
+    raw = _mapping(data, "tls", _SECTION_KEYS["tls"])
     for name in ("cert", "key"):
         if not isinstance(raw.get(name), str):
             raise ConfigError(f"tls.{name}", "is required: the path of a PEM file")
@@ -343,8 +463,7 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 def _limits(data: object) -> Limits:
-    keys = {"max_connections", "max_header_size", "header_timeout", "keepalive_timeout"}
-    raw = _mapping(data, "limits", keys)
+    raw = _mapping(data, "limits", _SECTION_KEYS["limits"])
     defaults = Limits()
     return Limits(
         max_connections=_positive(raw, "max_connections", "limits", defaults.max_connections),
@@ -371,7 +490,7 @@ def _positive(raw: Mapping[str, Any], name: str, key: str, default: int) -> int:
 
 
 def _log(data: object) -> LogConfig:
-    raw = _mapping(data, "log", {"format", "level"})
+    raw = _mapping(data, "log", _SECTION_KEYS["log"])
     kind = _typed(raw, "format", "log", str, "text")
     if kind not in ("text", "json"):
         raise ConfigError("log.format", f"must be text or json, got {kind!r}")
@@ -390,7 +509,7 @@ def with_overrides(
     max_size: str | None = None,
     workers: str | None = None,
 ) -> Config:
-    """Command-line flags win over the file."""
+    """Command-line flags win over the environment and the file."""
     if workers is not None:
         count = int(workers) if workers.isdigit() else workers
         config = replace(config, workers=_workers(count, "--workers", config.tls))
@@ -402,12 +521,16 @@ def with_overrides(
         size = parse_size(max_size, "--max-size")
         config = replace(config, storage=replace(config.storage, max_size=size))
     if upstream is not None:
-        url = parse_url(upstream, "--upstream")
-        host = urlsplit(url).hostname or "upstream"
-        name = re.sub(r"[^a-z0-9_.-]", "-", host.lower())
-        replacement = UpstreamConfig(name=name, url=url, hosts=default_hosts(url), default=True)
-        config = replace(config, upstreams=(replacement,))
+        config = replace(config, upstreams=(_sole_upstream(upstream, "--upstream"),))
     return config
+
+
+def _sole_upstream(text: str, key: str) -> UpstreamConfig:
+    """The one upstream a URL given alone names (--upstream, MIRROR_UPSTREAM)."""
+    url = parse_url(text, key)
+    host = urlsplit(url).hostname or "upstream"
+    name = re.sub(r"[^a-z0-9_.-]", "-", host.lower())
+    return UpstreamConfig(name=name, url=url, hosts=default_hosts(url), default=True)
 
 
 def default_hosts(url: str) -> tuple[str, ...]:
@@ -419,8 +542,7 @@ def default_hosts(url: str) -> tuple[str, ...]:
 
 
 def _storage(data: object) -> StorageConfig:
-    keys = {"path", "max_size", "high_watermark", "low_watermark", "max_age"}
-    raw = _mapping(data, "storage", keys)
+    raw = _mapping(data, "storage", _SECTION_KEYS["storage"])
     defaults = StorageConfig()
     path = _typed(raw, "path", "storage", str, str(defaults.path))
     if not path:
@@ -648,7 +770,7 @@ def _ecr_auth(fields: dict[str, str | None], key: str, url: str) -> dict[str, st
     return fields
 
 
-def _mapping(data: object, key: str, allowed: set[str]) -> Mapping[str, Any]:
+def _mapping(data: object, key: str, allowed: Set[str]) -> Mapping[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(key, "must be a mapping")
     for name in data:
