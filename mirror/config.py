@@ -62,6 +62,7 @@ _SECTION_KEYS: Mapping[str, frozenset[str]] = {
 _LIST_KEYS = frozenset({"upstreams", "pins"})
 
 AuthType = Literal["anonymous", "basic", "ecr"]
+UpstreamType = Literal["registry", "mirror"]
 Access = Literal["public", "authenticated"]
 
 
@@ -116,7 +117,8 @@ class Timeouts:
 class UpstreamConfig:
     name: str
     url: str
-    # Registry host names this upstream answers for (containerd's `?ns=`).
+    # Registry host names this upstream answers for (containerd's `?ns=`); none for a
+    # mirror, which answers for every host no other upstream lists.
     hosts: tuple[str, ...] = ()
     # A leading repository path that routes here (`mirror:5000/<prefix>/<repo>`).
     prefix: str | None = None
@@ -135,11 +137,15 @@ class UpstreamConfig:
     timeouts: Timeouts = Timeouts()
     # Further attempts after a 5xx or a failed connection (and to resume a cut blob).
     retries: int = 3
+    # registry: the registry itself; mirror: another mirror of registries (a regional
+    # one), told which registry each request is for by `ns` (routing.py).
+    type: UpstreamType = "registry"
 
     @property
     def docker_hub(self) -> bool:
-        """Docker Hub keeps single-name images under `library/`."""
-        return "docker.io" in self.hosts
+        """Docker Hub keeps single-name images under `library/`; behind another mirror,
+        the last hop adds it."""
+        return self.type == "registry" and "docker.io" in self.hosts
 
 
 DOCKER_HUB = UpstreamConfig(
@@ -575,6 +581,7 @@ def _pins(data: object, upstreams: tuple[UpstreamConfig, ...]) -> tuple[ImageRef
     if not isinstance(data, list):
         raise ConfigError("pins", "must be a list of image references")
     hosts = {host for upstream in upstreams for host in upstream.hosts}
+    any_host = any(upstream.type == "mirror" for upstream in upstreams)
     pins = []
     for i, text in enumerate(data):
         try:
@@ -583,7 +590,7 @@ def _pins(data: object, upstreams: tuple[UpstreamConfig, ...]) -> tuple[ImageRef
             raise ConfigError(f"pins[{i}]", exc.message) from None
         if pin is None:
             raise ConfigError(f"pins[{i}]", f"must be an image reference, got {text!r}")
-        if pin.host not in hosts:
+        if pin.host not in hosts and not any_host:
             raise ConfigError(f"pins[{i}]", f"no upstream lists the registry host {pin.host!r}")
         pins.append(pin)
     return tuple(pins)
@@ -603,7 +610,19 @@ def _upstreams(data: object) -> tuple[UpstreamConfig, ...]:
     _unique(upstreams, "name", lambda u: (u.name,))
     _unique(upstreams, "hosts", lambda u: u.hosts)
     _unique(upstreams, "prefix", lambda u: (u.prefix,) if u.prefix else ())
+    _one_mirror(upstreams)
     return upstreams
+
+
+def _one_mirror(upstreams: tuple[UpstreamConfig, ...]) -> None:
+    """A mirror answers for every registry host no other upstream lists: there is one such."""
+    mirrors = [(i, u.name) for i, u in enumerate(upstreams) if u.type == "mirror"]
+    if len(mirrors) > 1:
+        raise ConfigError(
+            f"upstreams[{mirrors[1][0]}].type",
+            f"only one upstream may be of type mirror, and {mirrors[0][1]!r} is: it answers"
+            " for every registry host no other upstream lists",
+        )
 
 
 def _unique(
@@ -620,7 +639,7 @@ def _unique(
 
 _UPSTREAM_KEYS = {
     "name", "url", "hosts", "prefix", "default", "tag_ttl", "auth", "ratelimit_reserve",
-    "access", "allowed_realms", "max_fetches", "max_queued", "timeouts", "retries",
+    "access", "allowed_realms", "max_fetches", "max_queued", "timeouts", "retries", "type",
 }  # fmt: skip
 
 
@@ -640,11 +659,12 @@ def _upstream(data: object, key: str) -> UpstreamConfig:
     if reserve < 0 or isinstance(reserve, bool):
         raise ConfigError(f"{key}.ratelimit_reserve", f"must be a number >= 0, got {reserve!r}")
     auth = _auth(raw.get("auth", {}), f"{key}.auth", url)
+    kind = _upstream_type(raw, key)
     defaults = UpstreamConfig(name, url)
     return UpstreamConfig(
         name=name,
         url=url,
-        hosts=_hosts(raw, key, url),
+        hosts=() if kind == "mirror" else _hosts(raw, key, url),
         prefix=_prefix(raw, key),
         default=_typed(raw, "default", key, bool, False),
         tag_ttl=parse_duration(raw.get("tag_ttl", DEFAULT_TAG_TTL), f"{key}.tag_ttl"),
@@ -656,7 +676,21 @@ def _upstream(data: object, key: str) -> UpstreamConfig:
         max_queued=_positive(raw, "max_queued", key, defaults.max_queued),
         timeouts=_timeouts(raw.get("timeouts", {}), f"{key}.timeouts"),
         retries=_retries(raw, key, defaults.retries),
+        type=kind,
     )
+
+
+def _upstream_type(raw: Mapping[str, Any], key: str) -> UpstreamType:
+    kind = _typed(raw, "type", key, str, "registry")
+    if kind not in get_args(UpstreamType):
+        raise ConfigError(f"{key}.type", f"must be registry or mirror, got {kind!r}")
+    if kind == "mirror" and "hosts" in raw:
+        raise ConfigError(
+            f"{key}.hosts",
+            "does not apply to type mirror: it answers for every registry host no other"
+            " upstream lists, and tells it which in ns",
+        )
+    return cast(UpstreamType, kind)
 
 
 def _access(raw: Mapping[str, Any], key: str, auth: AuthConfig) -> Access:

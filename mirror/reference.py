@@ -104,6 +104,13 @@ class ImageReference:
         return f"{self.host}/{self.repository}{sep}{self.reference}"
 
 
+def is_registry_host(text: str) -> bool:
+    """Whether a name's first path component names a registry host, by Docker's rule: it
+    has a `.` or a `:` or is `localhost` (and is a host name or `[v6]`, with a port or not)."""
+    looks_so = "." in text or ":" in text or text == "localhost"
+    return looks_so and _REGISTRY_HOST.fullmatch(text) is not None
+
+
 def parse_image_reference(text: str) -> ImageReference:
     """Docker's rules: the first path component is a registry host if it has a `.` or a
     `:` or is `localhost`, else the image is on docker.io; no tag means `latest`. A host

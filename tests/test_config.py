@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import write_htpasswd
 
 from mirror.cli import main
 from mirror.config import (
@@ -18,6 +20,8 @@ from mirror.config import (
     Limits,
     Listen,
     config_from_dict,
+    environment_names,
+    key_variables,
     load_config,
     parse_duration,
     parse_size,
@@ -173,6 +177,12 @@ def test_single_upstream_is_the_default() -> None:
         ({"upstreams": [{"name": "a", "url": "https://ecr.example",
                          "auth": {"type": "ecr", "region": "us-east-1"}}]},
          "upstreams[0].auth.registry_id"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "type": "proxy"}]}, "upstreams[0].type"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "type": 1}]}, "upstreams[0].type"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "type": "mirror", "hosts": ["a"]}]},
+         "upstreams[0].hosts"),
+        ({"upstreams": [{"name": "a", "url": "http://a", "type": "mirror", "default": True},
+                        {"name": "b", "url": "http://b", "type": "mirror"}]}, "upstreams[1].type"),
         ({"storage": {"high_watermark": 1.5}}, "storage.high_watermark"),
         ({"storage": {"high_watermark": "90%"}}, "storage.high_watermark"),
         ({"storage": {"low_watermark": 0}}, "storage.low_watermark"),
@@ -360,3 +370,229 @@ def test_credentials_in_an_upstream_url_stop_every_command_with_one_line(
     assert served.stderr.startswith("mirror: config error: upstreams[0].url: ")
     assert_no_secret(served.stderr)
     assert not (tmp_path / "cache").exists()
+
+
+# --- the environment --------------------------------------------------------------------------
+
+# Every scalar key, set by its variable: the value as text, and what the config then holds.
+EVERY_VARIABLE = [
+    ("MIRROR_LISTEN", "[::1]:6000", lambda c: c.listen, Listen("::1", 6000)),  # no quoting
+    ("MIRROR_LISTEN", "127.0.0.1:6000", lambda c: c.listen, Listen("127.0.0.1", 6000)),
+    ("MIRROR_STORAGE__PATH", "/srv/cache", lambda c: c.storage.path, Path("/srv/cache")),
+    ("MIRROR_STORAGE__MAX_SIZE", "500MiB", lambda c: c.storage.max_size, 500 * 1024**2),
+    ("MIRROR_STORAGE__MAX_SIZE", "1000", lambda c: c.storage.max_size, 1000),
+    ("MIRROR_STORAGE__HIGH_WATERMARK", "0.95", lambda c: c.storage.high_watermark, 0.95),
+    ("MIRROR_STORAGE__LOW_WATERMARK", "0.5", lambda c: c.storage.low_watermark, 0.5),
+    ("MIRROR_STORAGE__LOW_WATERMARK", "1", lambda c: c.storage.low_watermark, None),  # >= high
+    ("MIRROR_STORAGE__MAX_AGE", "30d", lambda c: c.storage.max_age, 30 * 86400.0),
+    ("MIRROR_STORAGE__MAX_AGE", "90", lambda c: c.storage.max_age, 90.0),
+    ("MIRROR_LOG__FORMAT", "json", lambda c: c.log.format, "json"),
+    ("MIRROR_LOG__LEVEL", "DEBUG", lambda c: c.log.level, "debug"),
+    ("MIRROR_LIMITS__MAX_CONNECTIONS", "64", lambda c: c.limits.max_connections, 64),
+    ("MIRROR_LIMITS__MAX_HEADER_SIZE", "16KiB", lambda c: c.limits.max_header_size, 16384),
+    ("MIRROR_LIMITS__HEADER_TIMEOUT", "10s", lambda c: c.limits.header_timeout, 10.0),
+    ("MIRROR_LIMITS__KEEPALIVE_TIMEOUT", "2m", lambda c: c.limits.keepalive_timeout, 120.0),
+    ("MIRROR_WORKERS", "4", lambda c: c.workers, 4),
+    ("MIRROR_STATUS_PAGE", "false", lambda c: c.status_page, False),
+    ("MIRROR_STATUS_PAGE", "no", lambda c: c.status_page, False),  # YAML 1.1, as in the file
+    ("MIRROR_STATUS_PAGE", "true", lambda c: c.status_page, True),
+]
+
+
+@pytest.mark.parametrize(("variable", "text", "held", "value"), EVERY_VARIABLE)
+def test_each_variable_sets_its_key(
+    variable: str, text: str, held: Callable[[Config], object], value: object
+) -> None:
+    if value is None:
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, {variable: text})
+        assert caught.value.key == variable
+        return
+    assert held(load_config(None, {variable: text})) == value
+
+
+def test_every_scalar_key_has_a_variable_and_no_list_has_one(tmp_path: Path) -> None:
+    names = key_variables()
+    assert {name for name, *_ in EVERY_VARIABLE} | {"MIRROR_AUTH__HTPASSWD", "MIRROR_TLS__CERT",
+                                                   "MIRROR_TLS__KEY"} == names.keys()  # fmt: skip
+    assert names["MIRROR_LIMITS__HEADER_TIMEOUT"] == ("limits", "header_timeout")
+    assert not any("UPSTREAMS" in name or "PINS" in name for name in names)
+    assert environment_names() == names.keys() | {"MIRROR_CONFIG", "MIRROR_UPSTREAM"}
+    # Each variable's value is read as the same text in the file would be (the last of
+    # each name in the table, all valid).
+    text = {name: value for name, value, *_ in EVERY_VARIABLE if "WATERMARK" not in name}
+    sections: dict[str, list[str]] = {}
+    for name, value in text.items():
+        *section, key = names[name]
+        sections.setdefault(section[0] if section else "", []).append(f"{key}: {value}")
+    lines = sections.pop("")
+    lines += [f"{section}: {{{', '.join(keys)}}}" for section, keys in sections.items()]
+    file = tmp_path / "m.yaml"
+    file.write_text("\n".join(lines) + "\n")
+    assert load_config(file) == load_config(None, text) != Config()
+
+
+def test_the_file_paths_from_variables(tmp_path: Path) -> None:
+    htpasswd = write_htpasswd(tmp_path / "htpasswd")
+    config = load_config(None, {"MIRROR_AUTH__HTPASSWD": str(htpasswd)})
+    assert config.auth.htpasswd == htpasswd
+    with pytest.raises(ConfigError, match=r"^MIRROR_AUTH__HTPASSWD: cannot read "):
+        load_config(None, {"MIRROR_AUTH__HTPASSWD": str(tmp_path / "none")})
+    with pytest.raises(ConfigError, match=r"^MIRROR_TLS__CERT: no such file: "):
+        load_config(None, {"MIRROR_TLS__CERT": "/none.pem", "MIRROR_TLS__KEY": "/none.key"})
+    with pytest.raises(ConfigError, match=r"^tls.key: is required"):
+        load_config(None, {"MIRROR_TLS__CERT": "/none.pem"})
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "problem"),
+    [
+        ({"MIRROR_STORAGE__MAX_SIZE": "lots"}, "MIRROR_STORAGE__MAX_SIZE", "invalid size 'lots'"),
+        ({"MIRROR_STORAGE__MAX_SIZE": "-5GiB"}, "MIRROR_STORAGE__MAX_SIZE", "invalid size"),
+        ({"MIRROR_STORAGE__MAX_SIZE": ""}, "MIRROR_STORAGE__MAX_SIZE", "invalid size ''"),
+        ({"MIRROR_STORAGE__PATH": ""}, "MIRROR_STORAGE__PATH", "must not be empty"),
+        ({"MIRROR_STORAGE__PATH": "5"}, "MIRROR_STORAGE__PATH", "must be a str, got 5"),
+        ({"MIRROR_STORAGE__MAX_AGE": "a month"}, "MIRROR_STORAGE__MAX_AGE", "invalid duration"),
+        ({"MIRROR_STORAGE__HIGH_WATERMARK": "90%"}, "MIRROR_STORAGE__HIGH_WATERMARK",
+         "must be a fraction"),
+        ({"MIRROR_LISTEN": "nope"}, "MIRROR_LISTEN", "invalid address 'nope'"),
+        ({"MIRROR_LISTEN": ""}, "MIRROR_LISTEN", "invalid address ''"),
+        ({"MIRROR_LOG__FORMAT": "xml"}, "MIRROR_LOG__FORMAT", "must be text or json"),
+        ({"MIRROR_LOG__LEVEL": "loud"}, "MIRROR_LOG__LEVEL", "must be one of"),
+        ({"MIRROR_LIMITS__HEADER_TIMEOUT": "0"}, "MIRROR_LIMITS__HEADER_TIMEOUT",
+         "must be longer than 0s"),
+        ({"MIRROR_LIMITS__MAX_CONNECTIONS": "many"}, "MIRROR_LIMITS__MAX_CONNECTIONS",
+         "must be a whole number >= 1, got 'many'"),
+        ({"MIRROR_WORKERS": "0"}, "MIRROR_WORKERS", "must be a whole number >= 1, got 0"),
+        ({"MIRROR_WORKERS": "two"}, "MIRROR_WORKERS", "got 'two'"),
+        ({"MIRROR_STATUS_PAGE": "maybe"}, "MIRROR_STATUS_PAGE", "must be true or false"),
+        ({"MIRROR_UPSTREAM": "registry.example"}, "MIRROR_UPSTREAM", "must be an http(s) URL"),
+        ({"MIRROR_UPSTREAM": SECRET_URLS[0]}, "MIRROR_UPSTREAM", "must not hold credentials"),
+        ({"MIRROR_CONFIG": "/nonexistent/m.yaml"}, "MIRROR_CONFIG", "cannot read config file"),
+        # A typo is an error, with the name it was probably meant to be.
+        ({"MIRROR_STORAGE_PATH": "/x"}, "MIRROR_STORAGE_PATH",
+         "unknown variable: no config key has this name (did you mean MIRROR_STORAGE__PATH?)"),
+        ({"MIRROR_LISTEN_PORT": "5000"}, "MIRROR_LISTEN_PORT", "did you mean MIRROR_LISTEN?"),
+        ({"MIRROR_UPSTREAMS": "http://a"}, "MIRROR_UPSTREAMS", "did you mean MIRROR_UPSTREAM?"),
+        ({"MIRROR_PINS": "alpine"}, "MIRROR_PINS", "unknown variable"),
+        ({"MIRROR_storage__path": "/x"}, "MIRROR_storage__path", "unknown variable"),
+        # Without its _SERVICE_HOST a name is no Kubernetes service link.
+        ({"MIRROR_PORT": "tcp://10.0.0.1:5000"}, "MIRROR_PORT", "unknown variable"),
+    ],
+)  # fmt: skip
+def test_variable_mistakes_name_the_variable(
+    env: dict[str, str], variable: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env)
+    assert caught.value.key == variable
+    assert str(caught.value).startswith(f"{variable}: ")
+    assert problem in str(caught.value)
+    assert_no_secret(str(caught.value))
+
+
+def test_variables_read_for_other_purposes_are_no_mistake() -> None:
+    env = {
+        # What Kubernetes sets in every pod for the Services `mirror` and `mirror-metrics`.
+        "MIRROR_SERVICE_HOST": "10.0.0.1",
+        "MIRROR_SERVICE_PORT": "5000",
+        "MIRROR_SERVICE_PORT_HTTP": "5000",
+        "MIRROR_PORT": "tcp://10.0.0.1:5000",
+        "MIRROR_PORT_5000_TCP": "tcp://10.0.0.1:5000",
+        "MIRROR_PORT_5000_TCP_PROTO": "tcp",
+        "MIRROR_PORT_5000_TCP_PORT": "5000",
+        "MIRROR_PORT_5000_TCP_ADDR": "10.0.0.1",
+        "MIRROR_METRICS_SERVICE_HOST": "10.0.0.2",
+        "MIRROR_METRICS_PORT_9000_TCP_ADDR": "10.0.0.2",
+        "MIRROR_UPDATE_SCREENSHOT": "1",  # the status page test's
+        "PATH": "/usr/bin",
+        "HOME": "/root",
+        "MIRRORLESS": "x",
+    }
+    assert load_config(None, env) == Config()
+
+
+def test_password_env_named_in_the_file_is_no_mistake(tmp_path: Path) -> None:
+    file = tmp_path / "m.yaml"
+    file.write_text(
+        "upstreams: [{name: a, url: 'http://a',"
+        " auth: {type: basic, username: u, password_env: MIRROR_A_TOKEN}}]\n"
+    )
+    env = {"MIRROR_A_TOKEN": "t0ken", "MIRROR_LISTEN": ":6000"}
+    assert load_config(file, env).listen == Listen("0.0.0.0", 6000)
+    # The same variable with no upstream reading it: a mistake.
+    with pytest.raises(ConfigError, match=r"^MIRROR_A_TOKEN: unknown variable"):
+        load_config(None, env)
+
+
+def test_precedence_flags_then_environment_then_file_then_defaults(tmp_path: Path) -> None:
+    file = tmp_path / "m.yaml"
+    file.write_text(
+        "listen: 127.0.0.1:6001\n"
+        "storage: {path: /from/file, max_size: 1GiB, max_age: 1d}\n"
+        "log: {format: json, level: warning}\n"
+        "workers: 2\n"
+        "upstreams: [{name: file, url: 'http://file.example'}]\n"
+    )
+    env = {
+        "MIRROR_LISTEN": "127.0.0.1:6002",
+        "MIRROR_STORAGE__PATH": "/from/env",
+        "MIRROR_STORAGE__MAX_SIZE": "2GiB",
+        "MIRROR_LOG__LEVEL": "debug",
+        "MIRROR_WORKERS": "3",
+        "MIRROR_UPSTREAM": "http://env.example",
+    }
+    defaults = Config()
+    from_file = load_config(file, {})
+    assert (from_file.listen.port, from_file.storage.path, from_file.workers) == (
+        6001,
+        Path("/from/file"),
+        2,
+    )
+    assert from_file.limits == defaults.limits  # what neither sets: the default
+    merged = load_config(file, env)
+    assert merged.listen == Listen("127.0.0.1", 6002)
+    assert (merged.storage.path, merged.storage.max_size) == (Path("/from/env"), 2 * 1024**3)
+    assert merged.storage.max_age == 86400.0  # the file's, beside the environment's keys
+    assert (merged.log.format, merged.log.level) == ("json", "debug")
+    assert merged.workers == 3
+    assert [u.url for u in merged.upstreams] == ["http://env.example"]
+    flagged = with_overrides(
+        merged,
+        listen="127.0.0.1:6003",
+        storage="/from/flag",
+        max_size="3GiB",
+        workers="4",
+        upstream="http://flag.example",
+    )
+    assert flagged.listen == Listen("127.0.0.1", 6003)
+    assert (flagged.storage.path, flagged.storage.max_size) == (Path("/from/flag"), 3 * 1024**3)
+    assert (flagged.workers, flagged.log.level) == (4, "debug")
+    assert [u.url for u in flagged.upstreams] == ["http://flag.example"]
+
+
+def test_mirror_config_names_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "m.yaml"
+    file.write_text("listen: 127.0.0.1:6001\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("listen: 127.0.0.1:6002\n")
+    assert load_config(None, {"MIRROR_CONFIG": str(file)}).listen.port == 6001
+    assert load_config(other, {"MIRROR_CONFIG": str(file)}).listen.port == 6002  # --config
+    assert load_config(None, {"MIRROR_CONFIG": ""}) == Config()  # empty: no file
+    assert load_config(None, {}) == Config() == load_config(None, None)
+    file.write_text("listen: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"^MIRROR_CONFIG: .* is not valid YAML"):
+        load_config(None, {"MIRROR_CONFIG": str(file)})
+    file.write_text("storage: []\n")  # the file's own error, though a variable sets a key
+    with pytest.raises(ConfigError, match=r"^storage: must be a mapping"):
+        load_config(None, {"MIRROR_CONFIG": str(file), "MIRROR_STORAGE__PATH": "/x"})
+
+
+def test_a_variable_over_the_file_is_named_in_errors_about_its_key(tmp_path: Path) -> None:
+    file = tmp_path / "m.yaml"
+    file.write_text("storage: {high_watermark: 0.9, low_watermark: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"^MIRROR_STORAGE__LOW_WATERMARK: must be below"):
+        load_config(file, {"MIRROR_STORAGE__LOW_WATERMARK": "0.95"})
+    file.write_text("storage: {high_watermark: 0.9, low_watermark: 0.95}\n")
+    with pytest.raises(ConfigError, match=r"^storage.low_watermark: must be below"):
+        load_config(file, {"MIRROR_STORAGE__MAX_SIZE": "1GiB"})  # the file's value is wrong

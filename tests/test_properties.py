@@ -631,6 +631,7 @@ near_valid: st.SearchStrategy[Any] = st.one_of(
     mutated(st.sampled_from(["https://registry.example.com", "http://[::1]:5000", "http://h:80"])),
     st.builds(lambda h, p: f"{h}:{p}", st.sampled_from(["", "127.0.0.1", "[::1]", "h"]), _numbers),
     st.sampled_from(["anonymous", "basic", "ecr", "public", "authenticated", "json", "warning"]),
+    st.sampled_from(["registry", "mirror"]),
     st.sampled_from(["docker.io/library/alpine", "ghcr.io/o/a:1", "Ghcr.io/x"]),
     st.lists(st.sampled_from(["docker.io", "ghcr.io", "Quay.io", "h:99", "a b", ""]), max_size=3),
     st.lists(st.one_of(reference_texts, mutated(reference_texts)), max_size=3),
@@ -640,7 +641,7 @@ near_valid: st.SearchStrategy[Any] = st.one_of(
 
 _UPSTREAM_KEYS = [
     "name", "url", "hosts", "prefix", "default", "tag_ttl", "auth", "ratelimit_reserve",
-    "access", "allowed_realms", "max_fetches", "max_queued", "timeouts", "retries",
+    "access", "allowed_realms", "max_fetches", "max_queued", "timeouts", "retries", "type",
 ]  # fmt: skip
 _AUTH_KEYS = ["type", "username", "password_env", "password_file", "region", "registry_id"]
 # Every key the loader knows, as a path into `base_config()`.

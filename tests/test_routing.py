@@ -6,7 +6,7 @@ import pytest
 
 from mirror.config import config_from_dict
 from mirror.errors import NameUnknown
-from mirror.upstream.routing import Router
+from mirror.upstream.routing import Router, forwarded
 
 CONFIG = config_from_dict(
     {
@@ -82,3 +82,86 @@ def test_ecr_region_and_registry_come_from_the_host() -> None:
         "eu-west-1",
         "123456789012",
     )
+
+
+CHAINED = config_from_dict(
+    {
+        "upstreams": [
+            {"name": "regional", "url": "http://regional:5000", "type": "mirror", "default": True},
+            {"name": "local", "url": "http://10.0.0.9:5000", "hosts": ["registry.lan"]},
+        ]
+    }
+)
+CHAINED_ROUTER = Router(CHAINED.upstreams)
+
+
+@pytest.mark.parametrize(
+    ("name", "ns", "upstream", "repository"),
+    [
+        # A host no other upstream lists goes to the mirror, named with its host there.
+        ("library/alpine", "docker.io", "regional", "docker.io/library/alpine"),
+        ("alpine", "docker.io", "regional", "docker.io/alpine"),  # library/: the last hop's
+        ("owner/app", "GHCR.io", "regional", "ghcr.io/owner/app"),
+        ("team/app", "127.0.0.1:5001", "regional", "127.0.0.1:5001/team/app"),
+        ("app", "localhost:5000", "regional", "localhost:5000/app"),
+        ("my.org/app", "ghcr.io", "regional", "ghcr.io/my.org/app"),
+        # One another upstream lists stays there.
+        ("team/app", "registry.lan", "local", "team/app"),
+        # No ns: the name as sent, to the default (the mirror here).
+        ("library/alpine", None, "regional", "library/alpine"),
+        ("alpine", None, "regional", "alpine"),
+        ("ghcr.io/owner/app", None, "regional", "ghcr.io/owner/app"),
+    ],
+)
+def test_route_to_a_mirror(name: str, ns: str | None, upstream: str, repository: str) -> None:
+    route = CHAINED_ROUTER.route(name, ns)
+    assert (route.upstream.name, route.repository, route.namespace) == (upstream, repository, ns)
+
+
+@pytest.mark.parametrize("ns", ["registry", "ghcr.io/x", "a b.io", "ghcr.io?x=1", ""])
+def test_a_mirror_is_sent_registry_hosts_only(ns: str) -> None:
+    """An ns that is no registry host by Docker's rule could not be told from the name."""
+    with pytest.raises(NameUnknown, match="no upstream of this mirror serves"):
+        CHAINED_ROUTER.route("app", ns)
+
+
+@pytest.mark.parametrize(
+    ("repository", "ns", "name"),
+    [
+        ("docker.io/library/alpine", "docker.io", "library/alpine"),
+        ("127.0.0.1:5001/team/app", "127.0.0.1:5001", "team/app"),
+        ("[::1]:5000/app", "[::1]:5000", "app"),
+        ("localhost/app", "localhost", "app"),
+        ("ghcr.io/my.org/app", "ghcr.io", "my.org/app"),
+        ("library/alpine", None, "library/alpine"),
+        ("alpine", None, "alpine"),
+        ("ghcr.io", None, "ghcr.io"),  # a repository of that name, not a host alone
+        ("b/team/app", None, "b/team/app"),
+    ],
+)
+def test_forwarded(repository: str, ns: str | None, name: str) -> None:
+    assert forwarded(repository) == (ns, name)
+
+
+def test_every_route_to_a_mirror_is_forwarded_with_its_ns() -> None:
+    for host in ("docker.io", "ghcr.io", "127.0.0.1:5001", "[::1]:5000", "localhost"):
+        route = CHAINED_ROUTER.route("team/app", host)
+        assert forwarded(route.repository) == (host, "team/app")
+
+
+def test_a_mirror_lists_no_hosts_and_serves_pins_of_any() -> None:
+    config = config_from_dict(
+        {
+            "upstreams": [{"name": "regional", "url": "http://regional:5000", "type": "mirror"}],
+            "pins": ["quay.io/org/app:1", "docker.io/library/alpine:3"],
+        }
+    )
+    (regional,) = config.upstreams
+    assert (regional.type, regional.hosts, regional.default, regional.docker_hub) == (
+        "mirror",
+        (),
+        True,
+        False,
+    )
+    routes = [Router(config.upstreams).route(p.repository, p.host) for p in config.pins]
+    assert [r.repository for r in routes] == ["quay.io/org/app", "docker.io/library/alpine"]

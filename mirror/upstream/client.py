@@ -43,6 +43,7 @@ from mirror.reference import Digest, parse_digest
 from mirror.upstream.auth import Authenticator, parse_challenge, read_at_most
 from mirror.upstream.credentials import credential_source
 from mirror.upstream.ratelimit import RateLimit
+from mirror.upstream.routing import forwarded
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,11 @@ class Upstream:
         queue_bound: bool = True,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send, answering one auth challenge and retrying server errors; yields only
-        successful responses. It holds one of the upstream's fetch slots throughout."""
-        url = self.url.with_path(path).with_query(params or {})
+        successful responses. It holds one of the upstream's fetch slots throughout.
+
+        `path` is `/v2/<repository>/...`."""
+        path, repository, query = self._addressed(path, repository, params or {})
+        url = self.url.with_path(path).with_query(query)
         async with self._slot(queue_bound):
             try:
                 response = await self._send_retrying(method, url, repository, headers)
@@ -305,6 +309,17 @@ class Upstream:
                         f"upstream {self.name} failed {method} {path}: {_described(exc)}"
                     )
                 ) from exc
+
+    def _addressed(
+        self, path: str, repository: str, params: Mapping[str, str]
+    ) -> tuple[str, str, Mapping[str, str]]:
+        """Path, repository and query as this upstream is asked: another mirror learns the
+        registry from `ns`, and knows the repository by the rest of its name."""
+        host, name = forwarded(repository) if self.config.type == "mirror" else (None, repository)
+        if host is None:
+            return path, repository, params
+        rest = path.removeprefix(f"/v2/{repository}/")
+        return f"/v2/{name}/{rest}", name, {**params, "ns": host}
 
     @asynccontextmanager
     async def _slot(self, queue_bound: bool) -> AsyncIterator[None]:
