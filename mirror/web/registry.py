@@ -26,8 +26,10 @@ from mirror.errors import (
     Unsupported,
 )
 from mirror.logs import CACHE_RESULT, UPSTREAM_NAME
-from mirror.proxy.blobs import BlobProxy, BlobReader, CachedBlob, Span
+from mirror.proxy.blobs import BlobProxy, CachedBlob
+from mirror.proxy.fetch import BlobReader
 from mirror.proxy.manifests import Manifest, ManifestProxy
+from mirror.proxy.sinks import Span
 from mirror.reference import (
     OCI_INDEX,
     ByteRange,
@@ -194,7 +196,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
         if size is not None:
             response.content_length = size
         return response
-    with proxy.join(upstream, name, digest) as reader:
+    async with proxy.join(upstream, name, digest) as reader:
         # Without a declared length a Range cannot be placed: the whole blob, 200.
         return await _stream(request, reader, await reader.fetch.wait_started(), headers)
 
