@@ -17,6 +17,7 @@ from mirror.eviction import Evictor
 from mirror.metrics import Metrics
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.manifests import ManifestProxy
+from mirror.proxy.pins import Pins
 from mirror.storage.blobs import BlobStore
 from mirror.storage.index import INDEX_FILE, Index
 from mirror.storage.lock import storage_locked
@@ -89,24 +90,29 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     session = upstream_session()
     evictor = Evictor(config, store, index, metrics, app[ACTIVITY])
     blobs = BlobProxy(store, index, evictor, metrics)
+    manifests = ManifestProxy(store, index, evictor, metrics)
+    router = Router(config.upstreams)
     upstreams: dict[str, Upstream] = {}
-    evicting: asyncio.Task[None] | None = None
+    background: list[asyncio.Task[None]] = []
     try:
         await reconcile(store, index)
-        evicting = asyncio.create_task(evictor.run())
+        background.append(asyncio.create_task(evictor.run()))
         for upstream in config.upstreams:
             upstreams[upstream.name] = Upstream(upstream, session, metrics)
-        app[registry.ROUTER] = Router(config.upstreams)
+        app[registry.ROUTER] = router
         app[registry.UPSTREAMS] = upstreams
         app[registry.BLOBS] = blobs
-        app[registry.MANIFESTS] = ManifestProxy(store, index, evictor, metrics)
+        app[registry.MANIFESTS] = manifests
         app[ops.EVICTOR] = evictor
+        if config.pins:  # kept fresh by the primary alone: a worker never fetches
+            pins = Pins(config.pins, router, upstreams, manifests, blobs, index, metrics)
+            background.append(asyncio.create_task(pins.run()))
         yield
     finally:
-        if evicting is not None:
-            evicting.cancel()
+        for task in reversed(background):  # the pins first: they start downloads
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await evicting
+                await task
         await blobs.close()
         for upstream_client in upstreams.values():
             await upstream_client.close()

@@ -108,6 +108,18 @@ class Metrics:
             "Blobs and manifests served without caching: no room in the budget.",
             registry=r,
         )
+        self.pin_refreshes = Counter(
+            "mirror_pin_refreshes_total",
+            "Background revalidations of pinned images, by result: unchanged, moved (to a"
+            " digest not seen before, or fetched for the first time), failed.",
+            ["result"],
+            registry=r,
+        )
+        self.pin_prefetched_bytes = Counter(
+            "mirror_pin_prefetched_bytes_total",
+            "Bytes of pinned images' manifests and blobs fetched before any client asked.",
+            registry=r,
+        )
         # Series with fixed label values exist from the start, so a dashboard shows 0 and
         # rate() has a beginning, rather than no data.
         for kind in ("manifest", "blob"):
@@ -117,6 +129,8 @@ class Metrics:
             self.served_bytes.labels(source)
         for reason in ("size", "age"):
             self.evictions.labels(reason)
+        for result in ("unchanged", "moved", "failed"):
+            self.pin_refreshes.labels(result)
 
     def exposition(self) -> bytes:
         """The text format, of every process when they share values."""

@@ -101,6 +101,27 @@ class BlobProxy:
             task.add_done_callback(self._tasks.discard)
         return fetch.open_reader()
 
+    async def prefetch(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
+        """Cache `digest` before any client asks: 0 when it is cached already, else the
+        bytes fetched, through the download clients share (one asking meanwhile joins it).
+
+        None when the blob does not fit the budget: passing through, it would be cached
+        nowhere, so this reader leaves it (to whichever clients read it, if any)."""
+        cached = self.local(upstream, digest)
+        if cached is not None:
+            cached.file.close()
+            return 0
+        received = 0
+        async with self.join(upstream, repository, digest) as reader:
+            await reader.fetch.wait_started()
+            async with contextlib.aclosing(reader.chunks(None)) as chunks:
+                async for piece in chunks:
+                    if isinstance(piece, bytes):  # from the memory window: passing through
+                        return None
+                    received += piece.count
+            await reader.fetch.wait_done()  # committed and indexed, not only verified
+        return received
+
     async def idle(self) -> None:
         """Until no download is running: each blob fetched is cached (or failed)."""
         while self._tasks:
