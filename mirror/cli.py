@@ -1,7 +1,9 @@
-"""The `mirror` command: `serve`, `check-config`, and the admin commands `du` and `gc`.
+"""The `mirror` command: `serve`, `check-config`, and the admin commands (admin.py).
 
-The admin commands work on the storage directory while the server runs: they go through
-the SQLite index (and its locking), and never touch downloads in progress.
+Each reads its configuration from, by precedence, its flags, the MIRROR_* environment
+variables, the config file, the embedded default. The admin commands work on the storage
+directory while the server runs: they go through the SQLite index (and its locking), and
+never touch downloads in progress.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from mirror import admin, logs
 from mirror.app import make_app
-from mirror.config import Config, load_config, with_overrides
+from mirror.config import CONFIG_VARIABLE, Config, environment_names, load_config, with_overrides
 from mirror.errors import ConfigError
 from mirror.metrics import share_between_processes
 from mirror.web.handoff import Receiver
@@ -39,19 +42,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            config = load_config(args.file)
-            print(f"{args.file}: OK ({len(config.upstreams)} upstream(s))")
-            return 0
+            return check_config(args.file)
         overrides = {"storage": args.storage, "max_size": args.max_size}
         if args.command == "serve":
             overrides |= {"listen": args.listen, "upstream": args.upstream, "workers": args.workers}
-        config = with_overrides(load_config(args.config), **overrides)
+        config = with_overrides(load_config(args.config, os.environ), **overrides)
         if args.command == "serve":
             return serve(config)
         return asyncio.run(admin.COMMANDS[args.command](config, args))
     except ConfigError as error:
         print(f"mirror: config error: {error}", file=sys.stderr)
         return 2
+
+
+def check_config(path: str | None) -> int:
+    """One line: where the configuration came from and how many upstreams it has."""
+    config = load_config(path, os.environ)
+    source = path or os.environ.get(CONFIG_VARIABLE) or "embedded default"
+    variables = sorted(environment_names() & os.environ.keys() - {CONFIG_VARIABLE})
+    if variables:
+        source += f" with {', '.join(variables)}"
+    print(f"{source}: OK ({len(config.upstreams)} upstream(s))")
+    return 0
 
 
 def serve(config: Config) -> int:
@@ -149,8 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve_cmd.add_argument("--upstream", help="upstream registry URL, replacing the default")
     serve_cmd.add_argument("--workers", help="processes serving the port (default 1)")
-    check = commands.add_parser("check-config", help="validate a config file")
-    check.add_argument("file")
+    check = commands.add_parser(
+        "check-config", help="validate a config file, with the MIRROR_* environment over it"
+    )
+    check.add_argument("file", nargs="?", help=f"default: ${CONFIG_VARIABLE}, else none")
     _storage_flags(commands.add_parser("du", help="show the cache's disk use and budget"))
     _storage_flags(commands.add_parser("gc", help="run one eviction pass now"))
     ls = commands.add_parser("ls", help="list cached images: tags, size, last use")
@@ -168,7 +182,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _storage_flags(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--config", help="YAML config file (default: embedded defaults)")
+    command.add_argument(
+        "--config", help=f"YAML config file (default: ${CONFIG_VARIABLE}, else embedded defaults)"
+    )
     command.add_argument("--storage", help="cache directory (default ./data)")
     command.add_argument("--max-size", help="cache size budget, e.g. 50GiB")
 

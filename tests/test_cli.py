@@ -4,13 +4,15 @@ du and gc."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +20,12 @@ import aiohttp
 import pytest
 from fault_upstream import FaultyUpstream
 from pytest_aiohttp import AiohttpServer
-from upstream_registry import free_loopback_port
+from upstream_registry import (
+    RegistryProcess,
+    free_loopback_port,
+    push_image,
+    skopeo_copy_async,
+)
 
 from mirror.cli import main
 from mirror.config import load_config
@@ -251,3 +258,150 @@ async def test_a_second_server_on_the_same_storage_exits_2_and_touches_nothing(
         upstream.release.set()
     assert await pending == data
     assert first.proc.poll() is None
+
+
+# --- configuration from the environment ------------------------------------------------------
+
+
+def test_check_config_honours_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("storage: {max_size: 1GiB}\n")
+    monkeypatch.setenv("MIRROR_STORAGE__MAX_SIZE", "huge")
+    assert main(["check-config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "mirror: config error: MIRROR_STORAGE__MAX_SIZE: invalid size 'huge':"
+        " write e.g. 500MiB, 50GiB or 2TB"
+    ]
+    monkeypatch.setenv("MIRROR_STORAGE__MAX_SIZE", "2GiB")
+    monkeypatch.setenv("MIRROR_WORKERS", "2")
+    assert main(["check-config", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"{path} with MIRROR_STORAGE__MAX_SIZE, MIRROR_WORKERS: OK (1 upstream(s))\n"
+    )
+    monkeypatch.setenv("MIRROR_CONFIG", str(path))  # the file, when none is given
+    assert main(["check-config"]) == 0
+    assert capsys.readouterr().out.startswith(f"{path} with MIRROR_STORAGE__MAX_SIZE, ")
+    monkeypatch.delenv("MIRROR_CONFIG")
+    monkeypatch.delenv("MIRROR_STORAGE__MAX_SIZE")
+    monkeypatch.delenv("MIRROR_WORKERS")
+    assert main(["check-config"]) == 0
+    assert capsys.readouterr().out == "embedded default: OK (1 upstream(s))\n"
+    monkeypatch.setenv("MIRROR_WORKER", "2")  # a typo
+    assert main(["check-config"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mirror: config error: MIRROR_WORKER: unknown variable: no config key has this name"
+        " (did you mean MIRROR_WORKERS?)"
+    ]
+    assert main(["du", "--storage", str(tmp_path)]) == 2  # every command reads it
+    assert "MIRROR_WORKER: unknown variable" in capsys.readouterr().err
+
+
+def mirror_env(**variables: str) -> dict[str, str]:
+    """An environment of these variables and PATH alone (nothing of this process's)."""
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", **variables}
+
+
+@contextlib.contextmanager
+def serve_in(
+    env: dict[str, str], cwd: Path, url: str, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`mirror serve ARGS` (the console script) in `env`, until SIGTERM at the end; its
+    output goes to cwd/serve.log."""
+    with (cwd / "serve.log").open("ab") as log:
+        proc = subprocess.Popen(
+            ["mirror", "serve", *args], env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/v2/", timeout=1) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, (cwd / "serve.log").read_text()
+                assert time.monotonic() < deadline, "mirror did not start"
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_serve_configured_by_the_environment_alone(
+    registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """No flag, no file: the address, the cache, its budget, the upstream and the log format
+    come from MIRROR_* variables, and a skopeo pull through it reaches the registry."""
+    image = await push_image(registry.url, "env/app", "v1", [40 * 1024, 8 * 1024])
+    port = free_loopback_port()
+    storage = tmp_path / "env-cache"
+    env = mirror_env(
+        MIRROR_LISTEN=f"127.0.0.1:{port}",
+        MIRROR_STORAGE__PATH=str(storage),
+        MIRROR_STORAGE__MAX_SIZE="64MiB",
+        MIRROR_UPSTREAM=registry.url,
+        MIRROR_LOG__FORMAT="json",
+    )
+    bad = await asyncio.to_thread(
+        subprocess.run, ["mirror", "serve"], env={**env, "MIRROR_WORKERS": "0"}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr.splitlines() == [
+        "mirror: config error: MIRROR_WORKERS: must be a whole number >= 1, got 0"
+    ]
+    await registry.settle()
+    registry.reset_counts()
+    with serve_in(env, tmp_path, f"http://127.0.0.1:{port}"):
+        await skopeo_copy_async(f"127.0.0.1:{port}/{image.reference}", tmp_path / "pulled")
+        await registry.settle()
+    assert registry.blob_gets() == len(image.blob_digests())
+    for digest in image.blob_digests():
+        assert BlobStore(storage).path(Digest(*digest.split(":", 1))).exists()
+    assert not (tmp_path / "data").exists()  # not the default storage
+    lines = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()]
+    start = next(line["message"] for line in lines if "listening" in line["message"])
+    assert f"http://127.0.0.1:{port}, cache in {storage} (max {64 * MIB} bytes)" in start
+    assert any(line.get("path", "").endswith(f"/manifests/{image.tag}") for line in lines)
+
+
+async def test_serve_takes_flags_over_the_environment_over_the_file(
+    registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """Each level sets the address and the cache; the file also the upstream (one that is
+    not there) and text logs, the environment the real registry and JSON logs."""
+    image = await push_image(registry.url, "env/layered", "v1", [16 * 1024])
+    file_port, env_port, flag_port = (free_loopback_port() for _ in range(3))
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{file_port}\n"
+        f"storage: {{path: {tmp_path / 'file-cache'}}}\n"
+        f"upstreams: [{{name: nowhere, url: 'http://127.0.0.1:{free_loopback_port()}'}}]\n"
+        "log: {format: text}\n"
+    )
+    env = mirror_env(
+        MIRROR_CONFIG=str(config),
+        MIRROR_LISTEN=f"127.0.0.1:{env_port}",
+        MIRROR_STORAGE__PATH=str(tmp_path / "env-cache"),
+        MIRROR_UPSTREAM=registry.url,
+        MIRROR_LOG__FORMAT="json",
+    )
+    flags = ("--listen", f"127.0.0.1:{flag_port}", "--storage", str(tmp_path / "flag-cache"))
+    with serve_in(env, tmp_path, f"http://127.0.0.1:{flag_port}", *flags):
+        for port in (file_port, env_port):
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+        await skopeo_copy_async(f"127.0.0.1:{flag_port}/{image.reference}", tmp_path / "pulled")
+    assert (tmp_path / "flag-cache" / "index.db").exists()
+    assert not (tmp_path / "env-cache").exists() and not (tmp_path / "file-cache").exists()
+    lines = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()]
+    assert f"upstream 127.0.0.1: {registry.url}, auth anonymous" in lines[1]["message"]
