@@ -22,7 +22,7 @@ from containerd import ContainerdProcess
 from podman import podman_image_digest, podman_rmi, push_tar_image, run_podman
 from upstream_registry import RegistryProcess, free_loopback_port
 
-from mirror.config import config_from_dict, load_config
+from mirror.config import Config, environment_names, load_config
 
 if TYPE_CHECKING:
     from conftest import MirrorProcess
@@ -63,12 +63,12 @@ def test_dockerfile_copies_what_exists_and_runs_non_root() -> None:
     assert (str(config.storage.path), config.listen.port) == ("/var/lib/mirror", 5000)
 
 
-def test_dockerfile_command_starts_the_mirror_with_its_config(tmp_path: Path) -> None:
-    """The CMD, run as the image would (sh -c with MIRROR_CONFIG), on a copy of the config
-    whose storage and port suit this machine."""
+def image_environment(tmp_path: Path) -> tuple[dict[str, str], int]:
+    """The image's environment (ENV) on this machine, and the port its mirror listens on:
+    MIRROR_CONFIG names a copy of the config COPY puts there, whose storage and port suit
+    this machine."""
     steps = dict(dockerfile())
     assert steps["ENV"] == "MIRROR_CONFIG=/etc/mirror/mirror.yaml"
-    command = json.loads(steps["CMD"])
     port = free_loopback_port()
     shipped = (DEPLOY / "mirror.yaml").read_text()
     config = tmp_path / "mirror.yaml"
@@ -78,7 +78,13 @@ def test_dockerfile_command_starts_the_mirror_with_its_config(tmp_path: Path) ->
         )
     )
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "MIRROR_CONFIG": str(config)}
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    return env, port
+
+
+def run_until_healthy(command: list[str], env: dict[str, str], port: int, log: Path) -> str:
+    """Starts the command, waits (10 s at most) for /healthz, stops it; its output."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         for _ in range(100):
             try:
@@ -87,13 +93,21 @@ def test_dockerfile_command_starts_the_mirror_with_its_config(tmp_path: Path) ->
                     break
             except OSError:
                 if proc.poll() is not None:
-                    raise AssertionError(proc.stderr.read() if proc.stderr else b"") from None
+                    raise AssertionError(log.read_text()) from None
                 time.sleep(0.1)
         else:
-            raise AssertionError("the image's command did not start the mirror")
+            raise AssertionError(f"{command} did not start the mirror:\n{log.read_text()}")
     finally:
         proc.terminate()
         proc.wait(10)
+    return log.read_text()
+
+
+def test_dockerfile_command_starts_the_mirror_with_its_config(tmp_path: Path) -> None:
+    """The CMD, run as the image would (sh -c with MIRROR_CONFIG)."""
+    env, port = image_environment(tmp_path)
+    command = json.loads(dict(dockerfile())["CMD"])
+    run_until_healthy(command, env, port, tmp_path / "mirror.log")
     assert (tmp_path / "cache" / "index.db").exists()
 
 
@@ -101,29 +115,88 @@ def yaml_documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
-def test_kubernetes_manifests() -> None:
-    kube = DEPLOY / "kubernetes"
+def kubernetes_manifests() -> dict[str, dict[str, Any]]:
+    """Each kind of deploy/kubernetes, with its (one) manifest."""
     kinds = {}
-    for path in sorted(kube.glob("*.yaml")):
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
         for doc in yaml_documents(path):
             assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
             kinds[doc["kind"]] = doc
+    return kinds
+
+
+def container_environment(container: dict[str, Any]) -> dict[str, str]:
+    """A container's `env`, checked: only variables the mirror reads."""
+    env = {entry["name"]: entry["value"] for entry in container.get("env", [])}
+    assert env.keys() <= environment_names(), env.keys() - environment_names()
+    return env
+
+
+def service_links(service: dict[str, Any], address: str = "10.96.0.10") -> dict[str, str]:
+    """What Kubernetes puts in the environment of every pod in the namespace of a Service
+    (unless the pod sets enableServiceLinks: false)."""
+    name = service["metadata"]["name"].upper().replace("-", "_")
+    links = {f"{name}_SERVICE_HOST": address}
+    for i, port in enumerate(service["spec"]["ports"]):
+        number, protocol = port["port"], port.get("protocol", "TCP")
+        url = f"{protocol.lower()}://{address}:{number}"
+        if i == 0:
+            links |= {f"{name}_SERVICE_PORT": str(number), f"{name}_PORT": url}
+        if "name" in port:
+            links[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+        base = f"{name}_PORT_{number}_{protocol}"
+        links |= {base: url, f"{base}_PROTO": protocol.lower(), f"{base}_PORT": str(number),
+                  f"{base}_ADDR": address}  # fmt: skip
+    return links
+
+
+def test_kubernetes_manifests() -> None:
+    kinds = kubernetes_manifests()
     kustomization = kinds.pop("Kustomization")
-    assert all((kube / r).exists() for r in kustomization["resources"])
+    assert all((DEPLOY / "kubernetes" / r).exists() for r in kustomization["resources"])
+    image = {"MIRROR_CONFIG": str(DEPLOY / "mirror.yaml")}  # what the image's ENV names
     for kind in ("StatefulSet", "DaemonSet"):
         container = kinds[kind]["spec"]["template"]["spec"]["containers"][0]
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert container["resources"]["requests"]
+        assert container["args"] == ["mirror", "serve"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        env = container_environment(container)
+        config = load_config(None, image | env | service_links(kinds["Service"]))
+        assert str(config.storage.path) == mounts["cache"] == "/var/lib/mirror"
+        assert config.storage.max_size == 45 * 1024**3  # below the 50Gi volume
+        assert (config.log.format, config.listen.port) == ("json", 5000)
+        assert config.upstreams == Config().upstreams
     assert kinds["StatefulSet"]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "cache"
-    assert {"Service", "ConfigMap", "ServiceMonitor", "Namespace"} <= kinds.keys()
-    config_text = kinds["ConfigMap"]["data"]["mirror.yaml"]
-    assert config_from_dict(yaml.safe_load(config_text)).storage.max_size == 45 * 1024**3
+    assert {"Service", "ServiceMonitor", "Namespace"} <= kinds.keys()
+
+
+def test_the_statefulsets_container_starts_the_mirror(tmp_path: Path) -> None:
+    """Its command in its environment, over the image's (with the storage path the cache
+    volume is mounted on pointed here), beside the variables Kubernetes adds for the
+    Service `mirror`, which the mirror must not take for mistakes."""
+    kinds = kubernetes_manifests()
+    container = kinds["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    image, port = image_environment(tmp_path)
+    env = {name: value.replace("/var/lib/mirror", str(tmp_path / "cache"))
+           for name, value in container_environment(container).items()}  # fmt: skip
+    links = service_links(kinds["Service"])
+    assert {"MIRROR_SERVICE_HOST", "MIRROR_PORT", "MIRROR_PORT_5000_TCP_ADDR"} <= links.keys()
+    log = run_until_healthy(container["args"], image | env | links, port, tmp_path / "m.log")
+    start = next(json.loads(line) for line in log.splitlines() if "listening" in line)
+    assert f"cache in {tmp_path / 'cache'} (max {45 * 1024**3} bytes)" in start["message"]
 
 
 def test_compose_systemd_and_client_snippets() -> None:
     compose = yaml_documents(DEPLOY / "compose.yaml")[0]
     assert {"mirror", "prometheus", "grafana"} <= compose["services"].keys()
+    env = compose["services"]["mirror"]["environment"]
+    assert env.keys() <= environment_names(), env.keys() - environment_names()
+    config = load_config(None, {"MIRROR_CONFIG": str(DEPLOY / "mirror.yaml")} | env)
+    assert (config.storage.max_size, config.log.format) == (50 * 1024**3, "json")
+    assert "mirror-cache:/var/lib/mirror" in compose["services"]["mirror"]["volumes"]
+    assert str(config.storage.path) == "/var/lib/mirror"
     assert "mirror-cache" in compose["volumes"]
     for service in compose["services"].values():
         for volume in service.get("volumes", []):
