@@ -81,7 +81,7 @@ def serve(config: Config) -> int:
             upstream.name,
             upstream.url,
             upstream.auth.type,
-            ", ".join(upstream.hosts),
+            ", ".join(upstream.hosts) or "every registry host no other upstream lists (a mirror)",
             f" and /v2/{upstream.prefix}/..." if upstream.prefix else "",
             " (default)" if upstream.default else "",
         )
