@@ -24,7 +24,7 @@ from mirror.storage.lock import storage_locked
 from mirror.storage.reconcile import reconcile
 from mirror.upstream.client import Upstream, upstream_session
 from mirror.upstream.routing import Router
-from mirror.web import ops, registry, status
+from mirror.web import ops, registry, status, worker
 from mirror.web.handoff import Sender
 from mirror.web.middleware import (
     ACTIVITY,
@@ -54,9 +54,9 @@ def make_worker_app(config: Config, handoff: str) -> web.Application:
     """A worker's: hits from the cache, and everything else handed to the primary over the
     Unix socket at `handoff`. It neither downloads nor evicts."""
     app = _base_app(config, None)
-    app[registry.SENDER] = Sender(handoff)
+    app[worker.SENDER] = Sender(handoff)
     app.cleanup_ctx.append(_worker_storage)
-    registry.add_worker_routes(app)
+    worker.add_routes(app)
     return app
 
 
@@ -131,7 +131,7 @@ async def _worker_storage(app: web.Application) -> AsyncIterator[None]:
     index = Index(config.storage.path / INDEX_FILE, private_elsewhere=private)
     await index.open()
     session = aiohttp.ClientSession()
-    sender = app[registry.SENDER]
+    sender = app[worker.SENDER]
     try:
         await sender.connect()
         evictor = Evictor(config, store, index, metrics)  # never run: for the proxies' types

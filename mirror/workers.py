@@ -25,7 +25,7 @@ from mirror import logs
 from mirror.app import make_worker_app
 from mirror.config import Config
 from mirror.web.listener import run_until_stopped, serving
-from mirror.web.registry import SENDER
+from mirror.web.worker import SENDER
 
 log = logging.getLogger(__name__)
 

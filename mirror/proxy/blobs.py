@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -43,17 +45,39 @@ GROWTH_STEP = 1024 * 1024  # reserved at a time for a blob of undeclared length
 
 @dataclass(frozen=True)
 class CachedBlob:
-    """A complete, verified blob on disk, open and held from eviction until closed: it is
-    a context manager."""
+    """A hit: a complete, verified blob on disk, open and held from eviction until closed
+    (it is a context manager)."""
 
     file: BinaryIO
     size: int
+    result: str = "hit"
 
     def __enter__(self) -> CachedBlob:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.file.close()
+
+
+@dataclass(frozen=True)
+class Download:
+    """A miss: the blob's shared download, read through a reader of its own; `size` as the
+    source declared it (None: undeclared)."""
+
+    reader: BlobReader
+    size: int | None
+    result: str = "miss"
+
+
+@dataclass(frozen=True)
+class BlobSize:
+    """A miss answered without its bytes (a HEAD): the size the upstream declares."""
+
+    size: int | None
+    result: str = "miss"
+
+
+Blob = CachedBlob | Download | BlobSize
 
 
 class BlobProxy:
@@ -80,8 +104,24 @@ class BlobProxy:
         self.index.touch(digest)
         return CachedBlob(file, size)
 
-    async def size(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
-        """For a HEAD that `local` missed: the size from a download under way, or the
+    @asynccontextmanager
+    async def answer(
+        self, upstream: Upstream, repository: str, digest: Digest, *, body: bool
+    ) -> AsyncIterator[Blob]:
+        """What one request gets, held until the answer is sent: the cached blob, or on a
+        miss its shared download (`body`) or only its size (a HEAD: nothing downloaded)."""
+        cached = self.local(upstream, digest)
+        if cached is not None:
+            with cached:
+                yield cached
+        elif not body:
+            yield BlobSize(await self._size(upstream, repository, digest))
+        else:
+            async with self.join(upstream, repository, digest) as reader:
+                yield Download(reader, await reader.fetch.wait_started())
+
+    async def _size(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
+        """For an answer without a body: the size from a download under way, or the
         upstream."""
         fetch = self._fetches.get((upstream.name, digest))
         if fetch is not None:
@@ -89,14 +129,23 @@ class BlobProxy:
         return await upstream.head_blob(repository, digest)
 
     def join(self, upstream: Upstream, repository: str, digest: Digest) -> BlobReader:
-        """A reader of the download of `digest` under way, or of a new one."""
-        fetch = self._fetches.get((upstream.name, digest))
+        """A reader of the download of `digest` from `upstream` under way, or of a new one."""
+        private = upstream.config.access == "authenticated"
+        return self.download(UpstreamSource(upstream, repository), digest, private)
+
+    def download(self, source: Source, digest: Digest, private: bool) -> BlobReader:
+        """A reader of the download of `digest` from `source` under way, or of a new one.
+
+        One per source and digest: a download failing on one upstream never cuts
+        another's clients."""
+        key = (source.name, digest)
+        fetch = self._fetches.get(key)
         if fetch is not None:
             self.metrics.fetch_joins.inc()
         else:
             fetch = Fetch(self.store.writer(digest))
-            self._fetches[upstream.name, digest] = fetch
-            task = asyncio.create_task(self._download(fetch, upstream, repository))
+            self._fetches[key] = fetch
+            task = asyncio.create_task(self._download(key, fetch, source, private))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return fetch.open_reader()
