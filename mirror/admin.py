@@ -5,6 +5,10 @@ The storage commands work while the server runs: they go through the SQLite inde
 its locking) and never touch the temp files of downloads in progress. What a running
 server holds in memory (blobs being sent) they cannot see; a file removed under a reader
 keeps serving that reader (POSIX), so no client gets a short body.
+
+With `--json` each prints the facts of its text as one JSON document on stdout (`warm`:
+one JSON object per line, per image and a summary): sizes in bytes, times in seconds
+since the epoch (null for never).
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TextIO
 
 import aiohttp
 
@@ -38,6 +45,19 @@ async def disk_usage(config: Config, args: argparse.Namespace) -> int:
         usage = await index.usage()
         used = await evictor.used()
     storage = config.storage
+    if args.json:
+        _print_json({
+            "storage": str(storage.path),
+            "max_size": storage.max_size,
+            "high_watermark": storage.high_watermark,
+            "low_watermark": storage.low_watermark,
+            "max_age": storage.max_age,
+            "used": used,
+            "blobs": usage.blobs,
+            "blob_bytes": usage.bytes,
+            "oldest_use": usage.oldest_access or None,
+        })  # fmt: skip
+        return 0
     print(f"storage     {storage.path}")
     print(
         f"budget      {_size(storage.max_size)}; eviction from "
@@ -58,6 +78,14 @@ async def collect_garbage(config: Config, args: argparse.Namespace) -> int:
     if evicted.failure is not None:
         print(f"mirror: eviction pass failed: {evicted.failure}", file=sys.stderr)
         return 1
+    if args.json:
+        _print_json({
+            "evicted_blobs": evicted.blobs,
+            "evicted_bytes": evicted.bytes,
+            "used": evicted.used,
+            "max_size": config.storage.max_size,
+        })  # fmt: skip
+        return 0
     print(
         f"evicted {evicted.blobs} blobs ({_size(evicted.bytes)}); "
         f"{_size(evicted.used)} of {_size(config.storage.max_size)} used"
@@ -82,6 +110,13 @@ async def list_images(config: Config, args: argparse.Namespace) -> int:
             size = sum(s for s, _ in cached)
             last = max((used for _, used in cached), default=0.0)
             rows.append((image, size, last))
+    if args.json:
+        _print_json([
+            {"upstream": image.upstream, "repository": image.repository, "tag": image.tag,
+             "digest": image.digest, "size": size, "last_use": last or None}
+            for image, size, last in rows
+        ])  # fmt: skip
+        return 1 if args.repository and not rows else 0
     if not rows:
         print("no cached images" + (f" of {args.repository}" if args.repository else ""))
         return 1 if args.repository else 0
@@ -113,12 +148,18 @@ async def verify(config: Config, args: argparse.Namespace) -> int:
             if not intact:
                 corrupt.append(text)
                 evictor.store.remove(digest)
-                print(f"corrupt, removed: {text}")
+                if not args.json:
+                    print(f"corrupt, removed: {text}")
         missing = sorted(set(gone) & await index.digests())
-        for text in missing:
-            print(f"missing, forgotten: {text}")
+        if not args.json:
+            for text in missing:
+                print(f"missing, forgotten: {text}")
         await index.remove_blobs(corrupt + missing)
     evicted = len(gone) - len(missing)
+    if args.json:
+        _print_json({"verified": len(digests) - len(gone), "corrupt": corrupt,
+                     "missing": missing, "evicted": evicted})  # fmt: skip
+        return 1 if corrupt or missing else 0
     print(
         f"verified {len(digests) - len(gone)} blobs: {len(corrupt)} corrupt"
         + (f", {len(missing)} missing" if missing else "")
@@ -145,7 +186,10 @@ async def remove_image(config: Config, args: argparse.Namespace) -> int:
             and (t.digest if isinstance(ref.reference, Digest) else t.tag) == str(ref.reference)
         ]
         if not mine and not isinstance(ref.reference, Digest):
-            print(f"{args.image}: not cached")
+            if args.json:
+                _print_json({"image": args.image, "cached": False, "blobs": [], "freed": 0})
+            else:
+                print(f"{args.image}: not cached")
             return 1
         roots = [t.digest for t in mine] or [str(ref.reference)]
         others = [t.digest for t in tagged if t not in mine]
@@ -160,48 +204,79 @@ async def remove_image(config: Config, args: argparse.Namespace) -> int:
             evictor.store.remove(Digest(*victim.split(":", 1)))
         await index.remove_blobs(victims)
     freed = sum(present[v][0] for v in victims)
-    print(f"removed {args.image}: {len(victims)} blobs ({_size(freed)})")
+    if args.json:
+        _print_json({"image": args.image, "cached": True, "blobs": victims, "freed": freed})
+    else:
+        print(f"removed {args.image}: {len(victims)} blobs ({_size(freed)})")
     return 0
 
 
 async def warm(config: Config, args: argparse.Namespace) -> int:
     """`mirror warm IMAGE...`: pull images through the running mirror into its cache."""
+    progress = Progress(sys.stderr, lines=not args.json)
     failed = 0
     total = 0
     began = time.monotonic()
     async with aiohttp.ClientSession() as session:
         for text in args.images:
+            started = time.monotonic()
             try:
-                total += await _warm_one(session, args.mirror.rstrip("/"), text)
+                warmed = await _warm_one(session, args.mirror.rstrip("/"), text, progress)
             except (RegistryError, aiohttp.ClientError, ValueError, KeyError) as exc:
                 failed += 1
-                print(f"\r{text}: failed: {exc}", file=sys.stderr)
+                progress.note(f"{text}: failed: {exc}")
+                if args.json:
+                    _print_json({"image": text, "ok": False, "error": str(exc)})
+                continue
+            total += warmed.bytes
+            if args.json:
+                _print_json({"image": text, "ok": True, "bytes": warmed.bytes,
+                             "blobs": warmed.blobs, "manifests": warmed.manifests,
+                             "skipped": warmed.skipped,
+                             "seconds": round(time.monotonic() - started, 3)})  # fmt: skip
     took = time.monotonic() - began
-    print(f"warmed {len(args.images) - failed} of {len(args.images)} images, "
-          f"{_size(total)} in {took:.1f}s")  # fmt: skip
+    if args.json:
+        _print_json({"warmed": len(args.images) - failed, "images": len(args.images),
+                     "bytes": total, "seconds": round(took, 3)})  # fmt: skip
+    else:
+        print(f"warmed {len(args.images) - failed} of {len(args.images)} images, "
+              f"{_size(total)} in {took:.1f}s")  # fmt: skip
     return 1 if failed else 0
 
 
-async def _warm_one(session: aiohttp.ClientSession, mirror: str, text: str) -> int:
-    """Every manifest and blob of one image (all platforms), with a progress line."""
+@dataclass
+class Warmed:
+    """What warming one image fetched."""
+
+    bytes: int = 0
+    blobs: int = 0
+    manifests: int = 0
+    skipped: list[str] = field(default_factory=list)  # digests of no algorithm served
+
+
+async def _warm_one(
+    session: aiohttp.ClientSession, mirror: str, text: str, progress: Progress
+) -> Warmed:
+    """Every manifest and blob of one image (all platforms), with its progress line."""
     ref = parse_image_reference(text)
     base = f"{mirror}/v2/{ref.repository}"
     # `ns` only for a host the user wrote: a bare name goes where `docker pull
     # mirror/<name>` goes, to the mirror's default upstream, whichever registry that is.
     ns = {} if ref.host_implied else {"ns": ref.host}
     accept = {"Accept": ", ".join(MANIFEST_TYPES)}
-    todo, blobs = [ref.reference], {}
+    todo, blobs, warmed = [ref.reference], {}, Warmed()
     while todo:
         async with session.get(f"{base}/manifests/{todo.pop()}", params=ns, headers=accept) as r:
             if r.status != 200:
                 raise ValueError(f"manifest answered {r.status}: {await r.text()}")
             manifest = json.loads(await r.read())
+        warmed.manifests += 1
         for child in manifest.get("manifests", []):
-            todo.extend(_servable(text, child["digest"]))
+            todo.extend(_servable(text, child["digest"], warmed, progress))
         for blob in [manifest.get("config"), *manifest.get("layers", [])]:
-            for digest in _servable(text, blob["digest"]) if blob else []:
+            for digest in _servable(text, blob["digest"], warmed, progress) if blob else []:
                 blobs[digest] = int(blob["size"])
-    done, size = 0, sum(blobs.values())
+    size = sum(blobs.values())
     for digest in blobs:
         hasher = digest.hasher()
         async with session.get(f"{base}/blobs/{digest}", params=ns) as r:
@@ -209,29 +284,78 @@ async def _warm_one(session: aiohttp.ClientSession, mirror: str, text: str) -> i
                 raise ValueError(f"blob {digest} answered {r.status}")
             async for chunk in r.content.iter_chunked(1024 * 1024):
                 hasher.update(chunk)
-                done += len(chunk)
-                _progress(text, done, size)
+                warmed.bytes += len(chunk)
+                progress.update(text, warmed.bytes, size)
         if hasher.hexdigest() != digest.hex:
             raise ValueError(f"blob {digest} arrived with other bytes")
-    _progress(text, done, size, end="\n")
-    return done
+        warmed.blobs += 1
+    progress.done(text, warmed)
+    return warmed
 
 
-def _servable(image: str, text: str) -> list[Digest]:
+def _servable(image: str, text: str, warmed: Warmed, progress: Progress) -> list[Digest]:
     """The digest a manifest names, unless it is none the mirror serves (an algorithm
     other than sha256 and sha512: allowed in manifests, cached nowhere)."""
     try:
         return [parse_digest(text)]
     except DigestInvalid as exc:
-        print(f"\r{image}: skipped: {exc.message}", file=sys.stderr)
+        warmed.skipped.append(text)
+        progress.note(f"{image}: skipped: {exc.message}")
         return []
 
 
-def _progress(name: str, done: int, size: int, end: str = "") -> None:
-    width = 30
-    filled = width * done // size if size else width
-    bar = "#" * filled + " " * (width - filled)
-    print(f"\r{name}  [{bar}] {_size(done)} / {_size(size)}", end=end, file=sys.stderr)
+class Progress:
+    """`mirror warm`'s line per image on `stream`. On a terminal it is redrawn as bytes
+    arrive (at most every REDRAW seconds); anywhere else (a pipe, a log file) it is written
+    once, when the image is done, so that nothing there fills up with redraws.
+
+    `lines`: write the lines for images done, failed, skipped (not with --json, whose own
+    lines on stdout say it all); the terminal's bar is drawn either way."""
+
+    REDRAW = 0.1
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO, lines: bool = True) -> None:
+        self.stream = stream
+        self.terminal = stream.isatty()
+        self.lines = lines
+        self._drawn_at = -math.inf
+        self._drawn = False  # a bar is on the terminal's current line
+
+    def update(self, name: str, done: int, size: int) -> None:
+        now = time.monotonic()
+        if not self.terminal or now - self._drawn_at < self.REDRAW:
+            return
+        self._drawn_at = now
+        self._draw(name, done, size)
+
+    def done(self, name: str, warmed: Warmed) -> None:
+        if self.terminal:
+            self._draw(name, warmed.bytes, warmed.bytes)
+            self._end_line("\n")
+        elif self.lines:
+            print(f"{name}  {_size(warmed.bytes)} in {warmed.blobs} blobs, "
+                  f"{warmed.manifests} manifests", file=self.stream, flush=True)  # fmt: skip
+
+    def note(self, text: str) -> None:
+        """A line of its own: under the bar, which is cleared first."""
+        self._end_line("\r\x1b[K")  # back to the line's start, and erase it
+        if self.lines:
+            print(text, file=self.stream, flush=True)
+
+    def _draw(self, name: str, done: int, size: int) -> None:
+        filled = self.WIDTH * done // size if size else self.WIDTH
+        bar = "#" * filled + " " * (self.WIDTH - filled)
+        self.stream.write(f"\r{name}  [{bar}] {_size(done)} / {_size(size)}")
+        self.stream.flush()
+        self._drawn = True
+
+    def _end_line(self, end: str) -> None:
+        if self._drawn:
+            self.stream.write(end)
+            self.stream.flush()
+            self._drawn = False
+        self._drawn_at = -math.inf
 
 
 COMMANDS: dict[str, Command] = {
@@ -257,6 +381,10 @@ async def _storage(config: Config) -> AsyncIterator[tuple[Evictor, Index]]:
         yield Evictor(config, BlobStore(config.storage.path), index), index
     finally:
         await index.close()
+
+
+def _print_json(document: object) -> None:
+    print(json.dumps(document), flush=True)
 
 
 def _size(n: float) -> str:

@@ -165,20 +165,27 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate a config file, with the MIRROR_* environment over it"
     )
     check.add_argument("file", nargs="?", help=f"default: ${CONFIG_VARIABLE}, else none")
-    _storage_flags(commands.add_parser("du", help="show the cache's disk use and budget"))
-    _storage_flags(commands.add_parser("gc", help="run one eviction pass now"))
+    _admin_flags(commands.add_parser("du", help="show the cache's disk use and budget"))
+    _admin_flags(commands.add_parser("gc", help="run one eviction pass now"))
     ls = commands.add_parser("ls", help="list cached images: tags, size, last use")
     ls.add_argument("repository", nargs="?", help="only this repository")
-    _storage_flags(ls)
-    _storage_flags(commands.add_parser("verify", help="re-hash every blob, remove corrupt ones"))
+    _admin_flags(ls)
+    _admin_flags(commands.add_parser("verify", help="re-hash every blob, remove corrupt ones"))
     rm = commands.add_parser("rm", help="remove an image from the cache")
     rm.add_argument("image", help="e.g. docker.io/library/alpine:3.20")
-    _storage_flags(rm)
+    _admin_flags(rm)
     warm = commands.add_parser("warm", help="pull images into the cache of a running mirror")
     warm.add_argument("images", nargs="+", help="e.g. docker.io/library/alpine:3.20")
     warm.add_argument("--mirror", default="http://127.0.0.1:5000", help="the mirror's URL")
-    _storage_flags(warm)
+    _admin_flags(warm, json_help="one JSON object per line on stdout: per image, and a summary")
     return parser
+
+
+def _admin_flags(
+    command: argparse.ArgumentParser, json_help: str = "one JSON document on stdout"
+) -> None:
+    _storage_flags(command)
+    command.add_argument("--json", action="store_true", help=json_help)
 
 
 def _storage_flags(command: argparse.ArgumentParser) -> None:

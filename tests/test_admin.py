@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
+import select
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     MakeMirror = Callable[..., Awaitable[MirrorClient]]
 
 KIB = 1024
+MIB = 1024 * KIB
 
 
 async def pull(mirror: MirrorClient, image: PushedImage) -> None:
@@ -190,7 +193,8 @@ async def test_warm_pulls_through_the_running_mirror(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "warmed 1 of 1 images" in captured.out
-    assert "adm/warm:v1  [" in captured.err  # the progress bar
+    # Not a terminal: one line for the image, when done.
+    assert captured.err == f"{registry.host}/adm/warm:v1  150.4 KiB in 3 blobs, 1 manifests\n"
     await downloads_stored(mirror)
     for digest in [image.manifest_digest, *image.blob_digests()]:
         assert blob_file(storage, digest).exists()
@@ -313,3 +317,214 @@ async def until(ready: Callable[[], bool], seconds: float = 10.0) -> None:
     while not ready():
         assert time.monotonic() < deadline, f"still not so after {seconds} s"
         await asyncio.sleep(0.02)
+
+
+# --- warm's progress: redrawn on a terminal only ------------------------------------------------
+
+
+async def warm_images(registry: RegistryProcess) -> list[tuple[str, PushedImage]]:
+    """Two images of a few blobs each, by the names `mirror warm` is given."""
+    images = [
+        await push_image(registry.url, "adm/one", "v1", [256 * KIB, 128 * KIB]),
+        await push_image(registry.url, "adm/two", "v1", [64 * KIB, 64 * KIB, 64 * KIB]),
+    ]
+    return [(f"{registry.host}/{image.reference}", image) for image in images]
+
+
+def warmed_bytes(image: PushedImage) -> int:
+    return sum(image.layer_sizes) + int(json.loads(image.manifest_bytes)["config"]["size"])
+
+
+async def test_warm_into_a_pipe_writes_one_line_per_image(
+    registry: RegistryProcess,
+    start_mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    """As a log or CI job receives it: no carriage return, no redraw."""
+    images = await warm_images(registry)
+    mirror = await asyncio.to_thread(
+        start_mirror_process, "--storage", str(tmp_path / "cache"), "--upstream", registry.url
+    )
+    missing = f"{registry.host}/adm/none:v1"
+    warm = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirror", "warm", "--mirror", mirror.url,
+        images[0][0], missing, images[1][0],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, err = await warm.communicate()
+    assert warm.returncode == 1
+    assert "\r" not in err.decode() and "\x1b" not in err.decode()
+    lines = err.decode().splitlines()
+    assert len(lines) == 3, lines
+    for line, (name, image) in zip((lines[0], lines[2]), images, strict=True):
+        blobs = len(image.blob_digests())
+        assert line == f"{name}  {warmed_bytes(image) / KIB:.1f} KiB in {blobs} blobs, 1 manifests"
+    assert lines[1].startswith(f"{missing}: failed: manifest answered 404: ")
+    assert out.decode().startswith("warmed 2 of 3 images, ")
+
+
+def read_terminal(master: int, seconds: float) -> bytes:
+    """What the programs on a pseudo-terminal write, until they have all closed it."""
+    received = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: no process holds the terminal any more
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"the terminal was still open after {seconds} s: {received!r}")
+
+
+async def test_warm_on_a_terminal_redraws_its_line(
+    registry: RegistryProcess,
+    start_mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    images = await warm_images(registry)
+    mirror = await asyncio.to_thread(
+        start_mirror_process, "--storage", str(tmp_path / "cache"), "--upstream", registry.url
+    )
+    master, terminal = pty.openpty()
+    try:
+        warm = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mirror", "warm", "--mirror", mirror.url,
+            *(name for name, _ in images),
+            stdout=asyncio.subprocess.PIPE, stderr=terminal,
+        )  # fmt: skip
+        os.close(terminal)
+        terminal = -1
+        shown, (out, _) = await asyncio.gather(
+            asyncio.to_thread(read_terminal, master, 60),
+            asyncio.wait_for(warm.communicate(), 60),
+        )
+    finally:
+        os.close(master)
+        if terminal >= 0:
+            os.close(terminal)
+    assert warm.returncode == 0
+    assert out.decode().startswith("warmed 2 of 2 images, ")
+    text = shown.decode()
+    full = "#" * 30
+    for name, image in images:
+        size = f"{warmed_bytes(image) / KIB:.1f} KiB"
+        # Drawn as bytes arrived, then once more whole, and the line ended (the terminal
+        # shows a newline as \r\n).
+        assert text.count(f"\r{name}  [") >= 2, text
+        assert f"\r{name}  [{full}] {size} / {size}\r\n" in text, text
+
+
+# --- --json: the same facts, for scripts ---------------------------------------------------------
+
+
+def cached_sizes(image: PushedImage) -> dict[str, int]:
+    """Each blob the cache holds of an image (its manifest included), with its size."""
+    manifest = json.loads(image.manifest_bytes)
+    sizes = {image.manifest_digest: len(image.manifest_bytes)}
+    return sizes | {e["digest"]: e["size"] for e in [manifest["config"], *manifest["layers"]]}
+
+
+async def json_of(capsys: pytest.CaptureFixture[str], code: int, *args: str) -> Any:
+    """The one JSON document a command prints, checking its exit code."""
+    assert await cli(*args, "--json") == code, args
+    out, err = capsys.readouterr()
+    assert err == "", err
+    return json.loads(out)
+
+
+async def test_admin_commands_answer_json(
+    registry: RegistryProcess,
+    make_mirror: MakeMirror,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    storage = tmp_path / "cache"
+    a = await push_image(registry.url, "adm/a", "v1", [64 * KIB])
+    b = await push_image(registry.url, "adm/b", "v2", [32 * KIB, 32 * KIB])
+    mirror = await make_mirror(registry.url, storage=storage)
+    url = f"http://127.0.0.1:{mirror.server.port}"
+    names = [f"{registry.host}/{image.reference}" for image in (a, b)]
+    began = time.time()
+
+    # warm: a line per image, then the summary; nothing on stderr (not a terminal).
+    missing = f"{registry.host}/adm/none:v1"
+    assert await cli("warm", "--json", "--mirror", url, names[0], missing, names[1]) == 1
+    out, err = capsys.readouterr()
+    assert err == ""
+    first, failed, second, summary = (json.loads(line) for line in out.splitlines())
+    for line, name, image in ((first, names[0], a), (second, names[1], b)):
+        assert line == {"image": name, "ok": True, "bytes": warmed_bytes(image),
+                        "blobs": len(image.blob_digests()), "manifests": 1, "skipped": [],
+                        "seconds": line["seconds"]}  # fmt: skip
+        assert 0 <= line["seconds"] < 30
+    assert (failed["image"], failed["ok"]) == (missing, False)
+    assert failed["error"].startswith("manifest answered 404: ")
+    assert summary == {"warmed": 2, "images": 3, "seconds": summary["seconds"],
+                       "bytes": warmed_bytes(a) + warmed_bytes(b)}  # fmt: skip
+    await downloads_stored(mirror)
+    await asyncio.sleep(1.2)  # access times flushed
+
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage: {{path: {storage}, max_size: 1MiB}}\n"
+        f"upstreams: [{{name: upstream, url: '{registry.url}'}}]\n"
+    )
+    flags = ("--config", str(config))
+    sizes = cached_sizes(a) | cached_sizes(b)
+
+    du = await json_of(capsys, 0, "du", *flags)
+    assert du == {"storage": str(storage), "max_size": MIB, "high_watermark": 0.9,
+                  "low_watermark": 0.8, "max_age": None, "used": du["used"], "blobs": 7,
+                  "blob_bytes": sum(sizes.values()), "oldest_use": du["oldest_use"]}  # fmt: skip
+    assert du["used"] >= du["blob_bytes"]
+    assert began - 1 <= du["oldest_use"] <= time.time()
+    assert await cli("du", *flags) == 0  # the text says the same
+    text = capsys.readouterr().out
+    assert f"blobs       7 ({du['blob_bytes'] / KIB:.1f} KiB)" in text
+    assert f"used        {du['used'] / KIB:.1f} KiB" in text
+
+    listed = await json_of(capsys, 0, "ls", *flags)
+    assert [{k: v for k, v in row.items() if k != "last_use"} for row in listed] == [
+        {"upstream": "upstream", "repository": image.name, "tag": image.tag,
+         "digest": image.manifest_digest, "size": sum(cached_sizes(image).values())}
+        for image in (a, b)
+    ]  # fmt: skip
+    assert all(began - 1 <= row["last_use"] <= time.time() for row in listed)
+    assert await json_of(capsys, 1, "ls", "adm/none", *flags) == []
+    assert len(await json_of(capsys, 0, "ls", "adm/b", *flags)) == 1
+
+    assert await json_of(capsys, 0, "verify", *flags) == {
+        "verified": 7, "corrupt": [], "missing": [], "evicted": 0
+    }  # fmt: skip
+    victim = blob_file(storage, b.layer_digests[0])
+    victim.write_bytes(b"rotten" + victim.read_bytes()[6:])
+    blob_file(storage, a.layer_digests[0]).unlink()
+    assert await json_of(capsys, 1, "verify", *flags) == {
+        "verified": 6, "corrupt": [b.layer_digests[0]], "missing": [a.layer_digests[0]],
+        "evicted": 0,
+    }  # fmt: skip
+
+    kept = sorted(set(cached_sizes(a)) - {a.layer_digests[0]})
+    assert await json_of(capsys, 0, "rm", names[0], *flags) == {
+        "image": names[0], "cached": True, "blobs": kept, "freed": sum(sizes[d] for d in kept)
+    }  # fmt: skip
+    assert not any(blob_file(storage, d).exists() for d in kept)
+    assert await json_of(capsys, 1, "rm", names[0], *flags) == {
+        "image": names[0], "cached": False, "blobs": [], "freed": 0
+    }  # fmt: skip
+
+    left = await json_of(capsys, 0, "du", *flags)
+    assert left["blobs"] == 3  # b's, without its corrupt layer
+    # A budget the index alone overshoots: every blob goes.
+    evicted = await json_of(capsys, 0, "gc", *flags, "--max-size", "16KiB")
+    assert evicted == {"evicted_blobs": 3, "evicted_bytes": left["blob_bytes"],
+                       "used": evicted["used"], "max_size": 16 * KIB}  # fmt: skip
+    after = await json_of(capsys, 0, "du", *flags)
+    assert (after["blobs"], after["blob_bytes"]) == (0, 0)
+    assert 0 < evicted["used"] < left["used"]
