@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from containerd import ContainerdProcess
 from fault_upstream import FaultyUpstream
+from podman import push_tar_image
 from pytest_aiohttp import AiohttpServer
 from upstream_registry import (
     RegistryProcess,
@@ -340,8 +342,12 @@ async def test_serve_configured_by_the_environment_alone(
     registry: RegistryProcess, tmp_path: Path
 ) -> None:
     """No flag, no file: the address, the cache, its budget, the upstream and the log format
-    come from MIRROR_* variables, and a skopeo pull through it reaches the registry."""
+    come from MIRROR_* variables; a skopeo pull through it, and containerd's through a
+    hosts.toml naming it, reach the registry."""
     image = await push_image(registry.url, "env/app", "v1", [40 * 1024, 8 * 1024])
+    other = await push_tar_image(registry.url, "env/other", "v1", [24 * 1024])
+    hosts = tmp_path / "certs.d" / registry.host
+    hosts.mkdir(parents=True)
     port = free_loopback_port()
     storage = tmp_path / "env-cache"
     env = mirror_env(
@@ -361,17 +367,26 @@ async def test_serve_configured_by_the_environment_alone(
     ]
     await registry.settle()
     registry.reset_counts()
-    with serve_in(env, tmp_path, f"http://127.0.0.1:{port}"):
+    (hosts / "hosts.toml").write_text(
+        f'[host."http://127.0.0.1:{port}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    with (
+        ContainerdProcess(tmp_path / "containerd") as containerd,
+        serve_in(env, tmp_path, f"http://127.0.0.1:{port}"),
+    ):
         await skopeo_copy_async(f"127.0.0.1:{port}/{image.reference}", tmp_path / "pulled")
+        await containerd.pull_async(f"{registry.host}/{other.reference}", tmp_path / "certs.d")
         await registry.settle()
-    assert registry.blob_gets() == len(image.blob_digests())
-    for digest in image.blob_digests():
+    assert registry.blob_gets() == len(image.blob_digests() | other.blob_digests())
+    for digest in image.blob_digests() | other.blob_digests():
         assert BlobStore(storage).path(Digest(*digest.split(":", 1))).exists()
     assert not (tmp_path / "data").exists()  # not the default storage
     lines = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()]
     start = next(line["message"] for line in lines if "listening" in line["message"])
     assert f"http://127.0.0.1:{port}, cache in {storage} (max {64 * MIB} bytes)" in start
-    assert any(line.get("path", "").endswith(f"/manifests/{image.tag}") for line in lines)
+    served = [(line["path"], line["status"]) for line in lines if "path" in line]
+    assert (f"/v2/{image.name}/manifests/{image.tag}", 200) in served
+    assert (f"/v2/{other.name}/manifests/{other.tag}", 200) in served  # containerd's HEAD
 
 
 async def test_serve_takes_flags_over_the_environment_over_the_file(
