@@ -148,7 +148,7 @@ class UpstreamCut(UpstreamError):
 
 
 # Failures after which a cached copy is still worth serving: the upstream, not the
-# content, is the problem (DESIGN §3, "serve the cached copy (stale)").
+# content, is the problem: the cached copy is served stale.
 STALE_SERVABLE: tuple[type[RegistryError], ...] = (
     UpstreamError,
     Busy,

@@ -2,7 +2,8 @@
 
 A real registry cannot be slow on demand, send wrong bytes, lie in `Content-Length` or drop
 the connection mid-body; these fakes (real aiohttp servers on 127.0.0.1, port 0) can, and
-they count every request, which is how single-flight (DESIGN §4.2) is proved.
+they count every request, which is how single-flight (one upstream GET per blob however
+many clients ask) is proved.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 REFERENCE_ERRORS = (NameInvalid, TagInvalid, DigestInvalid)
-# The grammars, written again here from the distribution spec (DESIGN §5), not imported.
+# The grammars, written again here from the distribution spec, not imported.
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", re.ASCII)
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
 HOST = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:]+\])(?::[0-9]+)?", re.ASCII)

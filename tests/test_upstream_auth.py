@@ -1,7 +1,7 @@
 """Upstream auth: challenge parsing, the site rule for credentials, and the token flow.
 
 The token flow runs through a real `Upstream` against `FakeRegistry`, an aiohttp server on
-loopback that plays Docker Hub's registry and token service (DESIGN §5).
+loopback that plays Docker Hub's registry and token service.
 """
 
 from __future__ import annotations

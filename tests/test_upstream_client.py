@@ -81,7 +81,7 @@ def basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
-# --- redirects: Authorization never leaves the upstream's origin (DESIGN §4, 5) -------------
+# --- redirects: Authorization never leaves the upstream's origin ---------------------------
 
 
 @pytest.mark.parametrize("cdn_host", ["localhost", "127.0.0.1"])
