@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -596,3 +597,11 @@ def test_a_variable_over_the_file_is_named_in_errors_about_its_key(tmp_path: Pat
     file.write_text("storage: {high_watermark: 0.9, low_watermark: 0.95}\n")
     with pytest.raises(ConfigError, match=r"^storage.low_watermark: must be below"):
         load_config(file, {"MIRROR_STORAGE__MAX_SIZE": "1GiB"})  # the file's value is wrong
+
+
+def test_documented_config_names_each_keys_variable() -> None:
+    text = (REPO / "config" / "mirror.yaml").read_text()
+    named = set(re.findall(r"MIRROR_[A-Z_]+", text))
+    assert environment_names() <= named
+    # Beside them, only the examples of an upstream's password_env.
+    assert named - environment_names() == {"MIRROR_HUB_TOKEN", "MIRROR_GHCR_TOKEN"}
