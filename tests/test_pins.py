@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from containerd import ContainerdProcess
 from fault_upstream import FaultyUpstream
+from podman import push_tar_image
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from upstream_registry import (
@@ -181,6 +183,45 @@ async def test_a_pinned_index_is_prefetched_kept_fresh_with_heads_and_served_whe
     assert dir_digests(pulled) == content(second)
     await until(lambda: _failed_rounds(mirror.url, 3), f"three failed rounds\n{mirror.log()}")
     assert mirror.log().count(f"pin {pin} could not be refreshed") == 1, mirror.log()
+
+
+async def test_containerd_pulls_a_moved_pin_from_the_cache_while_the_upstream_is_down(
+    registry: RegistryProcess, start_mirror_process: StartMirrorProcess, tmp_path: Path
+) -> None:
+    """containerd (hosts.toml, `?ns=`, a HEAD on the tag first) gets the tag's new content,
+    fetched by the mirror before any client asked, with the upstream gone."""
+    first = await push_tar_image(registry.url, "pins/ctr", "v1", [8 * KIB])
+    storage = tmp_path / "cache"
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "storage": {"path": str(storage)},
+                "upstreams": [{"name": "upstream", "url": registry.url, "tag_ttl": "1s"}],
+                "pins": [f"{registry.host}/pins/ctr:v1"],
+            }
+        )
+    )
+    mirror = await asyncio.to_thread(start_mirror_process, "--config", str(config))
+    await until(lambda: all_cached(storage, content(first)), f"v1 cached\n{mirror.log()}")
+    second = await push_tar_image(registry.url, "pins/ctr", "v1", [8 * KIB])
+    await until(lambda: all_cached(storage, content(second)), f"v2 cached\n{mirror.log()}")
+    await asyncio.to_thread(registry.stop)
+
+    hosts = tmp_path / "certs.d" / registry.host
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    with ContainerdProcess(tmp_path / "containerd") as containerd:
+        pulled = await containerd.pull_async(f"{registry.host}/pins/ctr:v1", tmp_path / "certs.d")
+    assert second.manifest_digest in pulled, pulled
+    assert first.manifest_digest not in pulled
+    answers = [
+        line for line in mirror.log().splitlines() if "mirror.access" in line and "?ns=" in line
+    ]
+    assert len(answers) >= 4, mirror.log()  # the tag, its manifest, config and layer
+    assert all(" 200 " in a and ("cache=hit" in a or "cache=stale" in a) for a in answers), answers
 
 
 async def _failed_rounds(url: str, at_least: int) -> bool:
