@@ -21,4 +21,5 @@ VOLUME /var/lib/mirror
 EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/healthz', timeout=4)"]
-CMD ["sh", "-c", "exec mirror serve --config \"$MIRROR_CONFIG\""]
+# mirror serve reads MIRROR_CONFIG, and any other MIRROR_* variable, itself.
+CMD ["mirror", "serve"]

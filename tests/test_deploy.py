@@ -104,7 +104,7 @@ def run_until_healthy(command: list[str], env: dict[str, str], port: int, log: P
 
 
 def test_dockerfile_command_starts_the_mirror_with_its_config(tmp_path: Path) -> None:
-    """The CMD, run as the image would (sh -c with MIRROR_CONFIG)."""
+    """The CMD, run as the image would (with MIRROR_CONFIG from its ENV)."""
     env, port = image_environment(tmp_path)
     command = json.loads(dict(dockerfile())["CMD"])
     run_until_healthy(command, env, port, tmp_path / "mirror.log")
