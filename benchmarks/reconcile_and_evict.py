@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mirror.config import Config, StorageConfig
+from mirror.budget import Budget
+from mirror.config import StorageConfig
 from mirror.eviction import Evictor
 from mirror.reference import digest_of, parse_digest
 from mirror.storage.blobs import BlobStore
@@ -66,9 +67,9 @@ async def main(count: int) -> None:
         )
 
         usage = await index.usage()
-        budget = usage.bytes * 4  # the pass evicts to the low watermark: half the blobs
-        config = Config(storage=StorageConfig(path=root, max_size=budget, low_watermark=0.125))
-        evictor = Evictor(config, store, index)
+        max_size = usage.bytes * 4  # the pass evicts to the low watermark: half the blobs
+        storage = StorageConfig(path=root, max_size=max_size, low_watermark=0.125)
+        evictor = Evictor(Budget(storage, index), index, store, (), None)
         began = time.perf_counter()
         evicted = await evictor.run_pass(force=True)
         took = time.perf_counter() - began

@@ -27,9 +27,10 @@ from typing import TextIO
 
 import aiohttp
 
+from mirror.budget import Budget
 from mirror.config import Config
 from mirror.errors import ConfigError, DigestInvalid, RegistryError
-from mirror.eviction import Evictor
+from mirror.eviction import Evictor, pinned_images
 from mirror.reference import MANIFEST_TYPES, Digest, parse_digest, parse_image_reference
 from mirror.storage.blobs import BlobStore
 from mirror.storage.images import Skipped, content_of
@@ -41,9 +42,9 @@ Command = Callable[[Config, argparse.Namespace], Coroutine[object, object, int]]
 
 async def disk_usage(config: Config, args: argparse.Namespace) -> int:
     """`mirror du`: the budget, bytes used, blob count, the oldest last use."""
-    async with _storage(config) as (evictor, index):
-        usage = await index.usage()
-        used = await evictor.used()
+    async with _storage(config) as cache:
+        usage = await cache.index.usage()
+        used = await cache.budget.used()
     storage = config.storage
     if args.json:
         _print_json({
@@ -73,8 +74,8 @@ async def disk_usage(config: Config, args: argparse.Namespace) -> int:
 
 async def collect_garbage(config: Config, args: argparse.Namespace) -> int:
     """`mirror gc`: one eviction pass now, down to the low watermark, and max_age."""
-    async with _storage(config) as (evictor, _):
-        evicted = await evictor.run_pass(force=True)
+    async with _storage(config) as cache:
+        evicted = await cache.evictor.run_pass(force=True)
     if evicted.failure is not None:
         print(f"mirror: eviction pass failed: {evicted.failure}", file=sys.stderr)
         return 1
@@ -95,7 +96,8 @@ async def collect_garbage(config: Config, args: argparse.Namespace) -> int:
 
 async def list_images(config: Config, args: argparse.Namespace) -> int:
     """`mirror ls [REPO]`: cached tags with their size (what of them is cached) and last use."""
-    async with _storage(config) as (evictor, index):
+    async with _storage(config) as cache:
+        index, store = cache.index, cache.store
         blobs = await index.blobs()
         rows = []
         skipped = Skipped()
@@ -105,7 +107,7 @@ async def list_images(config: Config, args: argparse.Namespace) -> int:
                 image.repository.removeprefix("library/"),
             ):
                 continue
-            content = await content_of(index, evictor.store, [image.digest], skipped)
+            content = await content_of(index, store, [image.digest], skipped)
             cached = [blobs[d] for d in content if d in blobs]
             size = sum(s for s, _ in cached)
             last = max((used for _, used in cached), default=0.0)
@@ -135,19 +137,20 @@ async def verify(config: Config, args: argparse.Namespace) -> int:
     A file gone since the listing is not corrupt: beside a running server, it was evicted
     meanwhile, and its row is gone too by the end of the walk. A row that stays has lost
     its file some other way."""
-    async with _storage(config) as (evictor, index):
+    async with _storage(config) as cache:
+        index, store = cache.index, cache.store
         digests = sorted(await index.digests())
         corrupt, gone = [], []
         for text in digests:
             digest = Digest(*text.split(":", 1))
             try:
-                intact = await asyncio.to_thread(evictor.store.verify, digest)
+                intact = await asyncio.to_thread(store.verify, digest)
             except FileNotFoundError:
                 gone.append(text)
                 continue
             if not intact:
                 corrupt.append(text)
-                evictor.store.remove(digest)
+                store.remove(digest)
                 if not args.json:
                     print(f"corrupt, removed: {text}")
         missing = sorted(set(gone) & await index.digests())
@@ -176,7 +179,8 @@ async def remove_image(config: Config, args: argparse.Namespace) -> int:
     except RegistryError as exc:
         print(f"mirror: {args.image}: {exc.message}", file=sys.stderr)
         return 2
-    async with _storage(config) as (evictor, index):
+    async with _storage(config) as cache:
+        index, store = cache.index, cache.store
         tagged = await index.tagged()
         mine = [
             t
@@ -194,14 +198,14 @@ async def remove_image(config: Config, args: argparse.Namespace) -> int:
         roots = [t.digest for t in mine] or [str(ref.reference)]
         others = [t.digest for t in tagged if t not in mine]
         skipped = Skipped()
-        keep = await content_of(index, evictor.store, others, skipped) | await evictor.pinned()
-        victims = sorted(await content_of(index, evictor.store, roots, skipped) - keep)
+        keep = await content_of(index, store, others, skipped) | await cache.evictor.pinned()
+        victims = sorted(await content_of(index, store, roots, skipped) - keep)
         present = await index.blobs()
         victims = [v for v in victims if v in present]
         for image in mine:
             await index.remove_tag(image.upstream, image.repository, image.tag)
         for victim in victims:
-            evictor.store.remove(Digest(*victim.split(":", 1)))
+            store.remove(Digest(*victim.split(":", 1)))
         await index.remove_blobs(victims)
     freed = sum(present[v][0] for v in victims)
     if args.json:
@@ -368,9 +372,17 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+@dataclass(frozen=True)
+class _Cache:
+    index: Index
+    store: BlobStore
+    budget: Budget
+    evictor: Evictor
+
+
 @contextlib.asynccontextmanager
-async def _storage(config: Config) -> AsyncIterator[tuple[Evictor, Index]]:
-    """The index and an evictor, for a storage directory a server may be using now."""
+async def _storage(config: Config) -> AsyncIterator[_Cache]:
+    """The cache in a storage directory a server may be using now."""
     path = config.storage.path / INDEX_FILE
     if not path.exists():
         raise ConfigError("storage.path", f"no cache index at {path}")
@@ -378,7 +390,11 @@ async def _storage(config: Config) -> AsyncIterator[tuple[Evictor, Index]]:
     await index.open()
     try:
         # No BlobStore.open(): its temp files may be a running server's downloads.
-        yield Evictor(config, BlobStore(config.storage.path), index), index
+        store = BlobStore(config.storage.path)
+        budget = Budget(config.storage, index)
+        pins = pinned_images(config)
+        evictor = Evictor(budget, index, store, pins, config.storage.max_age)
+        yield _Cache(index, store, budget, evictor)
     finally:
         await index.close()
 

@@ -12,8 +12,9 @@ from aiohttp import web
 
 from mirror.access import Gate, read_htpasswd
 from mirror.activity import Activity
+from mirror.budget import Budget
 from mirror.config import Config
-from mirror.eviction import Evictor
+from mirror.eviction import Evictor, pinned_images
 from mirror.metrics import Metrics
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.manifests import ManifestProxy
@@ -37,6 +38,7 @@ from mirror.web.middleware import (
 )
 
 CONFIG = web.AppKey("config", Config)
+EVICTOR = web.AppKey("evictor", Evictor)  # for a pass on demand
 
 
 def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -88,9 +90,12 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     index = Index(config.storage.path / INDEX_FILE)
     await index.open()
     session = upstream_session()
-    evictor = Evictor(config, store, index, metrics, app[ACTIVITY])
-    blobs = BlobProxy(store, index, evictor, metrics)
-    manifests = ManifestProxy(store, index, evictor, metrics)
+    budget = Budget(config.storage, index, metrics)
+    evictor = Evictor(
+        budget, index, store, pinned_images(config), config.storage.max_age, metrics, app[ACTIVITY]
+    )
+    blobs = BlobProxy(store, index, budget, metrics)
+    manifests = ManifestProxy(store, index, budget, metrics)
     router = Router(config.upstreams)
     upstreams: dict[str, Upstream] = {}
     background: list[asyncio.Task[None]] = []
@@ -103,7 +108,9 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
         app[registry.UPSTREAMS] = upstreams
         app[registry.BLOBS] = blobs
         app[registry.MANIFESTS] = manifests
-        app[ops.EVICTOR] = evictor
+        app[ops.BUDGET] = budget
+        app[ops.STORE] = store
+        app[EVICTOR] = evictor
         if config.pins:  # kept fresh by the primary alone: a worker never fetches
             pins = Pins(config.pins, router, upstreams, manifests, blobs, index, metrics)
             background.append(asyncio.create_task(pins.run()))
@@ -134,11 +141,11 @@ async def _worker_storage(app: web.Application) -> AsyncIterator[None]:
     sender = app[worker.SENDER]
     try:
         await sender.connect()
-        evictor = Evictor(config, store, index, metrics)  # never run: for the proxies' types
+        budget = Budget(config.storage, index, metrics)  # never reserved from: nothing stored
         app[registry.ROUTER] = Router(config.upstreams)
         app[registry.UPSTREAMS] = {u.name: Upstream(u, session, metrics) for u in config.upstreams}
-        app[registry.BLOBS] = BlobProxy(store, index, evictor, metrics)
-        app[registry.MANIFESTS] = ManifestProxy(store, index, evictor, metrics)
+        app[registry.BLOBS] = BlobProxy(store, index, budget, metrics)
+        app[registry.MANIFESTS] = ManifestProxy(store, index, budget, metrics)
         yield
     finally:
         sender.close()

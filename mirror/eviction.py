@@ -1,16 +1,11 @@
-"""Keeping the cache inside its disk budget: space reserved before downloads, LRU eviction.
+"""Keeping the cache inside its disk budget (budget.py): LRU eviction.
 
-What the cache holds on disk is counted as: the blobs in the index (exact totals kept by
-SQLite triggers), plus the space reserved for downloads and manifest writes under way,
-plus the index's own files. A download reserves its declared length before writing a
-byte, so concurrent downloads cannot overshoot the budget together; when even eviction
-cannot make room, the blob is served without being cached.
-
-The evictor runs as a background task, woken when the cache crosses the high watermark
-and once a minute (for `max_age`). It walks blobs least recently used first (one indexed
-query per batch), deletes the file and then the row, and stops at the low watermark. It
-skips blobs that some process holds open (a request reading, a download writing: see
-`BlobStore.evict`) and the content of pinned images.
+The evictor runs as a background task, woken when a reservation ends (the cache may have
+crossed the high watermark) and once a minute (for `max_age`), and whenever a reservation
+finds no room. It walks blobs least recently used first (one indexed query per batch),
+deletes the file and then the row, and stops at the low watermark. It skips blobs that
+some process holds open (a request reading, a download writing: see `BlobStore.evict`)
+and the content of pinned images.
 
 A pass that fails (the index locked by another process past its retries, a disk error)
 is logged, once until a pass succeeds again, and ends there: it never fails the request
@@ -23,15 +18,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 from mirror.activity import Activity
+from mirror.budget import Budget
 from mirror.config import Config
 from mirror.metrics import Metrics
-from mirror.reference import Digest, parse_digest
+from mirror.reference import parse_digest
 from mirror.storage.blobs import BlobStore
-from mirror.storage.images import Skipped, content_of
+from mirror.storage.images import PinnedImage, Skipped, pinned_content
 from mirror.storage.index import Index
 from mirror.upstream.routing import Router
 
@@ -49,66 +45,34 @@ class Evicted:
     failure: str | None = None  # why the pass failed; then the counts are not known
 
 
+def pinned_images(config: Config) -> tuple[PinnedImage, ...]:
+    """The configured pins, as the upstreams they route to know them."""
+    router = Router(config.upstreams)
+    routes = [(router.route(pin.repository, pin.host), pin) for pin in config.pins]
+    return tuple(PinnedImage(r.upstream.name, r.repository, p.reference) for r, p in routes)
+
+
 class Evictor:
     def __init__(
         self,
-        config: Config,
-        store: BlobStore,
+        budget: Budget,
         index: Index,
+        store: BlobStore,
+        pins: Iterable[PinnedImage],
+        max_age: float | None,
         metrics: Metrics | None = None,
         activity: Activity | None = None,
     ) -> None:
-        self.storage = config.storage
+        self.budget = budget
+        self.index = index
+        self.store = store
+        self.pins = tuple(pins)
+        self.max_age = max_age
         self.metrics = metrics or Metrics()
         self.activity = activity or Activity()  # the recent evictions, for the status page
-        self.pins = config.pins
-        self.router = Router(config.upstreams)
-        self.store = store
-        self.index = index
-        self.reserved = 0
-        self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
         self._failing = False  # the last pass failed (and that was logged)
         self._skipped = Skipped()  # digests the pins name that no walk can read
-
-    @property
-    def high(self) -> int:
-        return int(self.storage.max_size * self.storage.high_watermark)
-
-    @property
-    def low(self) -> int:
-        return int(self.storage.max_size * self.storage.low_watermark)
-
-    async def used(self) -> int:
-        """Bytes counted against the budget now."""
-        stored = (await self.index.usage()).bytes
-        return stored + self.reserved + self.index.file_bytes()
-
-    async def reserve(self, size: int) -> bool:
-        """Room for `size` more bytes, evicting if need be; False when there is none."""
-        if size > self.storage.max_size - self.index.file_bytes():
-            return False  # larger than all the budget could ever hold: evict nothing for it
-        async with self._lock:
-            if await self.used() + size > self.storage.max_size:
-                await self._evict(max(min(self.low, self.storage.max_size - size), 0))
-                if await self.used() + size > self.storage.max_size:
-                    return False
-            self.reserved += size
-            return True
-
-    def release(self, size: int) -> None:
-        """A reservation is over: its bytes were committed (now in the index) or dropped."""
-        self.reserved -= size
-        self._wake.set()
-
-    def passed_through(self, digest: Digest, size: int | None) -> None:
-        self.metrics.uncached_passthrough.inc()
-        log.warning(
-            "no room in the %d-byte cache budget for %s (%s bytes): served without caching",
-            self.storage.max_size,
-            digest,
-            size,
-        )
+        budget.reclaim_with(self._evict)
 
     async def run(self) -> None:
         """The background task: a pass when woken and over the high watermark, and
@@ -118,23 +82,23 @@ class Evictor:
             # that arrives just as the event is set, and the task would never end.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PASS_INTERVAL):
-                    await self._wake.wait()
-            self._wake.clear()
+                    await self.budget.released.wait()
+            self.budget.released.clear()
             await self.run_pass()
 
     async def run_pass(self, force: bool = False) -> Evicted:
         """One pass: down to the low watermark once over the high one (or over the low one
         when `force`d, as `mirror gc` does), and everything older than max_age."""
-        async with self._lock:
+        async with self.budget.lock:
             return await self._logging_failure(self._pass(force))
 
     async def _pass(self, force: bool) -> Evicted:
-        used = await self.used()
-        over = used > (self.low if force else self.high)
-        return await self._evict_lru(self.low if over else None)
+        used = await self.budget.used()
+        over = used > (self.budget.low if force else self.budget.high)
+        return await self._evict_lru(self.budget.low if over else None)
 
     async def _evict(self, target: int | None) -> Evicted:
-        """Under the lock: `_evict_lru`, a failure logged, never raised."""
+        """Holding the budget's lock: `_evict_lru`, a failure logged, never raised."""
         return await self._logging_failure(self._evict_lru(target))
 
     async def _logging_failure(self, work: Awaitable[Evicted]) -> Evicted:
@@ -155,8 +119,8 @@ class Evictor:
         """Evict LRU first until `target` bytes, and what max_age expires."""
         await self.index.flush()  # the latest hits count
         pinned = await self.pinned()
-        cutoff = time.time() - self.storage.max_age if self.storage.max_age else None
-        used = await self.used()
+        cutoff = time.time() - self.max_age if self.max_age else None
+        used = await self.budget.used()
         count = freed = 0
         after: tuple[float, str] | None = None
         enough = False
@@ -188,13 +152,4 @@ class Evictor:
 
     async def pinned(self) -> set[str]:
         """Every digest of the pinned images that is cached: manifests, children, blobs."""
-        roots: list[str] = []
-        for pin in self.pins:
-            route = self.router.route(pin.repository, pin.host)
-            if isinstance(pin.reference, Digest):
-                roots.append(str(pin.reference))
-                continue
-            tag = await self.index.tag(route.upstream.name, route.repository, pin.reference)
-            if tag is not None:
-                roots.append(tag.digest)
-        return await content_of(self.index, self.store, roots, self._skipped)
+        return await pinned_content(self.index, self.store, self.pins, self._skipped)

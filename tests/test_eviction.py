@@ -34,10 +34,9 @@ from upstream_registry import (
     push_index_with_foreign_digests,
 )
 
-from mirror.app import make_app
+from mirror.app import EVICTOR, make_app
 from mirror.cli import main as cli
 from mirror.reference import parse_image_reference
-from mirror.web.ops import EVICTOR
 
 if TYPE_CHECKING:
     from conftest import MirrorClient, MirrorProcess

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import mirror_config
 
+from mirror.budget import Budget
 from mirror.errors import RegistryError, UpstreamCut
-from mirror.eviction import Evictor
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.fetch import BlobReader
 from mirror.proxy.sinks import WINDOW_SIZE, Span
@@ -101,7 +101,7 @@ async def make_cache(tmp_path: Path) -> AsyncIterator[Cached]:
         index = Index(storage / INDEX_FILE)
         await index.open()
         opened.append(index)
-        return Cache(BlobProxy(store, index, Evictor(config, store, index)), store, index)
+        return Cache(BlobProxy(store, index, Budget(config.storage, index)), store, index)
 
     yield make
     for index in opened:

@@ -106,6 +106,7 @@ async def test_joined_requests_are_counted(
 
     bodies = await asyncio.gather(*(get() for _ in range(8)))
     assert bodies == [data] * 8
+    await downloads_stored(mirror)  # the last byte goes out before the commit
     samples = await scrape(mirror)
     assert value(samples, "mirror_fetch_joins_total") == 7
     assert value(samples, "mirror_fetches_in_flight") == 0

@@ -28,8 +28,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from mirror.budget import Budget
 from mirror.errors import RegistryError, UpstreamCut, UpstreamError
-from mirror.eviction import Evictor
 from mirror.metrics import Metrics
 from mirror.proxy.fetch import BlobReader, Fetch
 from mirror.proxy.sources import Body, Source, UpstreamSource
@@ -82,11 +82,11 @@ Blob = CachedBlob | Download | BlobSize
 
 class BlobProxy:
     def __init__(
-        self, store: BlobStore, index: Index, evictor: Evictor, metrics: Metrics | None = None
+        self, store: BlobStore, index: Index, budget: Budget, metrics: Metrics | None = None
     ) -> None:
         self.store = store
         self.index = index
-        self.evictor = evictor
+        self.budget = budget
         self.metrics = metrics or Metrics()
         self._fetches: dict[tuple[str, Digest], Fetch] = {}  # by source name and digest
         self._tasks: set[asyncio.Task[None]] = set()
@@ -212,7 +212,7 @@ class BlobProxy:
             self._forget(key, fetch)
             await asyncio.shield(fetch.finish(error))
             fetch.writer.close()
-            self.evictor.release(fetch.reserved)
+            self.budget.release(fetch.reserved)
             self.metrics.fetches_in_flight.dec()
 
     def _forget(self, key: tuple[str, Digest], fetch: Fetch) -> None:
@@ -299,9 +299,9 @@ class BlobProxy:
                 )
 
     async def _reserve(self, key: tuple[str, Digest], fetch: Fetch, size: int) -> None:
-        if await self.evictor.reserve(size):
+        if await self.budget.reserve(size):
             fetch.reserved += size
             return
-        self.evictor.passed_through(fetch.digest, fetch.length)
+        self.budget.passed_through(fetch.digest, fetch.length)
         self._forget(key, fetch)
         fetch.pass_through()

@@ -30,8 +30,8 @@ from typing import Any, Generic, TypeVar
 
 from yarl import URL
 
+from mirror.budget import Budget
 from mirror.errors import STALE_SERVABLE, ManifestUnknown, UpstreamError
-from mirror.eviction import Evictor
 from mirror.metrics import Metrics
 from mirror.reference import (
     MANIFEST_TYPES,
@@ -110,11 +110,11 @@ class _Listings(Generic[T]):
 
 class ManifestProxy:
     def __init__(
-        self, store: BlobStore, index: Index, evictor: Evictor, metrics: Metrics | None = None
+        self, store: BlobStore, index: Index, budget: Budget, metrics: Metrics | None = None
     ) -> None:
         self.store = store
         self.index = index
-        self.evictor = evictor
+        self.budget = budget
         self.metrics = metrics or Metrics()
         self._listings: _Listings[UpstreamListing] = _Listings(lambda kept: len(kept.body))
         self._tag_lists: _Listings[tuple[str, ...]] = _Listings(_tags_size)
@@ -367,8 +367,8 @@ class ManifestProxy:
         sent_type = sent_type.lower()
         own_type = _own_media_type(upstream.name, body, sent_type)
         media_type = own_type or await self._recorded_type(digest) or sent_type
-        if not await self.evictor.reserve(len(body)):
-            self.evictor.passed_through(digest, len(body))
+        if not await self.budget.reserve(len(body)):
+            self.budget.passed_through(digest, len(body))
             return Manifest(body, media_type, digest)
         private = upstream.config.access == "authenticated"
         try:
@@ -382,7 +382,7 @@ class ManifestProxy:
             media_type = own_type or kept or media_type  # another fetch's may have been first
             self._remember(Manifest(body, media_type, digest, "hit"))
         finally:
-            self.evictor.release(len(body))
+            self.budget.release(len(body))
         return Manifest(body, media_type, digest)
 
     async def _recorded_type(self, digest: Digest) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from mirror.errors import DigestInvalid
 from mirror.reference import Digest, manifest_references, parse_digest
@@ -57,6 +58,30 @@ async def content_of(
         if row is not None and row.media_type is not None:  # a manifest: follow it
             todo.extend(await asyncio.to_thread(_referenced, store, digest))
     return found
+
+
+@dataclass(frozen=True)
+class PinnedImage:
+    """An image the evictor must keep: a tag (or digest) of a repository of an upstream."""
+
+    upstream: str
+    repository: str
+    reference: str | Digest
+
+
+async def pinned_content(
+    index: Index, store: BlobStore, pins: Iterable[PinnedImage], skipped: Skipped
+) -> set[str]:
+    """Every digest of the pinned images that is cached: manifests, children, blobs."""
+    roots: list[str] = []
+    for pin in pins:
+        if isinstance(pin.reference, Digest):
+            roots.append(str(pin.reference))
+            continue
+        tag = await index.tag(pin.upstream, pin.repository, pin.reference)
+        if tag is not None:
+            roots.append(tag.digest)
+    return await content_of(index, store, roots, skipped)
 
 
 def _readable(text: str, skipped: Skipped) -> Digest | None:

@@ -8,11 +8,13 @@ import tempfile
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mirror.eviction import Evictor
+from mirror.budget import Budget
+from mirror.storage.blobs import BlobStore
 from mirror.web.middleware import METRICS
 from mirror.web.registry import UPSTREAMS
 
-EVICTOR = web.AppKey("evictor", Evictor)
+BUDGET = web.AppKey("budget", Budget)
+STORE = web.AppKey("store", BlobStore)  # probed for writes by /readyz
 SHUTTING_DOWN = web.AppKey("shutting_down", list[bool])  # a box: set once, on shutdown
 
 
@@ -27,11 +29,10 @@ def add_routes(app: web.Application) -> None:
 async def metrics(request: web.Request) -> web.Response:
     """The registry's metrics, with the gauges of state held elsewhere set just now."""
     registry = request.app[METRICS]
-    evictor = request.app[EVICTOR]
-    usage = await evictor.index.usage()
-    registry.cache_size.set(await evictor.used())
-    registry.cache_max.set(evictor.storage.max_size)
-    registry.cache_blobs.set(usage.blobs)
+    use = await request.app[BUDGET].use()
+    registry.cache_size.set(use.used)
+    registry.cache_max.set(use.max_size)
+    registry.cache_blobs.set(use.blobs)
     for name, upstream in request.app[UPSTREAMS].items():
         quota = upstream.ratelimit
         if quota.remaining is not None:
@@ -51,13 +52,12 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if request.app[SHUTTING_DOWN]:
         problems.append("shutting down")
-    evictor = request.app[EVICTOR]
     try:
-        await evictor.index.usage()
+        await request.app[BUDGET].use()
     except Exception as exc:  # any failure of the index means not ready, whatever it is
         problems.append(f"index: {exc}")
     try:
-        _probe_write(evictor.store.tmp)
+        _probe_write(request.app[STORE].tmp)
     except OSError as exc:
         problems.append(f"storage not writable: {exc.strerror}")
     status = 503 if problems else 200

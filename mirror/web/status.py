@@ -26,7 +26,7 @@ from mirror.activity import Activity, Eviction, RepositoryUse, Served, counted
 from mirror.metrics import Metrics
 from mirror.upstream.client import Upstream
 from mirror.web.middleware import ACTIVITY, METRICS
-from mirror.web.ops import EVICTOR
+from mirror.web.ops import BUDGET
 from mirror.web.registry import GATE, UPSTREAMS
 
 REFRESH_SECONDS = 10
@@ -96,16 +96,16 @@ async def _login_if_required(request: web.Request) -> None:
 
 
 async def current(app: web.Application) -> Status:
-    evictor, activity = app[EVICTOR], app[ACTIVITY]
+    use, activity = await app[BUDGET].use(), app[ACTIVITY]
     now = counted(app[METRICS])
     return Status(
         version=_version(),
         started=activity.started,
         uptime=activity.uptime,
         processes=app[PROCESSES],
-        cache_used=await evictor.used(),
-        cache_max=evictor.storage.max_size,
-        cache_blobs=(await evictor.index.usage()).blobs,
+        cache_used=use.used,
+        cache_max=use.max_size,
+        cache_blobs=use.blobs,
         since_start=now.served,
         last_hour=activity.last_hour(now.served, time.monotonic()),
         fetches_in_flight=now.fetches_in_flight,
