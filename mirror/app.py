@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from mirror.access import Gate, read_htpasswd
@@ -20,6 +19,7 @@ from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.manifests import ManifestProxy
 from mirror.proxy.pins import Pins
 from mirror.storage.blobs import BlobStore
+from mirror.storage.cache import Cache
 from mirror.storage.index import INDEX_FILE, Index
 from mirror.storage.lock import storage_locked
 from mirror.storage.reconcile import reconcile
@@ -94,8 +94,9 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     evictor = Evictor(
         budget, index, store, pinned_images(config), config.storage.max_age, metrics, app[ACTIVITY]
     )
-    blobs = BlobProxy(store, index, budget, metrics)
-    manifests = ManifestProxy(store, index, budget, metrics)
+    cache = Cache(store, index)
+    blobs = BlobProxy(cache, budget, metrics)
+    manifests = ManifestProxy(cache, index, budget, metrics)
     router = Router(config.upstreams)
     upstreams: dict[str, Upstream] = {}
     background: list[asyncio.Task[None]] = []
@@ -129,7 +130,7 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
 
 async def _worker_storage(app: web.Application) -> AsyncIterator[None]:
     """The cache as the primary keeps it, read (and its uses recorded) but never changed;
-    upstream clients only to route requests: a worker sends nothing upstream."""
+    a worker sends nothing upstream."""
     config, metrics = app[CONFIG], app[METRICS]
     store = BlobStore(config.storage.path)  # not opened: that clears the primary's temp files
     # Blobs the primary fetches through an authenticated upstream are marked private
@@ -137,17 +138,15 @@ async def _worker_storage(app: web.Application) -> AsyncIterator[None]:
     private = any(u.access == "authenticated" for u in config.upstreams)
     index = Index(config.storage.path / INDEX_FILE, private_elsewhere=private)
     await index.open()
-    session = aiohttp.ClientSession()
     sender = app[worker.SENDER]
     try:
         await sender.connect()
+        cache = Cache(store, index)
         budget = Budget(config.storage, index, metrics)  # never reserved from: nothing stored
         app[registry.ROUTER] = Router(config.upstreams)
-        app[registry.UPSTREAMS] = {u.name: Upstream(u, session, metrics) for u in config.upstreams}
-        app[registry.BLOBS] = BlobProxy(store, index, budget, metrics)
-        app[registry.MANIFESTS] = ManifestProxy(store, index, budget, metrics)
+        app[registry.BLOBS] = BlobProxy(cache, budget, metrics)
+        app[registry.MANIFESTS] = ManifestProxy(cache, index, budget, metrics)
         yield
     finally:
         sender.close()
-        await session.close()
         await index.close()

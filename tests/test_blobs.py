@@ -153,7 +153,7 @@ async def assert_nothing_cached(client: MirrorClient, storage: Path, blob: Blob)
     assert cached_files(storage) == []
     assert temp_files(storage) == []
     proxy = blob_proxy(client)
-    assert await proxy.index.blob(Digest("sha256", blob.hex)) is None
+    assert await proxy.cache.index.blob(Digest("sha256", blob.hex)) is None
 
 
 async def wait_for_file(path: Path) -> None:
@@ -809,7 +809,7 @@ async def test_blob_is_visible_under_its_digest_only_when_complete(
         (temp,) = temp_files(storage)
         assert temp.stat().st_size == MiB
         proxy = blob_proxy(client)
-        assert await proxy.index.blob(Digest("sha256", blob.hex)) is None
+        assert await proxy.cache.index.blob(Digest("sha256", blob.hex)) is None
         async with (
             asyncio.timeout(PULL_TIMEOUT),
             client.head(blob.path) as head,

@@ -25,6 +25,7 @@ from mirror.proxy.fetch import BlobReader
 from mirror.proxy.sinks import WINDOW_SIZE, Span
 from mirror.reference import ByteRange, Digest, parse_digest
 from mirror.storage.blobs import BlobStore
+from mirror.storage.cache import Cache as StoredCache
 from mirror.storage.index import INDEX_FILE, Index
 
 KIB, MIB = 1024, 1024 * 1024
@@ -101,7 +102,9 @@ async def make_cache(tmp_path: Path) -> AsyncIterator[Cached]:
         index = Index(storage / INDEX_FILE)
         await index.open()
         opened.append(index)
-        return Cache(BlobProxy(store, index, Budget(config.storage, index)), store, index)
+        return Cache(
+            BlobProxy(StoredCache(store, index), Budget(config.storage, index)), store, index
+        )
 
     yield make
     for index in opened:

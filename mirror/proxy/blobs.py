@@ -13,7 +13,7 @@ crowd each other out). A blob that does not fit (at its start, when the reservat
 cannot grow, or when the disk fills up) passes through: readers get the rest from a
 bounded memory window, and nothing is cached.
 
-A blob fetched through an `authenticated` upstream is private (see `Index.mark_private`):
+A blob fetched through an `authenticated` upstream is private (storage/cache.py):
 a request routed to a public upstream does not see it in the cache.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from mirror.metrics import Metrics
 from mirror.proxy.fetch import BlobReader, Fetch
 from mirror.proxy.sources import Body, Source, UpstreamSource
 from mirror.reference import Digest
-from mirror.storage.blobs import BlobStore, DigestMismatch
-from mirror.storage.index import Index
+from mirror.storage.blobs import DigestMismatch
+from mirror.storage.cache import Cache
 from mirror.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
@@ -81,28 +80,19 @@ Blob = CachedBlob | Download | BlobSize
 
 
 class BlobProxy:
-    def __init__(
-        self, store: BlobStore, index: Index, budget: Budget, metrics: Metrics | None = None
-    ) -> None:
-        self.store = store
-        self.index = index
+    def __init__(self, cache: Cache, budget: Budget, metrics: Metrics | None = None) -> None:
+        self.cache = cache
         self.budget = budget
         self.metrics = metrics or Metrics()
         self._fetches: dict[tuple[str, Digest], Fetch] = {}  # by source name and digest
         self._tasks: set[asyncio.Task[None]] = set()
         self._disk_full = False  # logged once, until a blob is stored again
 
-    def local(self, upstream: Upstream, digest: Digest) -> CachedBlob | None:
+    def local(self, access: str, digest: Digest) -> CachedBlob | None:
         """The cached blob, open, recording the use; None on a miss (or a private blob
-        asked for through a public upstream)."""
-        if self.index.hidden(digest, upstream.config.access):
-            return None
-        try:
-            file, size = self.store.open_blob(digest)
-        except FileNotFoundError:
-            return None
-        self.index.touch(digest)
-        return CachedBlob(file, size)
+        asked for through a public route)."""
+        opened = self.cache.open_blob(digest, access)
+        return None if opened is None else CachedBlob(*opened)
 
     @asynccontextmanager
     async def answer(
@@ -110,7 +100,7 @@ class BlobProxy:
     ) -> AsyncIterator[Blob]:
         """What one request gets, held until the answer is sent: the cached blob, or on a
         miss its shared download (`body`) or only its size (a HEAD: nothing downloaded)."""
-        cached = self.local(upstream, digest)
+        cached = self.local(upstream.config.access, digest)
         if cached is not None:
             with cached:
                 yield cached
@@ -143,7 +133,7 @@ class BlobProxy:
         if fetch is not None:
             self.metrics.fetch_joins.inc()
         else:
-            fetch = Fetch(self.store.writer(digest))
+            fetch = Fetch(self.cache.writer(digest))
             self._fetches[key] = fetch
             task = asyncio.create_task(self._download(key, fetch, source, private))
             self._tasks.add(task)
@@ -156,7 +146,7 @@ class BlobProxy:
 
         None when the blob does not fit the budget: passing through, it would be cached
         nowhere, so this reader leaves it (to whichever clients read it, if any)."""
-        cached = self.local(upstream, digest)
+        cached = self.local(upstream.config.access, digest)
         if cached is not None:
             cached.file.close()
             return 0
@@ -221,17 +211,10 @@ class BlobProxy:
             del self._fetches[key]
 
     async def _keep(self, fetch: Fetch, private: bool) -> None:
-        """Commit the verified file and index it. A failure to store it leaves the readers'
-        answers whole: the blob was served, only not cached."""
-        try:
-            if private:  # before the file is in place, so a crash cannot leave it public
-                await self.index.mark_private(fetch.digest)
-            await asyncio.to_thread(fetch.writer.commit)
-            await self.index.add_blob(fetch.digest, fetch.written, public=not private)
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("%s was served but could not be cached: %s", fetch.digest, exc)
-            return
-        self._disk_full = False
+        """Commit the verified file. A failure to store it leaves the readers' answers
+        whole: the blob was served, only not cached."""
+        if await self.cache.commit_file(fetch.writer, private=private):
+            self._disk_full = False
 
     async def _receive(self, key: tuple[str, Digest], fetch: Fetch, source: Source) -> None:
         """The whole body into `fetch`, resuming after a cut `retries` times at most."""

@@ -19,7 +19,6 @@ import bisect
 import json
 import logging
 import re
-import sqlite3
 import sys
 import time
 from collections import OrderedDict
@@ -41,7 +40,8 @@ from mirror.reference import (
     digest_of,
     parse_digest,
 )
-from mirror.storage.blobs import BlobStore, DigestMismatch
+from mirror.storage.blobs import DigestMismatch
+from mirror.storage.cache import Cache
 from mirror.storage.index import Index
 from mirror.upstream.client import MAX_LISTING_SIZE, Upstream, UpstreamListing
 
@@ -110,9 +110,10 @@ class _Listings(Generic[T]):
 
 class ManifestProxy:
     def __init__(
-        self, store: BlobStore, index: Index, budget: Budget, metrics: Metrics | None = None
+        self, cache: Cache, index: Index, budget: Budget, metrics: Metrics | None = None
     ) -> None:
-        self.store = store
+        """`cache` keeps the manifests' bytes; `index` the tags that point at them."""
+        self.cache = cache
         self.index = index
         self.budget = budget
         self.metrics = metrics or Metrics()
@@ -133,7 +134,7 @@ class ManifestProxy:
         It asks for every manifest type whatever this client accepts, since a digest names
         one content (distribution refuses an OCI manifest to an Accept without its type).
         """
-        cached = await self.cached(upstream, digest)
+        cached = await self.cached(upstream.config.access, digest)
         if cached is not None:
             return cached
         wanted = tuple(dict.fromkeys(accept + MANIFEST_TYPES))
@@ -160,7 +161,7 @@ class ManifestProxy:
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
         # A request that found nothing may get here just after another's fetch stored it.
-        cached = await self.cached(upstream, digest)
+        cached = await self.cached(upstream.config.access, digest)
         if cached is not None:
             return cached
         remote = await upstream.get_manifest(repository, str(digest), accept)
@@ -219,7 +220,7 @@ class ManifestProxy:
         if row is None:
             return None, False
         fresh = time.time() - row.checked_at < upstream.config.tag_ttl
-        return await self.cached(upstream, parse_digest(row.digest)), fresh
+        return await self.cached(upstream.config.access, parse_digest(row.digest)), fresh
 
     async def listing(
         self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
@@ -372,48 +373,31 @@ class ManifestProxy:
             return Manifest(body, media_type, digest)
         private = upstream.config.access == "authenticated"
         try:
-            if private:  # see BlobProxy._keep
-                await self.index.mark_private(digest)
-            await asyncio.to_thread(self.store.write, digest, body)
-            kept = await self.index.add_blob(digest, len(body), media_type, public=not private)
-        except (OSError, sqlite3.Error) as exc:  # a full disk, say: verified, so served
-            log.warning("manifest %s was served but could not be cached: %s", digest, exc)
-        else:
-            media_type = own_type or kept or media_type  # another fetch's may have been first
-            self._remember(Manifest(body, media_type, digest, "hit"))
+            kept = await self.cache.commit_bytes(digest, body, media_type, private=private)
         finally:
             self.budget.release(len(body))
+        if kept is not None:  # verified, so served even when not kept (a full disk, say)
+            media_type = own_type or kept  # another fetch's type may have been first
+            self._remember(Manifest(body, media_type, digest, "hit"))
         return Manifest(body, media_type, digest)
 
     async def _recorded_type(self, digest: Digest) -> str | None:
         row = await self.index.blob(digest)
         return None if row is None else row.media_type
 
-    async def cached(self, upstream: Upstream, digest: Digest) -> Manifest | None:
-        """The cached manifest; None on a miss, or when it is private and `upstream` public."""
-        if self.index.hidden(digest, upstream.config.access):
-            return None
+    async def cached(self, access: str, digest: Digest) -> Manifest | None:
+        """The cached manifest; None on a miss, or when it is private and `access` public."""
         manifest = self._recent.get(digest)
-        if manifest is not None and self.store.size(digest) is not None:  # not evicted
+        if manifest is not None and self.cache.seen(digest, access):  # not evicted
             self._recent.move_to_end(digest)
-        else:
-            manifest = await self._read(digest)
-            if manifest is None:
-                return None
-        self.index.touch(digest)
-        return manifest
-
-    async def _read(self, digest: Digest) -> Manifest | None:
-        row = await self.index.blob(digest)
-        if row is None or row.media_type is None:
+            return manifest
+        found = await self.cache.manifest(digest, access)
+        if found is None:
             return None
-        try:
-            body = self.store.path(digest).read_bytes()
-        except FileNotFoundError:
-            return None
+        body, recorded = found
         # Its own type over the row's, which a version before types belonged to the content
         # may have taken from the last upstream to serve it.
-        manifest = Manifest(body, _declared_type(body) or row.media_type, digest, "hit")
+        manifest = Manifest(body, _declared_type(body) or recorded, digest, "hit")
         self._remember(manifest)
         return manifest
 

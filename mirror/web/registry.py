@@ -31,7 +31,7 @@ from mirror.reference import (
     validate_name,
 )
 from mirror.upstream.client import Upstream
-from mirror.upstream.routing import Router
+from mirror.upstream.routing import Route, Router
 from mirror.web.responses import blob_response, manifest_response, unchanged
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def add_routes(app: web.Application) -> None:
     app.on_response_prepare.append(echo_namespace)
 
 
-async def upstream_of(request: web.Request) -> tuple[Upstream, str]:
+async def route_of(request: web.Request) -> Route:
     """The upstream this request is for, and the repository's name there; for an
     `authenticated` upstream, only with a login to the mirror."""
     name = validate_name(request.match_info["name"])
@@ -68,6 +68,12 @@ async def upstream_of(request: web.Request) -> tuple[Upstream, str]:
     request[UPSTREAM_NAME] = route.upstream.name
     if route.upstream.access == "authenticated":
         await _login(request)
+    return route
+
+
+async def upstream_of(request: web.Request) -> tuple[Upstream, str]:
+    """The client of the upstream this request is for, and the repository's name there."""
+    route = await route_of(request)
     return request.app[UPSTREAMS][route.upstream.name], route.repository
 
 

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from mirror.reference import Digest, parse_accept, parse_digest, parse_manifest_reference
 from mirror.web.handoff import Sender
-from mirror.web.registry import BLOBS, MANIFESTS, echo_namespace, not_supported, upstream_of
+from mirror.web.registry import BLOBS, MANIFESTS, echo_namespace, not_supported, route_of
 from mirror.web.responses import blob_response, manifest_response
 
 SENDER = web.AppKey("sender", Sender)  # the channel to the primary
@@ -31,20 +31,20 @@ async def hand_off(request: web.Request) -> web.StreamResponse:
 
 
 async def cached_manifest(request: web.Request) -> web.StreamResponse:
-    upstream, _ = await upstream_of(request)
+    route = await route_of(request)
     reference = parse_manifest_reference(request.match_info["reference"])
     parse_accept(request.headers.getall("Accept", ()))
     if isinstance(reference, Digest):
-        found = await request.app[MANIFESTS].cached(upstream, reference)
+        found = await request.app[MANIFESTS].cached(route.upstream.access, reference)
         if found is not None:
             return manifest_response(request, found)
     return await hand_off(request)
 
 
 async def cached_blob(request: web.Request) -> web.StreamResponse:
-    upstream, _ = await upstream_of(request)
+    route = await route_of(request)
     digest = parse_digest(request.match_info["digest"])
-    cached = request.app[BLOBS].local(upstream, digest)
+    cached = request.app[BLOBS].local(route.upstream.access, digest)
     if cached is None:
         return await hand_off(request)
     with cached:
