@@ -1,4 +1,5 @@
-"""Shared fixtures: a real upstream registry, and the mirror in-process or as a subprocess."""
+"""Shared fixtures: a real upstream registry, the fake one, and the mirror in-process or as a
+subprocess."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import bcrypt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from fake_upstream import FakeUpstream, S, Serve, Served
 from podman import podman_cleanup, require_podman
-from pytest_aiohttp import AiohttpClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 from upstream_registry import RegistryProcess, free_loopback_port
 
 from mirror.app import make_app
@@ -71,6 +73,30 @@ def registry(tmp_path: Path) -> Iterator[RegistryProcess]:
     """A real docker-registry on a free loopback port, with its own storage."""
     with RegistryProcess(tmp_path / "upstream") as reg:
         yield reg
+
+
+@pytest.fixture
+async def serve(aiohttp_server: AiohttpServer) -> AsyncIterator[Serve]:
+    """`await serve(fake)` starts a FakeUpstream or a CDN on a free loopback port and returns
+    it. At teardown every hang and stall is released, so that no handler outlives its server."""
+    started: list[Served] = []
+
+    async def start(fake: S) -> S:
+        server = await aiohttp_server(fake.app)
+        assert server.port is not None
+        fake.port = server.port
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.release.set()
+
+
+@pytest.fixture
+async def fake_upstream(serve: Serve) -> FakeUpstream:
+    """The fake upstream, started: no auth, nothing stored, answering as asked."""
+    return await serve(FakeUpstream())
 
 
 def mirror_config(

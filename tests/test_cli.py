@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 import aiohttp
 import pytest
 from containerd import ContainerdProcess
-from fault_upstream import FaultyUpstream
+from fake_upstream import FakeUpstream
 from podman import push_tar_image
-from pytest_aiohttp import AiohttpServer
 from upstream_registry import (
     RegistryProcess,
     free_loopback_port,
@@ -207,19 +206,17 @@ sys.stdin.read()
 
 
 async def test_a_second_server_on_the_same_storage_exits_2_and_touches_nothing(
-    aiohttp_server: AiohttpServer,
+    fake_upstream: FakeUpstream,
     start_mirror_process: Callable[..., MirrorProcess],
     tmp_path: Path,
 ) -> None:
     """It would have cleared the first one's temp files (a download in progress) and kept
     a budget of its own."""
-    upstream = FaultyUpstream()
-    upstream.url = str((await aiohttp_server(upstream.app())).make_url("")).rstrip("/")
     data = os.urandom(256 * 1024)
-    digest = upstream.add_blob(data)
-    upstream.stall_after, upstream.stalls = 64 * 1024, 1
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.stall_after, fake_upstream.blobs.stalls = 64 * 1024, 1
     storage = tmp_path / "cache"
-    args = ("--storage", str(storage), "--upstream", upstream.url)
+    args = ("--storage", str(storage), "--upstream", fake_upstream.url)
     first = await asyncio.to_thread(start_mirror_process, *args)
 
     async def get() -> bytes:
@@ -257,7 +254,7 @@ async def test_a_second_server_on_the_same_storage_exits_2_and_touches_nothing(
         for admin in ("du", "gc", "ls", "verify"):  # beside the server, as ever
             assert await asyncio.to_thread(main, [admin, "--storage", str(storage)]) == 0
     finally:
-        upstream.release.set()
+        fake_upstream.release.set()
     assert await pending == data
     assert first.proc.poll() is None
 

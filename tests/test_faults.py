@@ -24,8 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from fault_upstream import MANIFEST_TYPE, FaultyUpstream
-from pytest_aiohttp import AiohttpServer
+from fake_upstream import OCI_MANIFEST, FakeUpstream, RawServer, Serve, manifest_bytes
 
 from mirror.config import AuthConfig, Timeouts
 from mirror.reference import parse_digest
@@ -45,20 +44,10 @@ QUICK = Timeouts(connect=2, first_byte=1, idle=0.3)
 
 
 @pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[FaultyUpstream]:
-    fake = FaultyUpstream()
-    server = await aiohttp_server(fake.app())
-    fake.url = str(server.make_url("")).rstrip("/")
-    yield fake
-    fake.release.set()
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[FaultyUpstream]:
-    """The fault upstream behind the hand-written server (bytes past an answer's end)."""
-    fake = FaultyUpstream()
-    server = await fake.serve_raw()
-    yield fake
+async def raw(fake_upstream: FakeUpstream) -> AsyncIterator[RawServer]:
+    """`fake_upstream` behind the hand-written server too (bytes past an answer's end)."""
+    server = await RawServer(fake_upstream).start()
+    yield server
     server.close()
 
 
@@ -98,16 +87,16 @@ async def settled(storage: Path, digest: str) -> dict[str, bool]:
 
 
 async def test_a_dropped_blob_is_resumed_with_a_range(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     data = os.urandom(MIB + 123)
-    digest = upstream.add_blob(data)
-    upstream.drop_after, upstream.drops = 300 * KIB, 2
-    mirror = await make_mirror(upstream.url, storage=storage)
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.drop_after, fake_upstream.blobs.drops = 300 * KIB, 2
+    mirror = await make_mirror(fake_upstream.url, storage=storage)
 
     assert await pull(mirror, digest) == (200, data)  # one continuous, correct body
     # Each resumption starts where the bytes the mirror had taken in end.
-    first, *resumed = [seen.range for seen in upstream.gets(digest)]
+    first, *resumed = [seen.range for seen in fake_upstream.requests("GET", digest)]
     offsets = [int(r.removeprefix("bytes=").removesuffix("-")) for r in resumed if r]
     assert first is None and len(offsets) == 2
     assert 0 < offsets[0] <= 300 * KIB < offsets[1] <= 600 * KIB
@@ -117,46 +106,47 @@ async def test_a_dropped_blob_is_resumed_with_a_range(
 
 
 async def test_a_dropped_blob_is_fetched_again_when_ranges_are_ignored(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     data = os.urandom(MIB)
-    digest = upstream.add_blob(data)
-    upstream.ranges, upstream.drop_after, upstream.drops = False, 400 * KIB, 1
-    mirror = await make_mirror(upstream.url, storage=storage)
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.ranges = False
+    fake_upstream.blobs.drop_after, fake_upstream.blobs.drops = 400 * KIB, 1
+    mirror = await make_mirror(fake_upstream.url, storage=storage)
 
     assert await pull(mirror, digest) == (200, data)
-    assert [s.status for s in upstream.gets(digest)] == [200, 200]  # from scratch
+    assert [s.status for s in fake_upstream.requests("GET", digest)] == [200, 200]  # from scratch
     assert await settled(storage, digest) == {digest: True}
 
 
 async def test_drops_past_the_retry_budget_cut_the_client_and_cache_nothing(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     data = os.urandom(MIB)
-    digest = upstream.add_blob(data)
-    upstream.drop_after, upstream.drops = 100 * KIB, 3
-    mirror = await make_mirror(upstream.url, storage=storage, upstream={"retries": 2})
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.drop_after, fake_upstream.blobs.drops = 100 * KIB, 3
+    mirror = await make_mirror(fake_upstream.url, storage=storage, upstream={"retries": 2})
 
     async with mirror.get(f"/v2/team/app/blobs/{digest}") as response:
         assert response.status == 200  # the headers went out before the first cut
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
-    assert len(upstream.gets(digest)) == 3
+    assert len(fake_upstream.requests("GET", digest)) == 3
     assert await settled(storage, digest) == {}
     assert await pull(mirror, digest) == (200, data)  # the upstream is well again
     assert await settled(storage, digest) == {digest: True}
 
 
 async def test_a_stalled_blob_is_resumed(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     data = os.urandom(512 * KIB)
-    digest = upstream.add_blob(data)
-    upstream.stall_after, upstream.stalls = 200 * KIB, 1
-    mirror = await make_mirror(upstream.url, storage=storage, upstream={"timeouts": QUICK})
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.stall_after, fake_upstream.blobs.stalls = 200 * KIB, 1
+    mirror = await make_mirror(fake_upstream.url, storage=storage, upstream={"timeouts": QUICK})
 
     assert await pull(mirror, digest) == (200, data)
-    assert [s.range for s in upstream.gets(digest)] == [None, f"bytes={200 * KIB}-"]
+    assert [s.range for s in fake_upstream.requests("GET", digest)] == [None, f"bytes={200 * KIB}-"]
     assert await settled(storage, digest) == {digest: True}
 
 
@@ -164,43 +154,43 @@ async def test_a_stalled_blob_is_resumed(
 
 
 async def test_intermittent_500s_are_retried(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     data = os.urandom(64 * KIB)
-    digest = upstream.add_blob(data)
-    manifest_digest = upstream.add_manifest("1", digest)
-    upstream.fail_every_other = True
-    mirror = await make_mirror(upstream.url, storage=storage)
+    digest = fake_upstream.blobs.put(data)
+    manifest_digest = fake_upstream.manifests.put("team/app", "1", manifest_bytes(data))
+    fake_upstream.fail(500, every_other=True)
+    mirror = await make_mirror(fake_upstream.url, storage=storage)
 
-    async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": MANIFEST_TYPE}) as resp:
+    async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
         assert (resp.status, resp.headers["Docker-Content-Digest"]) == (200, manifest_digest)
     assert await pull(mirror, digest) == (200, data)
-    assert [s.status for s in upstream.seen] == [200, 500, 200]
+    assert [s.status for s in fake_upstream.seen] == [200, 500, 200]
 
 
 async def test_every_attempt_failing_is_a_clean_502(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    digest = upstream.add_blob(b"x")
-    upstream.fail_always = True
-    mirror = await make_mirror(upstream.url, storage=storage, upstream={"retries": 2})
+    digest = fake_upstream.blobs.put(b"x")
+    fake_upstream.fail(500)
+    mirror = await make_mirror(fake_upstream.url, storage=storage, upstream={"retries": 2})
     async with mirror.get(f"/v2/team/app/blobs/{digest}") as response:
         assert response.status == 502
         assert (await response.json())["errors"][0]["code"] == "UPSTREAM_ERROR"
-    assert [s.status for s in upstream.seen] == [500, 500, 500]
+    assert [s.status for s in fake_upstream.seen] == [500, 500, 500]
     assert await settled(storage, digest) == {}
 
 
 async def test_too_many_bytes_never_reach_the_cache(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     # Without a length, the extra bytes are part of the body: it fails verification, the
     # client gets a 502 (when the check came before its answer started) or is cut short,
     # and nothing is cached. (Past a declared length: the tests below, on the raw server.)
-    upstream.extra = b"GARBAGE" * 1000
-    mirror = await make_mirror(upstream.url, storage=storage)
-    third = upstream.add_blob(os.urandom(128 * KIB))
-    upstream.chunked = True
+    fake_upstream.blobs.extra = b"GARBAGE" * 1000
+    mirror = await make_mirror(fake_upstream.url, storage=storage)
+    third = fake_upstream.blobs.put(os.urandom(128 * KIB))
+    fake_upstream.blobs.chunked = True
     async with mirror.get(f"/v2/team/app/blobs/{third}") as response:
         if response.status == 200:
             with pytest.raises(aiohttp.ClientPayloadError):
@@ -227,37 +217,46 @@ def past_the_end_id(delay: float) -> str:
     ids=["answer-same-write", "answer-while-idle", "garbage"],
 )
 async def test_an_answer_past_a_blob_never_answers_the_next_request(
-    raw_upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path, extra: str, delay: float
+    fake_upstream: FakeUpstream,
+    raw: RawServer,
+    make_mirror: MakeMirror,
+    storage: Path,
+    extra: str,
+    delay: float,
 ) -> None:
-    first = raw_upstream.add_blob(os.urandom(300 * KIB))  # more than one read of the socket
-    second = raw_upstream.add_blob(os.urandom(KIB))
-    answer = raw_upstream.raw_answer("GET", f"/v2/team/app/blobs/{first}")[1]
-    raw_upstream.extra = answer if extra == "answer" else b"GARBAGE" * 1000
-    raw_upstream.extra_delay = delay
-    mirror = await make_mirror(raw_upstream.url, storage=storage)
+    first = fake_upstream.blobs.put(os.urandom(300 * KIB))  # more than one read of the socket
+    second = fake_upstream.blobs.put(os.urandom(KIB))
+    answer = raw.answer("GET", f"/v2/team/app/blobs/{first}")[1]
+    raw.extra = answer if extra == "answer" else b"GARBAGE" * 1000
+    raw.extra_delay = delay
+    mirror = await make_mirror(raw.url, storage=storage)
 
     assert await pulled_digest(mirror, first) == (200, first)
-    await asyncio.wait_for(raw_upstream.extra_sent.wait(), 5)
-    raw_upstream.extra = b""  # once: the next answer is as asked
+    await asyncio.wait_for(raw.extra_sent.wait(), 5)
+    raw.extra = b""  # once: the next answer is as asked
     assert await pulled_digest(mirror, second) == (200, second)
     assert await settled(storage, second) == {first: True, second: True}
-    assert [s.path.rpartition("/")[2] for s in raw_upstream.seen] == [first, second]
-    assert raw_upstream.connections == 2  # the one that spoke out of turn was not reused
+    assert [s.path.rpartition("/")[2] for s in fake_upstream.seen] == [first, second]
+    assert raw.connections == 2  # the one that spoke out of turn was not reused
 
 
 @pytest.mark.parametrize("delay", PAST_THE_END, ids=past_the_end_id)
 async def test_an_answer_past_a_manifest_never_answers_for_another_tag(
-    raw_upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path, delay: float
+    fake_upstream: FakeUpstream,
+    raw: RawServer,
+    make_mirror: MakeMirror,
+    storage: Path,
+    delay: float,
 ) -> None:
     digests = {
-        tag: raw_upstream.add_manifest(tag, raw_upstream.add_blob(tag.encode())) for tag in "abc"
+        tag: fake_upstream.manifests.put("team/app", tag, manifest_bytes(tag)) for tag in "abc"
     }
-    raw_upstream.extra = raw_upstream.raw_answer("GET", "/v2/team/app/manifests/b")[1]
-    raw_upstream.extra_delay = delay
-    mirror = await make_mirror(raw_upstream.url, storage=storage)
+    raw.extra = raw.answer("GET", "/v2/team/app/manifests/b")[1]
+    raw.extra_delay = delay
+    mirror = await make_mirror(raw.url, storage=storage)
 
     async def tag_digest(tag: str) -> str:
-        headers = {"Accept": MANIFEST_TYPE}
+        headers = {"Accept": OCI_MANIFEST}
         async with (
             asyncio.timeout(10),
             mirror.get(f"/v2/team/app/manifests/{tag}", headers=headers) as resp,
@@ -266,46 +265,46 @@ async def test_an_answer_past_a_manifest_never_answers_for_another_tag(
             return str(resp.headers["Docker-Content-Digest"])
 
     assert await tag_digest("a") == digests["a"]
-    await asyncio.wait_for(raw_upstream.extra_sent.wait(), 5)
-    raw_upstream.extra = b""
+    await asyncio.wait_for(raw.extra_sent.wait(), 5)
+    raw.extra = b""
     assert await tag_digest("c") == digests["c"]
     assert await tag_digest("c") == digests["c"]  # as recorded, from the cache
-    assert [s.path for s in raw_upstream.seen] == [f"/v2/team/app/manifests/{t}" for t in "ac"]
-    assert raw_upstream.connections == 2
+    assert [s.path for s in fake_upstream.seen] == [f"/v2/team/app/manifests/{t}" for t in "ac"]
+    assert raw.connections == 2
 
 
 async def test_an_upstream_connection_is_kept_alive_while_it_speaks_in_turn(
-    raw_upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, raw: RawServer, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blobs = [raw_upstream.add_blob(os.urandom(size)) for size in (300 * KIB, KIB, 0)]
-    raw_upstream.add_manifest("1", blobs[1])
-    mirror = await make_mirror(raw_upstream.url, storage=storage)
+    blobs = [fake_upstream.blobs.put(os.urandom(size)) for size in (300 * KIB, KIB, 0)]
+    fake_upstream.manifests.put("team/app", "1", manifest_bytes(b"1"))
+    mirror = await make_mirror(raw.url, storage=storage)
     for digest in blobs:
         assert await pulled_digest(mirror, digest) == (200, digest)
-    async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": MANIFEST_TYPE}) as resp:
+    async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
         assert resp.status == 200
-    assert (len(raw_upstream.seen), raw_upstream.connections) == (4, 1)
+    assert (len(fake_upstream.seen), raw.connections) == (4, 1)
 
 
 async def test_a_body_left_unread_is_never_taken_for_the_next_answer(
-    raw_upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, raw: RawServer, make_mirror: MakeMirror, storage: Path
 ) -> None:
     """The mirror stops reading a manifest past 4 MiB: the rest of it is still coming."""
-    config = raw_upstream.add_blob(b"config")
-    raw_upstream.add_manifest("big", config)
-    raw_upstream.manifests["big"] += b" " * (4 * MIB + 1)
-    small = raw_upstream.add_manifest("small", config)
-    mirror = await make_mirror(raw_upstream.url, storage=storage)
-    headers = {"Accept": MANIFEST_TYPE}
+    fake_upstream.manifests.put("team/app", "big", manifest_bytes(b"config"))
+    fake_upstream.manifests.bodies[("team/app", "big")] += b" " * (4 * MIB + 1)
+    small = fake_upstream.manifests.put("team/app", "small", manifest_bytes(b"config"))
+    mirror = await make_mirror(raw.url, storage=storage)
+    headers = {"Accept": OCI_MANIFEST}
     async with mirror.get("/v2/team/app/manifests/big", headers=headers) as resp:
         assert resp.status >= 400, await resp.text()
     async with mirror.get("/v2/team/app/manifests/small", headers=headers) as resp:
         assert (resp.status, resp.headers["Docker-Content-Digest"]) == (200, small)
-    assert raw_upstream.connections == 2
+    assert raw.connections == 2
 
 
 async def test_an_answer_that_cannot_be_read_never_shows_the_credentials(
-    raw_upstream: FaultyUpstream,
+    fake_upstream: FakeUpstream,
+    raw: RawServer,
     make_mirror: MakeMirror,
     storage: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -315,16 +314,16 @@ async def test_an_answer_that_cannot_be_read_never_shows_the_credentials(
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("FAULT_UPSTREAM_PASSWORD", "S3CRET-pw")
     auth = AuthConfig("basic", username="alice", password_env="FAULT_UPSTREAM_PASSWORD")
-    digest = raw_upstream.add_blob(os.urandom(KIB))
-    raw_upstream.extra = b"GARBAGE" * 100  # in the answer's write: no answer can be parsed
+    digest = fake_upstream.blobs.put(os.urandom(KIB))
+    raw.extra = b"GARBAGE" * 100  # in the answer's write: no answer can be parsed
     fields = {"auth": auth, "retries": 0}
-    mirror = await make_mirror(raw_upstream.url, storage=storage, upstream=fields)
+    mirror = await make_mirror(raw.url, storage=storage, upstream=fields)
 
     async with mirror.get(f"/v2/team/app/blobs/{digest}") as response:
         assert response.status == 502
         message = (await response.json())["errors"][0]["message"]
     header = "Basic " + base64.b64encode(b"alice:S3CRET-pw").decode()
-    assert [s.authorization for s in raw_upstream.seen] == [header]
+    assert [s.authorization for s in fake_upstream.seen] == [header]
     metrics = await (await mirror.get("/metrics")).text()
     assert (
         'mirror_upstream_requests_total{method="GET",status="error",upstream="upstream"}' in metrics
@@ -334,35 +333,38 @@ async def test_an_answer_that_cannot_be_read_never_shows_the_credentials(
 
 
 async def test_an_upstream_slow_to_answer_times_out(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    digest = upstream.add_blob(os.urandom(KIB))
-    upstream.first_byte_delay = 3.0
+    digest = fake_upstream.blobs.put(os.urandom(KIB))
+    fake_upstream.blobs.first_byte_delay = 3.0
     timeouts = Timeouts(connect=2, first_byte=0.3, idle=10)
-    mirror = await make_mirror(upstream.url, storage=storage, upstream={"timeouts": timeouts})
+    mirror = await make_mirror(fake_upstream.url, storage=storage, upstream={"timeouts": timeouts})
     async with asyncio.timeout(2.5), mirror.get(f"/v2/team/app/blobs/{digest}") as response:
         assert response.status == 504
         assert (await response.json())["errors"][0]["code"] == "UPSTREAM_TIMEOUT"
 
 
 async def test_fetches_queue_then_get_503(
-    upstream: FaultyUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     blobs = [os.urandom(256 * KIB) for _ in range(3)]
-    first, second, third = (upstream.add_blob(data) for data in blobs)
-    upstream.stall_after, upstream.stalls = 100 * KIB, 1  # the first holds the one slot
+    first, second, third = (fake_upstream.blobs.put(data) for data in blobs)
+    fake_upstream.blobs.stall_after, fake_upstream.blobs.stalls = (
+        100 * KIB,
+        1,
+    )  # the first holds the one slot
     fields = {"max_fetches": 1, "max_queued": 1, "timeouts": Timeouts(idle=30)}
-    mirror = await make_mirror(upstream.url, storage=storage, upstream=fields)
+    mirror = await make_mirror(fake_upstream.url, storage=storage, upstream=fields)
 
     holding = asyncio.create_task(pull(mirror, first))
-    await asyncio.wait_for(upstream.requested.wait(), 10)
+    await asyncio.wait_for(fake_upstream.blobs.requested.wait(), 10)
     queued = asyncio.create_task(pull(mirror, second))
     await asyncio.sleep(0.2)
-    assert upstream.gets(second) == []  # waiting for the slot
+    assert fake_upstream.requests("GET", second) == []  # waiting for the slot
     async with mirror.get(f"/v2/team/app/blobs/{third}") as response:
         assert (response.status, response.headers["Retry-After"]) == (503, "1")
         assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
-    upstream.release.set()  # the stalled body ends short: resumed, then done
+    fake_upstream.release.set()  # the stalled body ends short: resumed, then done
     assert await holding == (200, blobs[0])
     assert await queued == (200, blobs[1])
 
@@ -384,7 +386,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path | None]:
 
 
 async def test_a_full_disk_serves_blobs_uncached(
-    upstream: FaultyUpstream,
+    fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     small_disk: Path | None,
     tmp_path: Path,
@@ -403,9 +405,9 @@ async def test_a_full_disk_serves_blobs_uncached(
         monkeypatch.setattr(BlobWriter, "write", filling)
     storage = small_disk or tmp_path / "cache"
     blobs = [os.urandom(4 * MIB) for _ in range(2)]
-    digests = [upstream.add_blob(data) for data in blobs]
+    digests = [fake_upstream.blobs.put(data) for data in blobs]
     # The budget is no help: it is larger than the disk.
-    mirror = await make_mirror(upstream.url, storage=storage, budget={"max_size": 1024 * MIB})
+    mirror = await make_mirror(fake_upstream.url, storage=storage, budget={"max_size": 1024 * MIB})
 
     for digest, data in zip(digests, blobs, strict=True):
         assert await pull(mirror, digest) == (200, data)
@@ -418,10 +420,10 @@ async def test_a_full_disk_serves_blobs_uncached(
     assert all(cached(storage).values())
     # Space again: the next blob is cached as usual.
     monkeypatch.undo()
-    small = upstream.add_blob(os.urandom(64 * KIB))
+    small = fake_upstream.blobs.put(os.urandom(64 * KIB))
     for stale in (storage / "tmp").iterdir():
         stale.unlink()
-    assert await pull(mirror, small) == (200, upstream.blobs[small])
+    assert await pull(mirror, small) == (200, fake_upstream.blobs.data[small])
     assert small in await settled(storage, small)
 
 
@@ -499,18 +501,17 @@ def test_connection_cap_and_header_limits(
 
 
 async def test_client_input_never_reaches_another_host(
-    upstream: FaultyUpstream,
+    fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     storage: Path,
-    aiohttp_server: AiohttpServer,
+    serve: Serve,
 ) -> None:
     """A bystander on loopback is never contacted, whatever ns, name or headers say."""
-    bystander = FaultyUpstream()
-    bystander.add_blob(b"secret")
-    server = await aiohttp_server(bystander.app())
-    other = f"127.0.0.1:{server.port}"
-    digest = upstream.add_blob(b"public")
-    mirror = await make_mirror(upstream.url, storage=storage)
+    bystander = await serve(FakeUpstream())
+    bystander.blobs.put(b"secret")
+    other = f"127.0.0.1:{bystander.port}"
+    digest = fake_upstream.blobs.put(b"public")
+    mirror = await make_mirror(fake_upstream.url, storage=storage)
     attempts = [
         (f"/v2/team/app/blobs/{digest}?ns={other}", {}),
         (f"/v2/{other}/team/app/blobs/{digest}", {}),
@@ -525,7 +526,7 @@ async def test_client_input_never_reaches_another_host(
 
 
 async def test_a_tag_read_before_another_fetch_stored_it_is_not_fetched_again(
-    upstream: FaultyUpstream,
+    fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     storage: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -533,8 +534,8 @@ async def test_a_tag_read_before_another_fetch_stored_it_is_not_fetched_again(
     """Request B reads "no such tag" from the index, then request A's fetch completes and
     stores it, then B goes on: B must not make a second upstream GET (on Docker Hub, a
     second counted pull)."""
-    upstream.add_manifest("1", upstream.add_blob(b"config"))
-    mirror = await make_mirror(upstream.url, storage=storage)
+    fake_upstream.manifests.put("team/app", "1", manifest_bytes(b"config"))
+    mirror = await make_mirror(fake_upstream.url, storage=storage)
     both_looked, first_done = asyncio.Event(), asyncio.Event()
     reads = 0
     tag = Index.tag
@@ -557,7 +558,7 @@ async def test_a_tag_read_before_another_fetch_stored_it_is_not_fetched_again(
     monkeypatch.setattr(Index, "tag", held_reads)
 
     async def get_tag() -> int:
-        async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": MANIFEST_TYPE}) as r:
+        async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": OCI_MANIFEST}) as r:
             return int(r.status)
 
     async with asyncio.timeout(20):
@@ -565,4 +566,4 @@ async def test_a_tag_read_before_another_fetch_stored_it_is_not_fetched_again(
         done, held = await asyncio.wait(pulls, return_when=asyncio.FIRST_COMPLETED)
         first_done.set()
         assert [await pull for pull in (*done, *held)] == [200, 200]
-    assert [s.path for s in upstream.seen] == ["/v2/team/app/manifests/1"]
+    assert [s.path for s in fake_upstream.seen] == ["/v2/team/app/manifests/1"]

@@ -2,7 +2,7 @@
 content, upstream answers that are not manifests are upstream errors, references that
 name nothing are unknown, and tags/list is sorted and paged by the mirror.
 
-A real docker-registry where it can show the behaviour; the fault upstream for what it
+A real docker-registry where it can show the behaviour; the fake upstream for what it
 cannot (another type for the same bytes, a maintenance page, tags in its own order and
 pages).
 """
@@ -13,7 +13,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from fault_upstream import FaultyUpstream
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from fake_upstream import FakeUpstream, manifest_bytes
+from pytest_aiohttp import AiohttpClient
 from upstream_registry import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
@@ -50,15 +50,6 @@ MakeMirror = Callable[..., Awaitable[MirrorClient]]
 KIB = 1024
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 OCTET_STREAM = "application/octet-stream"
-
-
-@pytest.fixture
-async def fault(aiohttp_server: AiohttpServer) -> AsyncIterator[FaultyUpstream]:
-    fake = FaultyUpstream()
-    server = await aiohttp_server(fake.app())
-    fake.url = str(server.make_url("")).rstrip("/")
-    yield fake
-    fake.release.set()
 
 
 async def expect_error(response: aiohttp.ClientResponse, status: int, code: str) -> str:
@@ -95,7 +86,7 @@ def tag_row(storage: Path, tag: str) -> str | None:
 )
 async def test_another_upstreams_type_for_the_same_bytes_changes_nothing(
     registry: RegistryProcess,
-    fault: FaultyUpstream,
+    fake_upstream: FakeUpstream,
     aiohttp_client: AiohttpClient,
     tmp_path: Path,
     declared: bool,
@@ -113,15 +104,15 @@ async def test_another_upstreams_type_for_the_same_bytes_changes_nothing(
         body = json_bytes(fields)
         async with aiohttp.ClientSession() as session:
             await put_manifest(session, registry.url, image.name, "v1", body, OCI_MANIFEST)
-    digest = fault.put_manifest("v1", body)
-    fault.manifest_type = sent_by_b
+    digest = fake_upstream.manifests.put("media/app", "v1", body)
+    fake_upstream.manifests.media_type = sent_by_b
     storage = tmp_path / "cache"
     config = Config(
         storage=StorageConfig(path=storage),
         upstreams=(
             UpstreamConfig(name="a", url=registry.url, hosts=default_hosts(registry.url),
                            default=True),
-            UpstreamConfig(name="b", url=fault.url, hosts=("b.example",), prefix="b"),
+            UpstreamConfig(name="b", url=fake_upstream.url, hosts=("b.example",), prefix="b"),
         ),
     )  # fmt: skip
     mirror = await aiohttp_client(make_app(config))
@@ -135,7 +126,7 @@ async def test_another_upstreams_type_for_the_same_bytes_changes_nothing(
         if b_status == 200:
             assert response.content_type == OCI_MANIFEST
             assert await response.read() == body
-    assert [s.method for s in fault.seen] == ["GET"]  # b's answer was fetched, and judged
+    assert [s.method for s in fake_upstream.seen] == ["GET"]  # b's answer was fetched, and judged
 
     for path in (f"/v2/media/app/manifests/{digest}", "/v2/media/app/manifests/v1"):
         async with mirror.get(path, headers=ACCEPT) as response:
@@ -190,7 +181,7 @@ UNDECLARED = json_bytes({"schemaVersion": 2, "config": {}, "layers": [{}]})
 )
 async def test_an_answer_that_is_no_manifest_is_an_upstream_error(
     make_mirror: MakeMirror,
-    fault: FaultyUpstream,
+    fake_upstream: FakeUpstream,
     tmp_path: Path,
     body: bytes | None,
     sent: str | None,
@@ -198,18 +189,18 @@ async def test_an_answer_that_is_no_manifest_is_an_upstream_error(
     """502 UPSTREAM_ERROR, nothing stored, the tag not recorded; a tag cached before is
     served stale meanwhile, and all is well once the upstream answers manifests again."""
     storage = tmp_path / "cache"
-    cached = fault.put_manifest("cached", GOOD)
-    mirror = await make_mirror(fault.url, tag_ttl=0, storage=storage)
+    cached = fake_upstream.manifests.put("team/app", "cached", GOOD)
+    mirror = await make_mirror(fake_upstream.url, tag_ttl=0, storage=storage)
     async with mirror.get("/v2/team/app/manifests/cached", headers=ACCEPT) as response:
         assert response.status == 200, await response.text()
 
     if body is None:
-        fault.maintenance = True
-        bad = fault.put_manifest("new", NEW)  # behind the page: never seen
+        fake_upstream.manifests.maintenance = True
+        bad = fake_upstream.manifests.put("team/app", "new", NEW)  # behind the page: never seen
     else:
-        fault.manifest_type = sent
-        fault.put_manifest("cached", body)
-        bad = fault.put_manifest("new", body)
+        fake_upstream.manifests.media_type = sent
+        fake_upstream.manifests.put("team/app", "cached", body)
+        bad = fake_upstream.manifests.put("team/app", "new", body)
     for path in ("/v2/team/app/manifests/new", f"/v2/team/app/manifests/{bad}"):
         for method in ("GET", "HEAD"):
             async with mirror.request(method, path, headers=ACCEPT) as response:
@@ -224,9 +215,9 @@ async def test_an_answer_that_is_no_manifest_is_an_upstream_error(
     assert recorded_type(storage, bad) is None
     assert (tag_row(storage, "new"), tag_row(storage, "cached")) == (None, cached)
 
-    fault.maintenance, fault.manifest_type = False, OCI_MANIFEST
-    fault.put_manifest("cached", GOOD)
-    fault.put_manifest("new", GOOD)
+    fake_upstream.manifests.maintenance, fake_upstream.manifests.media_type = False, OCI_MANIFEST
+    fake_upstream.manifests.put("team/app", "cached", GOOD)
+    fake_upstream.manifests.put("team/app", "new", GOOD)
     async with mirror.get("/v2/team/app/manifests/new", headers=ACCEPT) as response:
         assert response.status == 200, await response.text()
         assert response.content_type == OCI_MANIFEST
@@ -234,11 +225,11 @@ async def test_an_answer_that_is_no_manifest_is_an_upstream_error(
 
 
 async def test_a_manifest_sent_without_a_type_has_its_own(
-    make_mirror: MakeMirror, fault: FaultyUpstream
+    make_mirror: MakeMirror, fake_upstream: FakeUpstream
 ) -> None:
-    digest = fault.put_manifest("v1", GOOD)
-    fault.manifest_type = None
-    mirror = await make_mirror(fault.url)
+    digest = fake_upstream.manifests.put("team/app", "v1", GOOD)
+    fake_upstream.manifests.media_type = None
+    mirror = await make_mirror(fake_upstream.url)
     for path in ("/v2/team/app/manifests/v1", f"/v2/team/app/manifests/{digest}"):
         async with mirror.get(path, headers=ACCEPT) as response:
             assert response.status == 200, await response.text()
@@ -246,7 +237,7 @@ async def test_a_manifest_sent_without_a_type_has_its_own(
             assert await response.read() == GOOD
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"{fault.url}/v2/team/app/manifests/v1") as response,
+        session.get(f"{fake_upstream.url}/v2/team/app/manifests/v1") as response,
     ):
         assert "Content-Type" not in response.headers  # as sent: no type but its own
 
@@ -316,6 +307,12 @@ UPSTREAM_ORDER = ["v10", "latest", "v2", "B", "v1", "_x", "a", "v1.1"]
 SORTED = sorted(UPSTREAM_ORDER)  # B, _x, a, latest, v1, v1.1, v10, v2
 
 
+def put_tags(upstream: FakeUpstream, name: str, tags: list[str]) -> None:
+    """`tags` listed by the upstream in this order, each naming a manifest of its own."""
+    for tag in tags:
+        upstream.manifests.put(name, tag, manifest_bytes(tag))
+
+
 async def pages(mirror: MirrorClient, start: str) -> list[list[str]]:
     """The tags of each page from `start` on, following the mirror's `Link`s."""
     found: list[list[str]] = []
@@ -330,18 +327,19 @@ async def pages(mirror: MirrorClient, start: str) -> list[list[str]]:
 
 
 async def test_tags_are_sorted_and_paged_by_the_mirror_whatever_the_upstream_does(
-    make_mirror: MakeMirror, fault: FaultyUpstream
+    make_mirror: MakeMirror, fake_upstream: FakeUpstream
 ) -> None:
     """The upstream lists its tags unsorted, three a page behind a cursor of its own, and
     takes `n` from its unsorted list; the mirror follows its pages and pages itself."""
-    fault.tags, fault.tags_page = UPSTREAM_ORDER, 3
-    mirror = await make_mirror(fault.url, tag_ttl=0, upstream={"retries": 0})
+    put_tags(fake_upstream, "team/app", UPSTREAM_ORDER)
+    fake_upstream.manifests.page = 3
+    mirror = await make_mirror(fake_upstream.url, tag_ttl=0, upstream={"retries": 0})
 
     async with mirror.get("/v2/team/app/tags/list") as response:
         assert response.status == 200, await response.text()
         assert await response.json() == {"name": "team/app", "tags": SORTED}
         assert "Link" not in response.headers
-    asked = [s.path for s in fault.seen]
+    asked = [s.path_qs for s in fake_upstream.seen]
     assert asked == [f"/v2/team/app/tags/list{q}" for q in ("", "?page=1", "?page=2")]
 
     expected = [
@@ -366,31 +364,31 @@ async def test_tags_are_sorted_and_paged_by_the_mirror_whatever_the_upstream_doe
         SORTED[3:6],
         SORTED[6:],
     ]
-    assert not any("n=" in s.path or "last=" in s.path for s in fault.seen)
+    assert not any("n=" in s.path_qs or "last=" in s.path_qs for s in fake_upstream.seen)
 
     for bad in ("ten", "-1", "²", "1.5"):
         async with mirror.get(f"/v2/team/app/tags/list?n={bad}") as response:
             await expect_error(response, 400, "PAGINATION_NUMBER_INVALID")
 
     # tag_ttl 0: asked again each time; while it fails, the list is served stale, paged.
-    fault.fail_always = True
+    fake_upstream.fail(500)
     assert await pages(mirror, "/v2/team/app/tags/list?n=5") == [SORTED[:5], SORTED[5:]]
     async with mirror.get("/v2/team/app/tags/list?n=2&last=v1") as response:
         assert (await response.json())["tags"] == ["v1.1", "v10"]
         assert response.headers["Link"] == '</v2/team/app/tags/list?n=2&last=v10>; rel="next"'
-    assert fault.seen[-1].status == 500
+    assert fake_upstream.seen[-1].status == 500
 
 
 async def test_tags_link_keeps_the_path_and_namespace_the_client_asked(
-    fault: FaultyUpstream, aiohttp_client: AiohttpClient, tmp_path: Path
+    fake_upstream: FakeUpstream, aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:
-    fault.tags = UPSTREAM_ORDER
+    put_tags(fake_upstream, "team/app", UPSTREAM_ORDER)
     config = Config(
         storage=StorageConfig(path=tmp_path / "cache"),
         upstreams=(
             UpstreamConfig(name="hub", url="http://127.0.0.1:9", hosts=("docker.io",),
                            default=True),
-            UpstreamConfig(name="f", url=fault.url, hosts=("f.example",), prefix="f"),
+            UpstreamConfig(name="f", url=fake_upstream.url, hosts=("f.example",), prefix="f"),
         ),
     )  # fmt: skip
     mirror = await aiohttp_client(make_app(config))
@@ -407,38 +405,41 @@ async def test_tags_link_keeps_the_path_and_namespace_the_client_asked(
 
 @pytest.mark.parametrize("failure", ["loop", "pages", "maintenance"])
 async def test_an_upstream_tag_list_that_never_ends_or_is_no_list_is_an_upstream_error(
-    make_mirror: MakeMirror, fault: FaultyUpstream, failure: str
+    make_mirror: MakeMirror, fake_upstream: FakeUpstream, failure: str
 ) -> None:
-    fault.tags, fault.tags_page = UPSTREAM_ORDER, 2
+    tags, fake_upstream.manifests.page = UPSTREAM_ORDER, 2
     if failure == "loop":
-        fault.tags_link_loops = True  # every page links back to the first
+        fake_upstream.manifests.link_loops = True  # every page links back to the first
     elif failure == "pages":
-        fault.tags, fault.tags_page = [f"t{i:03d}" for i in range(MAX_TAG_PAGES + 5)], 1
+        tags, fake_upstream.manifests.page = [f"t{i:03d}" for i in range(MAX_TAG_PAGES + 5)], 1
     else:
-        fault.maintenance = True
-    mirror = await make_mirror(fault.url)
+        fake_upstream.manifests.maintenance = True
+    put_tags(fake_upstream, "team/app", tags)
+    mirror = await make_mirror(fake_upstream.url)
     async with mirror.get("/v2/team/app/tags/list?n=2") as response:
         await expect_error(response, 502, "UPSTREAM_ERROR")
     expected = {"loop": 2, "pages": MAX_TAG_PAGES, "maintenance": 1}[failure]
-    assert len(fault.seen) == expected
+    assert len(fake_upstream.seen) == expected
 
 
 async def test_tag_lists_kept_for_stale_answers_are_bounded_in_memory(
-    make_mirror: MakeMirror, fault: FaultyUpstream, monkeypatch: pytest.MonkeyPatch
+    make_mirror: MakeMirror, fake_upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Any client may list any repository: the lists kept to serve stale take at most
     LISTING_CACHE_BYTES, the least recently stored dropped first; a larger one is not kept."""
     monkeypatch.setattr(manifests, "LISTING_CACHE_BYTES", 4096)
-    fault.tags = ["a", "b", "c"]  # about 200 bytes kept per repository
-    mirror = await make_mirror(fault.url, tag_ttl=0, upstream={"retries": 0})
+    for n in range(30):  # about 200 bytes kept per repository
+        put_tags(fake_upstream, f"team/r{n}", ["a", "b", "c"])
+    mirror = await make_mirror(fake_upstream.url, tag_ttl=0, upstream={"retries": 0})
     for n in range(30):
         async with mirror.get(f"/v2/team/r{n}/tags/list") as response:
             assert response.status == 200, await response.text()
-    fault.tags = [f"t{i:04d}" for i in range(200)]  # over 10 KiB as Python strings
+    big = [f"t{i:04d}" for i in range(200)]  # over 10 KiB as Python strings
+    put_tags(fake_upstream, "team/big", big)
     async with mirror.get("/v2/team/big/tags/list") as response:
         assert len((await response.json())["tags"]) == 200
 
-    fault.fail_always = True
+    fake_upstream.fail(500)
     async with mirror.get("/v2/team/r29/tags/list") as response:
         assert (await response.json())["tags"] == ["a", "b", "c"]  # stale
     for dropped in ("r0", "big"):

@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import MirrorProcess, downloads_stored
-from fault_upstream import FaultyUpstream
-from pytest_aiohttp import AiohttpServer
+from fake_upstream import FakeUpstream
 from upstream_registry import RegistryProcess, put_blob
 
 from mirror.reference import parse_digest
@@ -175,12 +174,9 @@ def blob_path(storage: Path, digest: str) -> Path:
 
 
 @pytest.fixture
-async def chunked_upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[FaultyUpstream]:
-    fake = FaultyUpstream(chunked=True)
-    server = await aiohttp_server(fake.app())
-    fake.url = str(server.make_url("")).rstrip("/")
-    yield fake
-    fake.release.set()
+def chunked_upstream(fake_upstream: FakeUpstream) -> FakeUpstream:
+    fake_upstream.blobs.chunked = True
+    return fake_upstream
 
 
 async def pull(mirror: MirrorClient, digest: str) -> tuple[int, bytes]:
@@ -189,27 +185,27 @@ async def pull(mirror: MirrorClient, digest: str) -> tuple[int, bytes]:
 
 
 async def test_an_undeclared_length_blob_larger_than_the_room_passes_through(
-    chunked_upstream: FaultyUpstream, make_mirror: MakeMirror, tmp_path: Path
+    chunked_upstream: FakeUpstream, make_mirror: MakeMirror, tmp_path: Path
 ) -> None:
     """It outgrows what the budget can reserve mid-way: the rest passes through (it was
     cut at that point on every try)."""
     data = os.urandom(20 * MIB + 1)  # larger than the budget, reserved as it arrives
-    digest = chunked_upstream.add_blob(data)
+    digest = chunked_upstream.blobs.put(data)
     storage = tmp_path / "cache"
     mirror = await make_mirror(chunked_upstream.url, storage=storage, budget={"max_size": 20 * MIB})
     for _ in range(2):
         assert await pull(mirror, digest) == (200, data)
     await downloads_stored(mirror)
     assert not list((storage / "blobs").rglob("*"))
-    assert len(chunked_upstream.gets(digest)) == 2  # nothing cached: fetched each time
+    assert chunked_upstream.count("GET", digest) == 2  # nothing cached: fetched each time
 
 
 async def test_concurrent_undeclared_length_blobs_do_not_crowd_each_other_out(
-    chunked_upstream: FaultyUpstream, make_mirror: MakeMirror, tmp_path: Path
+    chunked_upstream: FakeUpstream, make_mirror: MakeMirror, tmp_path: Path
 ) -> None:
     """Three 1 MiB blobs without a length, at once, in an 8 MiB budget: all cached (each
     reserved 16 MiB up front once, so each passed through)."""
-    blobs = {chunked_upstream.add_blob(os.urandom(MIB + n)): n for n in range(3)}
+    blobs = {chunked_upstream.blobs.put(os.urandom(MIB + n)): n for n in range(3)}
     storage = tmp_path / "cache"
     mirror = await make_mirror(chunked_upstream.url, storage=storage, budget={"max_size": 8 * MIB})
     answers = await asyncio.gather(*(pull(mirror, digest) for digest in blobs))

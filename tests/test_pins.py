@@ -3,7 +3,7 @@ platform without any client, revalidated with a HEAD every tag_ttl, a moved tag'
 fetched before anyone asks and served while the upstream is down; failures logged once.
 
 Upstream traffic is counted on the upstream's side: docker-registry's own access log, or
-the fault upstream's record for a download slow enough to join.
+the fake upstream's record for a download slow enough to join.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import aiohttp
 import pytest
 from containerd import ContainerdProcess
-from fault_upstream import FaultyUpstream
+from fake_upstream import FakeUpstream, manifest_bytes
 from podman import push_tar_image
 from prometheus_client.parser import text_string_to_metric_families
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 from upstream_registry import (
     PushedImage,
     RegistryProcess,
@@ -231,23 +231,22 @@ async def _failed_rounds(url: str, at_least: int) -> bool:
 
 
 async def test_a_client_asking_mid_prefetch_joins_the_download(
-    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path: Path
+    fake_upstream: FakeUpstream, aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:
-    upstream = FaultyUpstream(first_byte_delay=2.0)
-    server = await aiohttp_server(upstream.app())
-    upstream.url = str(server.make_url("")).rstrip("/")
-    layer = upstream.add_blob(b"pinned bytes " * 4096)
-    upstream.add_manifest("v1", layer)
-    host = upstream.url.removeprefix("http://")
+    fake_upstream.blobs.first_byte_delay = 2.0
+    config = b"pinned bytes " * 4096
+    layer = fake_upstream.blobs.put(config)
+    fake_upstream.manifests.put("x/app", "v1", manifest_bytes(config))
+    host = fake_upstream.url.removeprefix("http://")
     mirror = await pinned_mirror(
-        aiohttp_client, tmp_path / "cache", upstream.url, [f"{host}/x/app:v1"]
+        aiohttp_client, tmp_path / "cache", fake_upstream.url, [f"{host}/x/app:v1"]
     )
     async with asyncio.timeout(WAIT):
-        await upstream.requested.wait()  # the prefetch's GET, its answer delayed
+        await fake_upstream.blobs.requested.wait()  # the prefetch's GET, its answer delayed
     async with mirror.get(f"/v2/x/app/blobs/{layer}") as resp:
         assert resp.status == 200
-        assert await resp.read() == upstream.blobs[layer]
-    assert len(upstream.gets(layer)) == 1
+        assert await resp.read() == fake_upstream.blobs.data[layer]
+    assert len(fake_upstream.requests("GET", layer)) == 1
     samples = await scrape(client_url(mirror))
     assert samples[("mirror_fetch_joins_total", frozenset())] == 1
     await until(lambda: all_cached(tmp_path / "cache", [layer]), "the blob cached")

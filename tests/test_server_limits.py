@@ -22,8 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fault_upstream import FaultyUpstream
-from pytest_aiohttp import AiohttpServer
+from fake_upstream import FakeUpstream
 from server_process import ServerProcess
 from test_access import write_certificate
 from upstream_registry import free_loopback_port, require_tool
@@ -250,16 +249,13 @@ def test_out_of_descriptors_accepting_pauses_and_is_logged_once_per_episode(
 
 
 async def test_sigterm_ends_the_process_within_30s_whatever_answers_are_under_way(
-    aiohttp_server: AiohttpServer, start_mirror_process: StartMirrorProcess, tmp_path: Path
+    fake_upstream: FakeUpstream, start_mirror_process: StartMirrorProcess, tmp_path: Path
 ) -> None:
     """A download whose upstream stalls and a client that stops reading a cached blob:
     neither answer ends by itself, and both are cut after the grace period."""
-    upstream = FaultyUpstream()
-    cached = upstream.add_blob(os.urandom(8 * MIB))  # more than the sockets' buffers hold
-    stalled = upstream.add_blob(os.urandom(1 * MIB))
-    server = await aiohttp_server(upstream.app())
-    upstream.url = str(server.make_url("")).rstrip("/")
-    config = write_config(tmp_path, upstream.url)
+    cached = fake_upstream.blobs.put(os.urandom(8 * MIB))  # more than the sockets' buffers hold
+    stalled = fake_upstream.blobs.put(os.urandom(1 * MIB))
+    config = write_config(tmp_path, fake_upstream.url)
     mirror = await asyncio.to_thread(start_mirror_process, "--config", str(config))
     stored = tmp_path / "cache" / "blobs" / "sha256" / cached[7:9] / cached[7:]
     async with asyncio.timeout(20):
@@ -270,7 +266,7 @@ async def test_sigterm_ends_the_process_within_30s_whatever_answers_are_under_wa
         if stored.exists():
             break
         await asyncio.sleep(0.02)
-    upstream.stall_after, upstream.stalls = 256 * KIB, 1
+    fake_upstream.blobs.stall_after, fake_upstream.blobs.stalls = 256 * KIB, 1
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)
     slow.connect(("127.0.0.1", mirror.port))
@@ -285,7 +281,7 @@ async def test_sigterm_ends_the_process_within_30s_whatever_answers_are_under_wa
         code = await asyncio.to_thread(mirror.proc.wait, 35)
     finally:
         elapsed = time.monotonic() - began
-        upstream.release.set()
+        fake_upstream.release.set()
         slow.close()
         stalled_writer.close()
         writer.close()
