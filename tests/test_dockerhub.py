@@ -1,6 +1,6 @@
 """Docker Hub as the upstream: counted pulls spared, the quota honoured, tokens reused.
 
-The fake Hub (fake_registry.FakeRegistry on loopback) wants Bearer tokens from its token
+The fake Hub (fake_upstream.FakeUpstream on loopback) wants Bearer tokens from its token
 service, sends `ratelimit-*` headers that count down on manifest GETs and not on HEADs,
 answers 429 once the quota is spent, and redirects blob GETs to a CDN that refuses any
 request carrying `Authorization`.
@@ -13,14 +13,14 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import MirrorClient
-from fake_registry import OCI_MANIFEST, FakeCDN, FakeRegistry, serve, sha256
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from fake_upstream import CDN, OCI_MANIFEST, FakeUpstream, Serve, sha256
+from pytest_aiohttp import AiohttpClient
 
 from mirror.app import make_app
 from mirror.config import AuthConfig, Config, StorageConfig, UpstreamConfig
@@ -39,7 +39,7 @@ class Image:
     blobs: tuple[str, ...]
 
 
-def put_image(hub: FakeRegistry, name: str, tag: str) -> Image:
+def put_image(hub: FakeUpstream, name: str, tag: str) -> Image:
     config = json.dumps({"image": name, "tag": tag, "nonce": os.urandom(8).hex()}).encode()
     layer = os.urandom(32 * 1024)
     manifest = {
@@ -48,8 +48,8 @@ def put_image(hub: FakeRegistry, name: str, tag: str) -> Image:
         "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": len(config)},
         "layers": [{"mediaType": OCI_LAYER, "digest": sha256(layer), "size": len(layer)}],
     }
-    digest = hub.put_manifest(f"library/{name}", tag, json.dumps(manifest).encode())
-    return Image(name, tag, digest, (hub.put_blob(config), hub.put_blob(layer)))
+    digest = hub.manifests.put(f"library/{name}", tag, json.dumps(manifest).encode())
+    return Image(name, tag, digest, (hub.blobs.put(config), hub.blobs.put(layer)))
 
 
 async def pull(mirror: MirrorClient, image: Image) -> int:
@@ -68,8 +68,8 @@ async def pull(mirror: MirrorClient, image: Image) -> int:
 
 @dataclass
 class Hub:
-    registry: FakeRegistry
-    cdn: FakeCDN
+    registry: FakeUpstream
+    cdn: CDN
 
     def manifest_gets(self) -> int:
         return self.registry.count("GET", "/manifests/", status=200)
@@ -83,13 +83,12 @@ class Hub:
 
 
 @pytest.fixture
-async def hub(aiohttp_server: AiohttpServer) -> AsyncIterator[Hub]:
-    registry = await serve(aiohttp_server, FakeRegistry(quota=100))
-    cdn = await serve(aiohttp_server, FakeCDN(registry.blobs))
+async def hub(fake_upstream: FakeUpstream, serve: Serve) -> Hub:
+    fake_upstream.auth.scheme, fake_upstream.quota.remaining = "bearer", 100
+    cdn = await serve(CDN(fake_upstream.blobs))
     # Another host name for the same loopback: Authorization must not follow the redirect.
-    registry.blob_redirect = f"http://localhost:{cdn.port}/blobs"
-    yield Hub(registry, cdn)
-    registry.release.set()
+    fake_upstream.blob_redirect = f"http://localhost:{cdn.port}/blobs"
+    return Hub(fake_upstream, cdn)
 
 
 StartMirror = Callable[..., Awaitable[MirrorClient]]
@@ -124,7 +123,7 @@ async def test_warm_pull_inside_tag_ttl_makes_no_upstream_request(
     assert await pull(mirror, image) == 200
     # Cold: one free HEAD for the tag, one counted GET for the digest; blobs via the CDN.
     assert (hub.manifest_heads(), hub.manifest_gets()) == (1, 1)
-    assert hub.registry.quota == 99
+    assert hub.registry.quota.remaining == 99
     assert [s.authorization for s in hub.cdn.seen] == [None, None]
 
     before = hub.requests()
@@ -142,7 +141,7 @@ async def test_after_tag_ttl_one_head_and_no_get(hub: Hub, start_mirror: StartMi
     assert await pull(mirror, image) == 200
     assert hub.manifest_heads() == heads + 1
     assert (hub.manifest_gets(), len(hub.cdn.seen)) == (gets, blobs)
-    assert hub.registry.quota == 99  # the HEAD was free
+    assert hub.registry.quota.remaining == 99  # the HEAD was free
 
 
 async def test_a_tag_moved_costs_one_get_and_a_known_digest_none(
@@ -157,11 +156,11 @@ async def test_a_tag_moved_costs_one_get_and_a_known_digest_none(
     assert hub.manifest_gets() == 2
 
     # Another tag of a digest already cached: the HEAD finds it, no GET is spent.
-    body, _ = hub.registry.manifests[("library/alpine", moved.digest)]
-    hub.registry.put_manifest("library/alpine", "latest", body)
+    body = hub.registry.manifests.bodies[("library/alpine", moved.digest)]
+    hub.registry.manifests.put("library/alpine", "latest", body)
     assert await pull(mirror, Image("alpine", "latest", moved.digest, moved.blobs)) == 200
     assert hub.manifest_gets() == 2
-    assert hub.registry.quota == 98
+    assert hub.registry.quota.remaining == 98
 
 
 async def test_concurrent_cold_pulls_of_a_tag_spend_one_pull(
@@ -172,7 +171,7 @@ async def test_concurrent_cold_pulls_of_a_tag_spend_one_pull(
     statuses = await asyncio.gather(*(pull(mirror, image) for _ in range(8)))
     assert statuses == [200] * 8
     assert (hub.manifest_heads(), hub.manifest_gets()) == (1, 1)
-    assert hub.registry.quota == 99
+    assert hub.registry.quota.remaining == 99
 
 
 async def test_at_the_reserve_cached_images_pull_and_others_get_429(
@@ -181,10 +180,10 @@ async def test_at_the_reserve_cached_images_pull_and_others_get_429(
     caplog.set_level(logging.INFO, logger="mirror")
     cached = put_image(hub.registry, "alpine", "3.20")
     uncached = put_image(hub.registry, "busybox", "1")
-    hub.registry.quota = 6
+    hub.registry.quota.remaining = 6
     mirror = await start_mirror(tag_ttl=0, ratelimit_reserve=5)
     assert await pull(mirror, cached) == 200
-    assert hub.registry.quota == 5  # at the reserve now
+    assert hub.registry.quota.remaining == 5  # at the reserve now
 
     gets = hub.manifest_gets()
     for _ in range(2):
@@ -196,14 +195,14 @@ async def test_at_the_reserve_cached_images_pull_and_others_get_429(
             assert "quota" in error["message"]
             assert 21000 < int(resp.headers["Retry-After"]) <= 21600
     assert hub.manifest_gets() == gets  # no counted pull was spent
-    assert hub.registry.quota == 5
+    assert hub.registry.quota.remaining == 5
     assert "upstream hub: pull quota 6 of 100 per 21600s left" in caplog.text
     assert caplog.text.count("pull quota exhausted") == 1  # once per event, not per request
 
     # The window slides: once a free HEAD shows pulls to spare, they are spent again.
-    hub.registry.quota = 50
+    hub.registry.quota.remaining = 50
     assert await pull(mirror, uncached) == 200
-    assert hub.registry.quota == 49
+    assert hub.registry.quota.remaining == 49
     assert "pull quota back (50 left)" in caplog.text
 
 
@@ -213,20 +212,20 @@ async def test_a_blocked_upstream_is_probed_with_a_free_head(
     """A by-digest miss has no tag HEAD of its own: the mirror HEADs the digest first."""
     monkeypatch.setattr(ratelimit, "PROBE_INTERVAL", 0.0)
     image = put_image(hub.registry, "alpine", "3.20")
-    hub.registry.quota = 1
+    hub.registry.quota.remaining = 1
     mirror = await start_mirror()
     assert await pull(mirror, put_image(hub.registry, "busybox", "1")) == 200
-    assert hub.registry.quota == 0
+    assert hub.registry.quota.remaining == 0
     path = f"/v2/alpine/manifests/{image.digest}"
     async with mirror.get(path, headers=ACCEPT) as resp:
         assert resp.status == 429
     heads = hub.manifest_heads()
 
-    hub.registry.quota = 10
+    hub.registry.quota.remaining = 10
     async with mirror.get(path, headers=ACCEPT) as resp:
         assert resp.status == 200
     assert hub.manifest_heads() == heads + 1
-    assert hub.registry.quota == 9
+    assert hub.registry.quota.remaining == 9
 
 
 async def test_quota_spent_by_others_serves_cache_and_refuses_new_pulls(
@@ -236,7 +235,7 @@ async def test_quota_spent_by_others_serves_cache_and_refuses_new_pulls(
     put_image(hub.registry, "busybox", "1")
     mirror = await start_mirror(tag_ttl=0)
     assert await pull(mirror, cached) == 200
-    hub.registry.quota = 0  # others behind the same address spent it
+    hub.registry.quota.remaining = 0  # others behind the same address spent it
     assert await pull(mirror, cached) == 200
     async with mirror.get("/v2/busybox/manifests/1", headers=ACCEPT) as resp:
         assert resp.status == 429
@@ -247,7 +246,7 @@ async def test_tokens_are_reused_then_refreshed_when_expired(
     hub: Hub, start_mirror: StartMirror
 ) -> None:
     # The mirror renews 10 s before expiry, 1 s at the least: a 2 s token lives 1 s here.
-    hub.registry.expires_in = 2
+    hub.registry.auth.expires_in = 2
     image = put_image(hub.registry, "alpine", "3.20")
     mirror = await start_mirror(tag_ttl=0)
     for _ in range(3):
@@ -267,7 +266,7 @@ async def test_docker_id_with_an_access_token_from_a_file(
 ) -> None:
     secret = tmp_path / "hub-token"
     secret.write_text("dckr_pat_0123456789\n")
-    hub.registry.credentials = ("alice", "dckr_pat_0123456789")
+    hub.registry.auth.credentials = ("alice", "dckr_pat_0123456789")
     image = put_image(hub.registry, "alpine", "3.20")
     auth = AuthConfig("basic", username="alice", password_file=secret)
     mirror = await start_mirror(auth=auth)
@@ -276,8 +275,8 @@ async def test_docker_id_with_an_access_token_from_a_file(
                for t in hub.registry.token_requests)  # fmt: skip
     assert all(s.authorization is None for s in hub.cdn.seen)
 
-    hub.registry.credentials = ("alice", "another")
-    hub.registry.revoke()
+    hub.registry.auth.credentials = ("alice", "another")
+    hub.registry.auth.revoke()
     async with mirror.get("/v2/busybox/manifests/1", headers=ACCEPT) as resp:
         assert resp.status == 401
         [error] = (await resp.json())["errors"]

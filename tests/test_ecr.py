@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import MirrorClient
-from fake_registry import OCI_MANIFEST, FakeCDN, FakeRegistry, basic, manifest_bytes, serve
+from fake_upstream import CDN, OCI_MANIFEST, FakeUpstream, Serve, basic, manifest_bytes
 from moto_ecr import MotoServer, apply_aws_env
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 
 from mirror.app import make_app
 from mirror.config import AuthConfig, Config, StorageConfig, UpstreamConfig, config_from_dict
@@ -44,19 +44,18 @@ def aws(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Mo
 
 
 @pytest.fixture
-async def registry(aiohttp_server: AiohttpServer) -> AsyncIterator[FakeRegistry]:
-    fake = await serve(aiohttp_server, FakeRegistry(basic_auth=("AWS", PASSWORD)))
-    s3 = await serve(aiohttp_server, FakeCDN(fake.blobs))
-    fake.blob_redirect = f"http://localhost:{s3.port}/blobs"
-    fake.put_manifest("team/app", "1", manifest_bytes("app"))
-    fake.put_blob(b"layer bytes of team/app")
-    yield fake
-    fake.release.set()
+async def registry(fake_upstream: FakeUpstream, serve: Serve) -> FakeUpstream:
+    fake_upstream.auth.scheme, fake_upstream.auth.credentials = "basic", ("AWS", PASSWORD)
+    s3 = await serve(CDN(fake_upstream.blobs))
+    fake_upstream.blob_redirect = f"http://localhost:{s3.port}/blobs"
+    fake_upstream.manifests.put("team/app", "1", manifest_bytes("app"))
+    fake_upstream.blobs.put(b"layer bytes of team/app")
+    return fake_upstream
 
 
 @pytest.fixture
 async def mirror(
-    aiohttp_client: AiohttpClient, tmp_path: Path, registry: FakeRegistry, aws: MotoServer
+    aiohttp_client: AiohttpClient, tmp_path: Path, registry: FakeUpstream, aws: MotoServer
 ) -> MirrorClient:
     """Docker Hub (unreachable here) as the default, and the ECR registry under `ecr/`."""
     hub = UpstreamConfig(name="hub", url="http://127.0.0.1:9", hosts=("docker.io",), default=True)
@@ -77,9 +76,9 @@ async def get(mirror: MirrorClient, path: str) -> tuple[int, bytes]:
 
 
 async def test_pull_through_ecr(
-    mirror: MirrorClient, registry: FakeRegistry, aws: MotoServer
+    mirror: MirrorClient, registry: FakeUpstream, aws: MotoServer
 ) -> None:
-    digest = next(d for d in registry.blobs)
+    digest = next(d for d in registry.blobs.data)
     by_prefix = await get(mirror, "/v2/ecr/team/app/manifests/1")
     by_ns = await get(mirror, f"/v2/team/app/manifests/1?ns={ECR_HOST}")
     assert by_prefix == by_ns == (200, manifest_bytes("app"))
@@ -95,7 +94,7 @@ async def test_pull_through_ecr(
 
 
 async def test_token_is_renewed_in_the_background(
-    mirror: MirrorClient, registry: FakeRegistry, aws: MotoServer, monkeypatch: pytest.MonkeyPatch
+    mirror: MirrorClient, registry: FakeUpstream, aws: MotoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # moto's token expired in 2015: only the floor between renewals holds them back.
     monkeypatch.setattr(ecr, "MIN_REFRESH_INTERVAL", 0.3)
@@ -104,7 +103,7 @@ async def test_token_is_renewed_in_the_background(
     await asyncio.sleep(1.0)
     assert aws.auth_token_calls() >= 3  # renewed with no request asking for it
     seen = len(registry.seen)
-    digest = registry.put_manifest("team/app", "2", manifest_bytes("2"))
+    digest = registry.manifests.put("team/app", "2", manifest_bytes("2"))
     assert (await get(mirror, f"/v2/ecr/team/app/manifests/{digest}"))[0] == 200
     assert [s.status for s in registry.seen[seen:]] == [200]
 
@@ -118,20 +117,20 @@ def test_renewal_is_due_at_three_quarters_of_the_token_life() -> None:
 
 
 async def test_a_401_triggers_one_renewal(
-    mirror: MirrorClient, registry: FakeRegistry, aws: MotoServer, monkeypatch: pytest.MonkeyPatch
+    mirror: MirrorClient, registry: FakeUpstream, aws: MotoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert (await get(mirror, "/v2/ecr/team/app/manifests/1"))[0] == 200
     monkeypatch.setattr(ecr, "RENEW_ON_REJECT_INTERVAL", 0.0)
-    registry.refuse_next = 1  # the registry no longer takes the token it issued
+    registry.auth.refuse_next = 1  # the registry no longer takes the token it issued
     seen = len(registry.seen)
-    digest = registry.put_manifest("team/app", "2", manifest_bytes("2"))
+    digest = registry.manifests.put("team/app", "2", manifest_bytes("2"))
     assert (await get(mirror, f"/v2/ecr/team/app/manifests/{digest}"))[0] == 200
     assert [s.status for s in registry.seen[seen:]] == [401, 200]
     assert aws.auth_token_calls() == 2
 
 
 async def test_a_registry_that_keeps_refusing_is_not_hammered(
-    mirror: MirrorClient, registry: FakeRegistry, aws: MotoServer
+    mirror: MirrorClient, registry: FakeUpstream, aws: MotoServer
 ) -> None:
     registry.mode = "reject"
     for _ in range(3):
@@ -146,15 +145,15 @@ async def test_a_registry_that_keeps_refusing_is_not_hammered(
 async def test_missing_aws_credentials_fail_only_that_upstream(
     aiohttp_client: AiohttpClient,
     tmp_path: Path,
-    registry: FakeRegistry,
+    registry: FakeUpstream,
     aws: MotoServer,
     monkeypatch: pytest.MonkeyPatch,
-    aiohttp_server: AiohttpServer,
+    serve: Serve,
 ) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    public = await serve(aiohttp_server, FakeRegistry(auth=False))
-    public.put_manifest("library/alpine", "3", manifest_bytes("alpine"))
+    public = await serve(FakeUpstream())
+    public.manifests.put("library/alpine", "3", manifest_bytes("alpine"))
     config = config_from_dict(
         {
             "storage": {"path": str(tmp_path / "cache")},

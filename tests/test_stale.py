@@ -1,6 +1,6 @@
 """Manifests by tag: revalidation with HEAD, and serving stale when the upstream fails (§3).
 
-Through the whole app (`make_mirror`) against `FakeRegistry`, a Hub-like upstream on
+Through the whole app (`make_mirror`) against `FakeUpstream`, a Hub-like upstream on
 loopback that can be switched into failing: 429, 5xx, dropped connections, refused
 credentials, silence.
 """
@@ -8,14 +8,13 @@ credentials, silence.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve
-from pytest_aiohttp import AiohttpServer
+from fake_upstream import OCI_MANIFEST, FakeUpstream, manifest_bytes
 
 from mirror.config import Timeouts
 
@@ -28,10 +27,9 @@ NEVER_CACHED = "/v2/library/x/manifests/other"
 
 
 @pytest.fixture
-async def registry(aiohttp_server: AiohttpServer) -> AsyncIterator[FakeRegistry]:
-    fake = await serve(aiohttp_server, FakeRegistry())
-    yield fake
-    fake.release.set()
+def registry(fake_upstream: FakeUpstream) -> FakeUpstream:
+    fake_upstream.auth.scheme = "bearer"
+    return fake_upstream
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ class Outage:
     code: str
     retry_after: str | None = None
 
-    def apply(self, fake: FakeRegistry) -> None:
+    def apply(self, fake: FakeUpstream) -> None:
         if self.name == "429":
             fake.fail(429, {"Retry-After": self.retry_after or ""})
         elif self.name == "503":
@@ -75,7 +73,7 @@ class Outage:
         elif self.name == "denied":
             # The cached token is refused (401), and the token service now denies us.
             fake.mode = "reject"
-            fake.token_status = 403
+            fake.auth.token_status = 403
         elif self.name == "forbidden":
             fake.fail(403)
         else:
@@ -95,13 +93,13 @@ OUTAGES = [
 @pytest.mark.parametrize("outage", OUTAGES, ids=lambda o: o.name)
 async def test_cached_tag_is_served_stale_when_upstream_fails(
     make_mirror: MakeMirror,
-    registry: FakeRegistry,
+    registry: FakeUpstream,
     monkeypatch: pytest.MonkeyPatch,
     outage: Outage,
 ) -> None:
     body = manifest_bytes("x")
-    digest = registry.put_manifest("library/x", "latest", body)
-    registry.put_manifest("library/x", "other", manifest_bytes("other"))
+    digest = registry.manifests.put("library/x", "latest", body)
+    registry.manifests.put("library/x", "other", manifest_bytes("other"))
     fast = Timeouts(connect=2, first_byte=0.5, idle=0.5)
     mirror = await make_mirror(registry.url, tag_ttl=0, upstream={"timeouts": fast})
 
@@ -123,7 +121,7 @@ async def test_cached_tag_is_served_stale_when_upstream_fails(
         assert response.headers.get("Retry-After") == outage.retry_after
 
     # The stale answers changed nothing: once the upstream is back, revalidation goes on.
-    registry.mode, registry.token_status = "ok", 200
+    registry.mode, registry.auth.token_status = "ok", 200
     assert await fetch(mirror, TAG) == fresh
     if outage.retry_after is not None:
         # A 429 is honoured: no counted pull before its Retry-After has passed.
@@ -133,10 +131,10 @@ async def test_cached_tag_is_served_stale_when_upstream_fails(
 
 
 async def test_revalidation_uses_head_while_the_digest_is_unchanged(
-    make_mirror: MakeMirror, registry: FakeRegistry
+    make_mirror: MakeMirror, registry: FakeUpstream
 ) -> None:
     body = manifest_bytes("x")
-    digest = registry.put_manifest("library/x", "latest", body)
+    digest = registry.manifests.put("library/x", "latest", body)
     mirror = await make_mirror(registry.url, tag_ttl=0)
 
     for _ in range(4):
@@ -148,10 +146,10 @@ async def test_revalidation_uses_head_while_the_digest_is_unchanged(
 
 
 async def test_fresh_tag_is_served_without_asking_upstream(
-    make_mirror: MakeMirror, registry: FakeRegistry
+    make_mirror: MakeMirror, registry: FakeUpstream
 ) -> None:
     body = manifest_bytes("x")
-    registry.put_manifest("library/x", "latest", body)
+    registry.manifests.put("library/x", "latest", body)
     mirror = await make_mirror(registry.url, tag_ttl=300)
 
     for _ in range(3):
@@ -163,14 +161,14 @@ async def test_fresh_tag_is_served_without_asking_upstream(
 
 
 async def test_new_digest_on_head_is_fetched_by_digest(
-    make_mirror: MakeMirror, registry: FakeRegistry
+    make_mirror: MakeMirror, registry: FakeUpstream
 ) -> None:
     old_body, new_body = manifest_bytes("old"), manifest_bytes("new")
-    old = registry.put_manifest("library/x", "latest", old_body)
+    old = registry.manifests.put("library/x", "latest", old_body)
     mirror = await make_mirror(registry.url, tag_ttl=0)
     assert (await fetch(mirror, TAG)).digest == old
 
-    new = registry.put_manifest("library/x", "latest", new_body)
+    new = registry.manifests.put("library/x", "latest", new_body)
     assert await fetch(mirror, TAG) == Served(200, new, OCI_MANIFEST, len(new_body), new_body)
     manifest_gets = [s.path for s in registry.seen if s.method == "GET" and "/manifests/" in s.path]
     assert [p for p in manifest_gets if p.endswith("latest")] == [TAG, TAG]  # the 401, then 200

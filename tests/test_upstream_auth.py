@@ -1,6 +1,6 @@
 """Upstream auth: challenge parsing, the site rule for credentials, and the token flow.
 
-The token flow runs through a real `Upstream` against `FakeRegistry`, an aiohttp server on
+The token flow runs through a real `Upstream` against `FakeUpstream`, an aiohttp server on
 loopback that plays Docker Hub's registry and token service.
 """
 
@@ -13,8 +13,7 @@ from types import SimpleNamespace
 
 import aiohttp
 import pytest
-from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve
-from pytest_aiohttp import AiohttpServer
+from fake_upstream import OCI_MANIFEST, FakeUpstream, manifest_bytes
 from yarl import URL
 
 from mirror.config import AuthConfig, Timeouts, UpstreamConfig
@@ -148,13 +147,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def hub(aiohttp_server: AiohttpServer) -> AsyncIterator[FakeRegistry]:
+def hub(fake_upstream: FakeUpstream) -> FakeUpstream:
     """A registry that wants Bearer tokens, with two repositories."""
-    fake = await serve(aiohttp_server, FakeRegistry())
-    fake.put_manifest("library/x", "latest", manifest_bytes("x"))
-    fake.put_manifest("library/y", "latest", manifest_bytes("y"))
-    yield fake
-    fake.release.set()
+    fake_upstream.auth.scheme = "bearer"
+    fake_upstream.manifests.put("library/x", "latest", manifest_bytes("x"))
+    fake_upstream.manifests.put("library/y", "latest", manifest_bytes("y"))
+    return fake_upstream
 
 
 def upstream_for(url: str, session: aiohttp.ClientSession, username: str | None = None) -> Upstream:
@@ -171,7 +169,7 @@ def basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
-async def test_token_fetched_then_reused(hub: FakeRegistry, session: aiohttp.ClientSession) -> None:
+async def test_token_fetched_then_reused(hub: FakeUpstream, session: aiohttp.ClientSession) -> None:
     upstream = upstream_for(hub.url, session)
 
     first = await upstream.get_manifest("library/x", "latest", ACCEPT)
@@ -193,7 +191,7 @@ async def test_token_fetched_then_reused(hub: FakeRegistry, session: aiohttp.Cli
 
 
 async def test_concurrent_requests_fetch_one_token(
-    hub: FakeRegistry, session: aiohttp.ClientSession
+    hub: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     upstream = upstream_for(hub.url, session)
     results = await asyncio.gather(
@@ -205,7 +203,7 @@ async def test_concurrent_requests_fetch_one_token(
 
 
 async def test_each_repository_gets_its_own_token(
-    hub: FakeRegistry, session: aiohttp.ClientSession
+    hub: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     upstream = upstream_for(hub.url, session)
     for _ in range(2):
@@ -217,7 +215,7 @@ async def test_each_repository_gets_its_own_token(
 
 
 async def test_credentials_go_to_a_realm_on_the_upstreams_host(
-    hub: FakeRegistry, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+    hub: FakeUpstream, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_UPSTREAM_PASSWORD", PASSWORD)
     upstream = upstream_for(hub.url, session, username="alice")
@@ -227,11 +225,11 @@ async def test_credentials_go_to_a_realm_on_the_upstreams_host(
 
 
 async def test_a_realm_on_another_site_is_not_contacted(
-    hub: FakeRegistry, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+    hub: FakeUpstream, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The same server, but the challenge names it `localhost` while the upstream is
     # configured as 127.0.0.1: another site as far as the mirror can know.
-    hub.realm_host = "localhost"
+    hub.auth.realm_host = "localhost"
     monkeypatch.setenv("FAKE_UPSTREAM_PASSWORD", PASSWORD)
     upstream = upstream_for(hub.url, session, username="alice")
     with pytest.raises(UpstreamError, match=r"token realm localhost.*allowed_realms"):
@@ -241,9 +239,9 @@ async def test_a_realm_on_another_site_is_not_contacted(
 
 @pytest.mark.parametrize("listed", ["localhost", "localhost:{port}"])
 async def test_a_realm_listed_in_allowed_realms_is_trusted(
-    hub: FakeRegistry, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, listed: str
+    hub: FakeUpstream, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, listed: str
 ) -> None:
-    hub.realm_host = "localhost"
+    hub.auth.realm_host = "localhost"
     monkeypatch.setenv("FAKE_UPSTREAM_PASSWORD", PASSWORD)
     config = UpstreamConfig(
         name="fake",
@@ -294,7 +292,7 @@ class FakeClock(SimpleNamespace):
     ],
 )
 async def test_token_lifetime(
-    hub: FakeRegistry,
+    hub: FakeUpstream,
     session: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
     expires_in: int | None,
@@ -303,7 +301,7 @@ async def test_token_lifetime(
 ) -> None:
     clock = FakeClock()
     monkeypatch.setattr(auth, "time", clock)
-    hub.expires_in = expires_in
+    hub.auth.expires_in = expires_in
     upstream = upstream_for(hub.url, session)
 
     await upstream.get_manifest("library/x", "latest", ACCEPT)
@@ -320,11 +318,11 @@ async def test_token_lifetime(
 
 
 async def test_rejected_token_is_renewed_once(
-    hub: FakeRegistry, session: aiohttp.ClientSession
+    hub: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     upstream = upstream_for(hub.url, session)
     await upstream.get_manifest("library/x", "latest", ACCEPT)
-    hub.revoke()
+    hub.auth.revoke()
     manifest = await upstream.get_manifest("library/x", "latest", ACCEPT)
     assert manifest.body == manifest_bytes("x")
     assert len(hub.token_requests) == 2
@@ -333,7 +331,7 @@ async def test_rejected_token_is_renewed_once(
 
 
 async def test_a_token_that_never_works_is_not_fetched_in_a_loop(
-    hub: FakeRegistry, session: aiohttp.ClientSession
+    hub: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     hub.mode = "reject"
     upstream = upstream_for(hub.url, session)
@@ -354,13 +352,13 @@ async def test_a_token_that_never_works_is_not_fetched_in_a_loop(
     ],
 )
 async def test_token_service_errors(
-    hub: FakeRegistry,
+    hub: FakeUpstream,
     session: aiohttp.ClientSession,
     token_status: int,
     error: type[UpstreamError | Unauthorized],
     status: int,
 ) -> None:
-    hub.token_status = token_status
+    hub.auth.token_status = token_status
     upstream = upstream_for(hub.url, session)
     with pytest.raises(error) as caught:
         await upstream.get_manifest("library/x", "latest", ACCEPT)
@@ -370,7 +368,7 @@ async def test_token_service_errors(
 
 
 async def test_token_service_unreachable(
-    hub: FakeRegistry, session: aiohttp.ClientSession, unused_tcp_port: int
+    hub: FakeUpstream, session: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:
     upstream = upstream_for(hub.url, session)
     challenge = Challenge("bearer", {"realm": f"http://127.0.0.1:{unused_tcp_port}/token"})
@@ -379,9 +377,9 @@ async def test_token_service_unreachable(
 
 
 async def test_token_service_that_never_answers_times_out(
-    hub: FakeRegistry, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+    hub: FakeUpstream, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub.token_delay = 5.0
+    hub.auth.token_delay = 5.0
     upstream = Upstream(
         UpstreamConfig(
             name="fake", url=hub.url, default=True, timeouts=Timeouts(first_byte=2, idle=0.3)

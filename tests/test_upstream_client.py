@@ -1,6 +1,6 @@
 """The upstream client: redirects and where `Authorization` goes, and the status table.
 
-Fake upstreams are real aiohttp servers on loopback (`fake_registry.py`). Each behaviour is
+Fake upstreams are real aiohttp servers on loopback (`fake_upstream.py`). Each behaviour is
 checked on `Upstream` itself and, where a client of the mirror can see it, through the
 whole app built by `make_app`.
 """
@@ -20,15 +20,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from fake_registry import (
-    OCI_MANIFEST,
-    FakeCDN,
-    FakeRegistry,
-    manifest_bytes,
-    serve,
-    sha256,
-)
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from fake_upstream import CDN, OCI_MANIFEST, FakeUpstream, Serve, manifest_bytes, sha256
+from pytest_aiohttp import AiohttpClient
 
 from mirror import config as mirror_config
 from mirror.app import make_app
@@ -66,11 +59,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def registry(aiohttp_server: AiohttpServer) -> AsyncIterator[FakeRegistry]:
+def registry(fake_upstream: FakeUpstream) -> FakeUpstream:
     """A Hub-like registry: Bearer tokens from its own realm."""
-    fake = await serve(aiohttp_server, FakeRegistry())
-    yield fake
-    fake.release.set()  # let hanging handlers end before the server closes
+    fake_upstream.auth.scheme = "bearer"
+    return fake_upstream
 
 
 def upstream_for(url: str, session: aiohttp.ClientSession, **fields: Any) -> Upstream:
@@ -86,14 +78,14 @@ def basic(username: str, password: str) -> str:
 
 @pytest.mark.parametrize("cdn_host", ["localhost", "127.0.0.1"])
 async def test_blob_redirected_to_a_cdn_arrives_without_authorization(
-    aiohttp_server: AiohttpServer,
+    serve: Serve,
     make_mirror: MakeMirror,
-    registry: FakeRegistry,
+    registry: FakeUpstream,
     cdn_host: str,
 ) -> None:
     data = os.urandom(300 * 1024)
-    digest = registry.put_blob(data)
-    cdn = await serve(aiohttp_server, FakeCDN(registry.blobs))
+    digest = registry.blobs.put(data)
+    cdn = await serve(CDN(registry.blobs))
     registry.blob_redirect = f"http://{cdn_host}:{cdn.port}/blobs"
     mirror = await make_mirror(registry.url)
 
@@ -109,9 +101,9 @@ async def test_blob_redirected_to_a_cdn_arrives_without_authorization(
 
 
 async def test_configured_credentials_never_reach_the_cdn(
-    aiohttp_server: AiohttpServer,
+    serve: Serve,
     aiohttp_client: AiohttpClient,
-    registry: FakeRegistry,
+    registry: FakeUpstream,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -119,8 +111,8 @@ async def test_configured_credentials_never_reach_the_cdn(
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("FAKE_UPSTREAM_PASSWORD", PASSWORD)
     data = os.urandom(64 * 1024)
-    digest = registry.put_blob(data)
-    cdn = await serve(aiohttp_server, FakeCDN(registry.blobs))
+    digest = registry.blobs.put(data)
+    cdn = await serve(CDN(registry.blobs))
     registry.blob_redirect = f"http://localhost:{cdn.port}/blobs"
     upstream = UpstreamConfig(
         name="fake",
@@ -149,10 +141,10 @@ async def test_configured_credentials_never_reach_the_cdn(
 
 @pytest.mark.parametrize("location", ["relative", "absolute"])
 async def test_same_origin_redirect_keeps_authorization(
-    make_mirror: MakeMirror, registry: FakeRegistry, location: str
+    make_mirror: MakeMirror, registry: FakeUpstream, location: str
 ) -> None:
     data = os.urandom(100 * 1024)
-    digest = registry.put_blob(data)
+    digest = registry.blobs.put(data)
     registry.blob_redirect = "/data" if location == "relative" else f"{registry.url}/data"
     mirror = await make_mirror(registry.url)
 
@@ -165,10 +157,10 @@ async def test_same_origin_redirect_keeps_authorization(
 
 
 async def test_redirects_are_followed_up_to_the_limit(
-    registry: FakeRegistry, session: aiohttp.ClientSession
+    registry: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     body = manifest_bytes("x")
-    registry.put_manifest("library/x", "latest", body)
+    registry.manifests.put("library/x", "latest", body)
     upstream = upstream_for(registry.url, session)
 
     registry.manifest_redirects = MAX_REDIRECTS
@@ -185,9 +177,9 @@ async def test_redirects_are_followed_up_to_the_limit(
 
 
 async def test_redirect_to_a_non_http_url_is_refused(
-    registry: FakeRegistry, session: aiohttp.ClientSession
+    registry: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
-    digest = registry.put_blob(b"layer")
+    digest = registry.blobs.put(b"layer")
     registry.blob_redirect = "ftp://127.0.0.1/blobs"
     upstream = upstream_for(registry.url, session)
     with pytest.raises(UpstreamError, match="non-HTTP"):
@@ -204,9 +196,9 @@ class Failure:
 
     status: int | None = None  # answer this to every /v2/ request
     headers: tuple[tuple[str, str], ...] = ()
-    mode: str | None = None  # or: a FakeRegistry mode (reject, drop, hang)
+    mode: str | None = None  # or: a FakeUpstream mode (reject, drop, hang)
 
-    def apply(self, fake: FakeRegistry) -> None:
+    def apply(self, fake: FakeUpstream) -> None:
         if self.status is not None:
             fake.fail(self.status, dict(self.headers))
         if self.mode is not None:
@@ -274,7 +266,7 @@ async def call(upstream: Upstream, kind: str) -> None:
     ids=param_id,
 )
 async def test_status_table(
-    registry: FakeRegistry,
+    registry: FakeUpstream,
     session: aiohttp.ClientSession,
     kind: str,
     failure: Failure,
@@ -292,7 +284,7 @@ async def test_status_table(
 
 
 async def test_429_without_retry_after_still_tells_clients_when_to_retry(
-    registry: FakeRegistry, session: aiohttp.ClientSession
+    registry: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     registry.fail(429)
     with pytest.raises(TooManyRequests) as caught:
@@ -311,11 +303,11 @@ async def test_connection_refused_is_unavailable(
 
 
 async def test_blob_that_stops_mid_body_times_out(
-    registry: FakeRegistry, session: aiohttp.ClientSession
+    registry: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     data = os.urandom(512 * 1024)
-    digest = registry.put_blob(data)
-    registry.stall_blobs = True
+    digest = registry.blobs.put(data)
+    registry.blobs.stall_after, registry.blobs.stalls = len(data) // 2, 1
     received = b""
     with pytest.raises(UpstreamCut):
         async with upstream_for(registry.url, session, **FAST).blob(
@@ -329,12 +321,12 @@ async def test_blob_that_stops_mid_body_times_out(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_manifest_over_4mib_is_an_upstream_error(
-    registry: FakeRegistry, session: aiohttp.ClientSession, chunked: bool
+    registry: FakeUpstream, session: aiohttp.ClientSession, chunked: bool
 ) -> None:
     """The upstream's fault, not the client's: 502, not MANIFEST_INVALID (400)."""
-    registry.chunked = chunked
-    registry.put_manifest("library/x", "latest", manifest_bytes("big", MAX_MANIFEST_SIZE + 1))
-    registry.put_manifest("library/x", "limit", manifest_bytes("limit", MAX_MANIFEST_SIZE))
+    registry.manifests.chunked = chunked
+    registry.manifests.put("library/x", "latest", manifest_bytes("big", MAX_MANIFEST_SIZE + 1))
+    registry.manifests.put("library/x", "limit", manifest_bytes("limit", MAX_MANIFEST_SIZE))
     upstream = upstream_for(registry.url, session)
 
     with pytest.raises(UpstreamError) as caught:
@@ -347,16 +339,16 @@ async def test_manifest_over_4mib_is_an_upstream_error(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_large_manifest_and_listing_arrive_whole(
-    make_mirror: MakeMirror, registry: FakeRegistry, chunked: bool
+    make_mirror: MakeMirror, registry: FakeUpstream, chunked: bool
 ) -> None:
     # Regression: one `StreamReader.read(n)` returns what has arrived so far, so anything
     # over a TCP read or two was cut short (and then failed its digest, or was cached cut).
-    registry.chunked = chunked
+    registry.manifests.chunked = chunked
     body = manifest_bytes("large", 1024 * 1024)
-    digest = registry.put_manifest("library/x", "latest", body)
+    digest = registry.manifests.put("library/x", "latest", body)
     tags = [f"v{i:05d}-with-a-long-suffix" for i in range(5000)]
     for tag in tags:
-        registry.manifests[("library/x", tag)] = (body, OCI_MANIFEST)
+        registry.manifests.bodies[("library/x", tag)] = body
     mirror = await make_mirror(registry.url)
 
     async with mirror.get(PATHS["manifest"], headers={"Accept": OCI_MANIFEST}) as response:
@@ -417,7 +409,7 @@ async def expect_oci_error(
 )
 async def test_mirror_answers_upstream_failures_as_oci_errors(
     make_mirror: MakeMirror,
-    registry: FakeRegistry,
+    registry: FakeUpstream,
     kind: str,
     failure: Failure,
     status: int,
@@ -433,8 +425,8 @@ async def test_mirror_answers_upstream_failures_as_oci_errors(
     # Nothing was cached: once the upstream has it and answers, so does the mirror; but a
     # 429 to a manifest GET (a counted pull) holds further GETs back for its Retry-After.
     registry.mode = "ok"
-    registry.put_manifest("library/x", "latest", manifest_bytes("x"))
-    registry.put_blob(b"no such blob")
+    registry.manifests.put("library/x", "latest", manifest_bytes("x"))
+    registry.blobs.put(b"no such blob")
     async with mirror.get(PATHS[kind], headers={"Accept": OCI_MANIFEST}) as response:
         assert response.status == (429 if (kind, status) == ("manifest", 429) else 200)
 
@@ -455,12 +447,12 @@ def test_every_401_error_names_a_way_to_authenticate(kind: type[RegistryError]) 
     ["token refused", "bearer refused", "no challenge"],
 )
 async def test_an_upstream_401_reaches_the_client_with_a_challenge(
-    make_mirror: MakeMirror, registry: FakeRegistry, refusal: str
+    make_mirror: MakeMirror, registry: FakeUpstream, refusal: str
 ) -> None:
     """A 401 without WWW-Authenticate is no valid HTTP answer; the mirror's own challenge
     goes out, whatever the upstream's was (or that it had none)."""
     if refusal == "token refused":
-        registry.token_status = 401
+        registry.auth.token_status = 401
     elif refusal == "bearer refused":
         registry.mode = "reject"
     else:
@@ -483,27 +475,29 @@ async def test_mirror_answers_unreachable_upstream(
 
 
 async def test_mirror_refuses_an_oversized_manifest(
-    make_mirror: MakeMirror, registry: FakeRegistry
+    make_mirror: MakeMirror, registry: FakeUpstream
 ) -> None:
-    registry.put_manifest("library/x", "latest", manifest_bytes("big", MAX_MANIFEST_SIZE + 1))
+    registry.manifests.put("library/x", "latest", manifest_bytes("big", MAX_MANIFEST_SIZE + 1))
     mirror = await make_mirror(registry.url)
     async with mirror.get(PATHS["manifest"]) as response:
         await expect_oci_error(response, 502, "UPSTREAM_ERROR")
 
 
 async def test_mirror_cuts_a_blob_whose_upstream_stalls(
-    make_mirror: MakeMirror, registry: FakeRegistry
+    make_mirror: MakeMirror, registry: FakeUpstream
 ) -> None:
     data = os.urandom(512 * 1024)
-    digest = registry.put_blob(data)
-    registry.stall_blobs = True
+    digest = registry.blobs.put(data)
+    # Every try, the first and each resumption, answered whole and stalled half-way.
+    registry.blobs.ranges = False
+    registry.blobs.stall_after, registry.blobs.stalls = len(data) // 2, 99
     mirror = await make_mirror(registry.url, upstream=FAST)
     async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
         assert response.status == 200  # headers were sent before the upstream stalled
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
 
-    registry.stall_blobs = False
+    registry.blobs.stalls = 0
     async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
         assert response.status == 200
         assert await response.read() == data

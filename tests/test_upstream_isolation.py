@@ -5,32 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from conftest import MirrorClient
-from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve, sha256
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from fake_upstream import OCI_MANIFEST, FakeUpstream, Serve, manifest_bytes, sha256
+from pytest_aiohttp import AiohttpClient
 
 from mirror.app import make_app
 from mirror.config import Config, StorageConfig, UpstreamConfig
 
 
 @pytest.fixture
-async def upstreams(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[FakeRegistry, ...]]:
-    fakes = (
-        await serve(aiohttp_server, FakeRegistry(auth=False)),
-        await serve(aiohttp_server, FakeRegistry(auth=False)),
-    )
-    yield fakes
-    for fake in fakes:
-        fake.release.set()
+async def upstreams(serve: Serve) -> tuple[FakeUpstream, ...]:
+    return (await serve(FakeUpstream()), await serve(FakeUpstream()))
 
 
 @pytest.fixture
 async def mirror(
-    aiohttp_client: AiohttpClient, tmp_path: Path, upstreams: tuple[FakeRegistry, ...]
+    aiohttp_client: AiohttpClient, tmp_path: Path, upstreams: tuple[FakeUpstream, ...]
 ) -> MirrorClient:
     first, second = upstreams
     config = Config(
@@ -44,13 +37,13 @@ async def mirror(
 
 
 async def test_a_hanging_upstream_does_not_hold_back_anothers_clients(
-    mirror: MirrorClient, upstreams: tuple[FakeRegistry, ...]
+    mirror: MirrorClient, upstreams: tuple[FakeUpstream, ...]
 ) -> None:
     first = upstreams[0]
     data = os.urandom(256 * 1024)
     for fake in upstreams:
-        fake.put_blob(data)
-        fake.put_manifest("team/app", "1", manifest_bytes("app"))
+        fake.blobs.put(data)
+        fake.manifests.put("team/app", "1", manifest_bytes("app"))
     first.mode = "hang"
     digest = sha256(data)
 
@@ -73,15 +66,15 @@ async def test_a_hanging_upstream_does_not_hold_back_anothers_clients(
 
 
 async def test_one_upstreams_exhausted_quota_does_not_block_another(
-    mirror: MirrorClient, upstreams: tuple[FakeRegistry, ...]
+    mirror: MirrorClient, upstreams: tuple[FakeUpstream, ...]
 ) -> None:
     first, second = upstreams
     for fake in upstreams:
-        fake.put_manifest("team/app", "1", manifest_bytes("app"))
-    first.quota = 0
-    second.quota = 10
+        fake.manifests.put("team/app", "1", manifest_bytes("app"))
+    first.quota.remaining = 0
+    second.quota.remaining = 10
     async with mirror.get("/v2/team/app/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
         assert resp.status == 429
     async with mirror.get("/v2/b/team/app/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
         assert resp.status == 200
-    assert second.quota == 9
+    assert second.quota.remaining == 9
