@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve
+from fake_upstream import OCI_MANIFEST, FakeUpstream, manifest_bytes
 from prometheus import PrometheusProcess, require
 from prometheus_client.parser import text_string_to_metric_families
-from pytest_aiohttp import AiohttpServer
 
 if TYPE_CHECKING:
     from conftest import MirrorClient
@@ -46,10 +45,10 @@ async def served_metric_names(mirror: MirrorClient) -> set[str]:
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-async def busy_mirror(aiohttp_server: AiohttpServer, make_mirror: MakeMirror) -> MirrorClient:
+async def busy_mirror(hub: FakeUpstream, make_mirror: MakeMirror) -> MirrorClient:
     """A mirror in front of a fake Hub (quota headers), after one pull."""
-    hub = await serve(aiohttp_server, FakeRegistry(quota=90))
-    hub.put_manifest("library/x", "1", manifest_bytes("x"))
+    hub.auth.scheme, hub.quota.remaining = "bearer", 90
+    hub.manifests.put("library/x", "1", manifest_bytes("x"))
     mirror = await make_mirror(hub.url, hosts=("docker.io",))
     async with mirror.get("/v2/x/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
         assert resp.status == 200
@@ -57,9 +56,9 @@ async def busy_mirror(aiohttp_server: AiohttpServer, make_mirror: MakeMirror) ->
 
 
 async def test_every_metric_the_dashboard_and_alerts_use_exists(
-    aiohttp_server: AiohttpServer, make_mirror: MakeMirror
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
 ) -> None:
-    served = await served_metric_names(await busy_mirror(aiohttp_server, make_mirror))
+    served = await served_metric_names(await busy_mirror(fake_upstream, make_mirror))
     exprs = dashboard_exprs() + alert_exprs()
     used = {name for expr in exprs for name in _NAME.findall(expr)}
     assert len(used) >= 15
@@ -86,9 +85,9 @@ def test_promtool_accepts_the_alert_rules() -> None:
 
 
 async def test_prometheus_scrapes_the_mirror(
-    aiohttp_server: AiohttpServer, make_mirror: MakeMirror, tmp_path: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, tmp_path: Path
 ) -> None:
-    mirror = await busy_mirror(aiohttp_server, make_mirror)
+    mirror = await busy_mirror(fake_upstream, make_mirror)
     target = f"127.0.0.1:{mirror.server.port}"
     prometheus = PrometheusProcess(tmp_path / "prometheus", [target], [ALERTS])
     await asyncio.to_thread(prometheus.start)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import aiohttp
 import pytest
 from conftest import downloads_stored
-from fake_registry import slow_blobs
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from fake_upstream import FakeUpstream
+from pytest_aiohttp import AiohttpClient
 from upstream_registry import (
     FOREIGN_LAYERS_ALLOWED,
     OCI_INDEX,
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     MakeMirror = Callable[..., Awaitable[MirrorClient]]
 
 KIB, MIB = 1024, 1024 * 1024
+SLOW = (32 * KIB, 0.005)  # the upstream's pieces and pause: downloads overlap and last
 
 
 def disk_bytes(root: Path) -> int:
@@ -165,18 +166,17 @@ async def test_a_blob_streaming_to_a_slow_client_is_not_evicted(
 
 
 async def test_concurrent_cold_downloads_hold_the_budget_at_every_moment(
-    aiohttp_server: AiohttpServer,
+    fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     storage = tmp_path / "cache"
     datas = [os.urandom(512 * KIB) for _ in range(16)]
-    blobs = {"sha256:" + hashlib.sha256(d).hexdigest(): d for d in datas}
+    blobs = {fake_upstream.blobs.put(d): d for d in datas}
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = SLOW
     budget = 4 * MIB  # half of what the 16 downloads bring
-    mirror = await make_mirror(
-        await slow_blobs(aiohttp_server, blobs), storage=storage, budget={"max_size": budget}
-    )
+    mirror = await make_mirror(fake_upstream.url, storage=storage, budget={"max_size": budget})
     samples: list[int] = []
     done = asyncio.Event()
 
@@ -346,15 +346,15 @@ def files_state(storage: Path) -> dict[str, int]:
 
 
 async def test_kill_9_mid_download_then_restart(
-    aiohttp_server: AiohttpServer,
+    fake_upstream: FakeUpstream,
     start_mirror_process: Callable[..., MirrorProcess],
     tmp_path: Path,
 ) -> None:
     storage = tmp_path / "cache"
     data = os.urandom(4 * MIB)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    upstream = await slow_blobs(aiohttp_server, {digest: data})
-    args = ("--storage", str(storage), "--upstream", upstream)
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = SLOW
+    args = ("--storage", str(storage), "--upstream", fake_upstream.url)
     first = await asyncio.to_thread(start_mirror_process, *args)
 
     async def get(base: str) -> bytes:
@@ -389,15 +389,15 @@ async def test_kill_9_mid_download_then_restart(
 
 
 async def test_pass_through_keeps_memory_bounded_for_slow_and_departing_readers(
-    aiohttp_server: AiohttpServer, make_mirror: MakeMirror, tmp_path: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, tmp_path: Path
 ) -> None:
     """No room in the budget: readers share a bounded window; the download waits for the
     slowest; one that leaves does not hold the others back."""
     data = os.urandom(12 * MIB)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    upstream = await slow_blobs(aiohttp_server, {digest: data})
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = SLOW
     storage = tmp_path / "cache"
-    mirror = await make_mirror(upstream, storage=storage, budget={"max_size": 2 * MIB})
+    mirror = await make_mirror(fake_upstream.url, storage=storage, budget={"max_size": 2 * MIB})
 
     async def read(pause: float, leave_after: int | None = None) -> tuple[str, int]:
         """The digest of what arrived, and how much; nothing kept, to measure the mirror."""

@@ -23,16 +23,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
-from fake_registry import (
-    OCI_MANIFEST,
-    FakeCDN,
-    FakeRegistry,
-    manifest_bytes,
-    serve,
-    slow_blobs,
-)
-from fault_upstream import FaultyUpstream
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from fake_upstream import CDN, OCI_MANIFEST, FakeUpstream, Serve, manifest_bytes
+from pytest_aiohttp import AiohttpClient
 from upstream_registry import RegistryProcess, push_image
 
 from mirror.app import make_app
@@ -100,7 +92,8 @@ async def test_one_access_line_per_request(
 
 
 async def test_no_credential_or_token_in_any_log(
-    aiohttp_server: AiohttpServer,
+    fake_upstream: FakeUpstream,
+    serve: Serve,
     aiohttp_client: AiohttpClient,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -108,12 +101,13 @@ async def test_no_credential_or_token_in_any_log(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "s3cret-Pa55-9f7e1c"
-    hub = await serve(aiohttp_server, FakeRegistry(credentials=("alice", secret)))
-    cdn = await serve(aiohttp_server, FakeCDN(hub.blobs))
+    hub = fake_upstream
+    hub.auth.scheme, hub.auth.credentials = "bearer", ("alice", secret)
+    cdn = await serve(CDN(hub.blobs))
     hub.blob_redirect = f"http://localhost:{cdn.port}/blobs"
-    hub.put_manifest("library/x", "1", manifest_bytes("x"))
+    hub.manifests.put("library/x", "1", manifest_bytes("x"))
     data = os.urandom(10 * KIB)
-    digest = hub.put_blob(data)
+    digest = hub.blobs.put(data)
     monkeypatch.setenv("MIRROR_TEST_SECRET", secret)
     auth = AuthConfig("basic", username="alice", password_env="MIRROR_TEST_SECRET")
     upstream = UpstreamConfig(
@@ -124,8 +118,8 @@ async def test_no_credential_or_token_in_any_log(
     for path in ("/v2/x/manifests/1", f"/v2/x/blobs/{digest}", "/v2/x/manifests/1"):
         async with mirror.get(path, headers={"Accept": OCI_MANIFEST}) as resp:
             assert resp.status == 200
-    hub.revoke()
-    hub.credentials = ("alice", "another")  # the token service now refuses: logs an outage
+    hub.auth.revoke()
+    hub.auth.credentials = ("alice", "another")  # the token service now refuses: logs an outage
     async with mirror.get("/v2/x/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
         assert resp.status == 200  # stale from cache
     assert hub.token_requests  # the token flow ran, with the secret in its Basic header
@@ -133,15 +127,14 @@ async def test_no_credential_or_token_in_any_log(
     text = caplog.text
     for leaked in (secret, basic, "Bearer ", "token-1", "token-2"):
         assert leaked not in text
-    hub.release.set()
 
 
 async def test_an_outage_is_logged_once(
-    aiohttp_server: AiohttpServer, make_mirror: MakeMirror, caplog: pytest.LogCaptureFixture
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    hub = await serve(aiohttp_server, FakeRegistry(auth=False))
-    hub.put_manifest("library/x", "1", manifest_bytes("x"))
+    hub = fake_upstream
+    hub.manifests.put("library/x", "1", manifest_bytes("x"))
     mirror = await make_mirror(hub.url, tag_ttl=0)
     headers = {"Accept": OCI_MANIFEST}
     async with mirror.get("/v2/library/x/manifests/1", headers=headers) as resp:
@@ -156,21 +149,18 @@ async def test_an_outage_is_logged_once(
             assert resp.status == 200
     assert caplog.text.count("upstream upstream is failing") == 1
     assert caplog.text.count("upstream upstream answers again") == 1
-    hub.release.set()
 
 
 async def test_sigterm_lets_a_download_under_way_finish(
-    aiohttp_server: AiohttpServer,
+    fake_upstream: FakeUpstream,
     start_mirror_process: StartMirrorProcess,
     tmp_path: Path,
 ) -> None:
     data = os.urandom(2 * 1024 * KIB)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-
-    url = await slow_blobs(aiohttp_server, {digest: data}, 64 * KIB, 0.03)  # about 1 s
-    mirror = await asyncio.to_thread(
-        start_mirror_process, "--storage", str(tmp_path / "cache"), "--upstream", url
-    )
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = 64 * KIB, 0.03  # about 1 s
+    args = ("--storage", str(tmp_path / "cache"), "--upstream", fake_upstream.url)
+    mirror = await asyncio.to_thread(start_mirror_process, *args)
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"{mirror.url}/v2/x/blobs/{digest}") as resp,
@@ -216,15 +206,13 @@ def leave_mid_blob(port: int, path: str) -> None:
 
 
 async def test_client_mistakes_log_no_error_and_repeats_once(
-    aiohttp_server: AiohttpServer, start_mirror_process: StartMirrorProcess, tmp_path: Path
+    fake_upstream: FakeUpstream, start_mirror_process: StartMirrorProcess, tmp_path: Path
 ) -> None:
-    upstream = FaultyUpstream()
-    digest = upstream.add_blob(os.urandom(8 * 1024 * KIB))  # more than the sockets buffer
-    server = await aiohttp_server(upstream.app())
+    digest = fake_upstream.blobs.put(os.urandom(8 * 1024 * KIB))  # more than the sockets buffer
     config = tmp_path / "mirror.yaml"
     config.write_text(
         f"storage: {{path: {tmp_path / 'cache'}}}\n"
-        f"upstreams: [{{name: up, url: '{str(server.make_url('')).rstrip('/')}'}}]\n"
+        f"upstreams: [{{name: up, url: '{fake_upstream.url}'}}]\n"
     )
     mirror = await asyncio.to_thread(start_mirror_process, "--config", str(config))
     oversized = b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"

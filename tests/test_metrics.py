@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -12,9 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conftest import downloads_stored
-from fake_registry import OCI_MANIFEST, FakeRegistry, manifest_bytes, serve, slow_blobs
+from fake_upstream import OCI_MANIFEST, FakeUpstream, manifest_bytes
 from prometheus_client.parser import text_string_to_metric_families
-from pytest_aiohttp import AiohttpServer
 from upstream_registry import RegistryProcess, push_image
 
 if TYPE_CHECKING:
@@ -92,13 +90,12 @@ async def test_cold_then_warm_pull(registry: RegistryProcess, make_mirror: MakeM
 
 
 async def test_joined_requests_are_counted(
-    aiohttp_server: AiohttpServer, make_mirror: MakeMirror
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
 ) -> None:
     data = os.urandom(2 * 1024 * KIB)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-
-    upstream = await slow_blobs(aiohttp_server, {digest: data}, 64 * KIB, 0.01)
-    mirror = await make_mirror(upstream)
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = 64 * KIB, 0.01
+    mirror = await make_mirror(fake_upstream.url)
 
     async def get() -> bytes:
         async with mirror.get(f"/v2/x/blobs/{digest}") as resp:
@@ -112,16 +109,16 @@ async def test_joined_requests_are_counted(
     assert value(samples, "mirror_fetches_in_flight") == 0
 
 
-async def test_hub_quota_gauges(aiohttp_server: AiohttpServer, make_mirror: MakeMirror) -> None:
-    hub = await serve(aiohttp_server, FakeRegistry(quota=42, quota_limit=100))
-    hub.put_manifest("library/x", "1", manifest_bytes("x"))
+async def test_hub_quota_gauges(fake_upstream: FakeUpstream, make_mirror: MakeMirror) -> None:
+    hub = fake_upstream
+    hub.auth.scheme, hub.quota.remaining, hub.quota.limit = "bearer", 42, 100
+    hub.manifests.put("library/x", "1", manifest_bytes("x"))
     mirror = await make_mirror(hub.url, hosts=("docker.io",))
     async with mirror.get("/v2/x/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
         assert resp.status == 200
     samples = await scrape(mirror)
     assert value(samples, "mirror_upstream_ratelimit_remaining", upstream="upstream") == 41
     assert value(samples, "mirror_upstream_ratelimit_limit", upstream="upstream") == 100
-    hub.release.set()
 
 
 async def test_health_and_readiness(make_mirror: MakeMirror, tmp_path: Path) -> None:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import REPO, USERS, downloads_stored, write_htpasswd
-from fake_registry import FakeRegistry, serve
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from fake_upstream import FakeUpstream
+from pytest_aiohttp import AiohttpClient
 from upstream_registry import (
     OCI_MANIFEST,
     PushedImage,
@@ -331,11 +331,12 @@ async def test_a_failing_upstream_shows_its_last_error(
 
 
 async def test_docker_hubs_quota_left_is_shown(
-    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path: Path
+    fake_upstream: FakeUpstream, aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:
-    hub = await serve(aiohttp_server, FakeRegistry(quota=100))
+    hub = fake_upstream
+    hub.auth.scheme, hub.quota.remaining = "bearer", 100
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}
-    hub.put_manifest("library/alpine", "3.20", json.dumps(manifest).encode())
+    hub.manifests.put("library/alpine", "3.20", json.dumps(manifest).encode())
     config = Config(
         storage=StorageConfig(path=tmp_path / "cache"),
         upstreams=(UpstreamConfig(name="hub", url=hub.url, hosts=("docker.io",), default=True),),
@@ -346,7 +347,11 @@ async def test_docker_hubs_quota_left_is_shown(
         assert resp.status == 200
     async with mirror.get("/status.json") as resp:
         [upstream] = (await resp.json())["upstreams"]
-    assert (upstream["quota_remaining"], upstream["quota_limit"]) == (hub.quota, 100) == (99, 100)
+    assert (
+        (upstream["quota_remaining"], upstream["quota_limit"])
+        == (hub.quota.remaining, 100)
+        == (99, 100)
+    )
     async with mirror.get("/") as resp:
         assert Texts(await resp.text()).rows["upstreams"][1][4] == "99 of 100"
 
