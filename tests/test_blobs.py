@@ -1,9 +1,9 @@
-"""The blob pull-through path, against in-process fake upstreams that misbehave on purpose.
+"""The blob pull-through path, against the fake upstream, which misbehaves on purpose.
 
 A real registry cannot be slow on demand, send wrong bytes, lie in `Content-Length` or drop
-the connection mid-body; these fakes (real aiohttp servers on 127.0.0.1, port 0) can, and
-they count every request, which is how single-flight (one upstream GET per blob however
-many clients ask) is proved.
+the connection mid-body; the fake (a real aiohttp server on 127.0.0.1, port 0) can, and it
+records every request, which is how single-flight (one upstream GET per blob however many
+clients ask) is proved.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import downloads_stored
-from pytest_aiohttp import AiohttpServer
+from fake_upstream import CDN, FakeUpstream, Serve
 from upstream_registry import free_loopback_port
 
 from mirror.proxy.blobs import BlobProxy
@@ -36,7 +36,6 @@ from mirror.web.registry import BLOBS
 
 MirrorClient = TestClient[web.Request, web.Application]
 MakeMirror = Callable[..., Awaitable[MirrorClient]]
-Serve = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
 MiB = 1024 * 1024
 REPO = "library/blobtest"
@@ -65,64 +64,9 @@ def make_blob(size: int) -> Blob:
     return Blob(os.urandom(size))
 
 
-# --- the fake upstream --------------------------------------------------------------------
-
-
-async def send_whole(request: web.Request, data: bytes) -> web.StreamResponse:
-    return web.Response(body=data, content_type="application/octet-stream")
-
-
-@dataclass
-class FakeUpstream:
-    """Answers blob GET/HEAD for the blobs it holds; GETs follow a script, then `default`."""
-
-    blobs: dict[str, bytes] = field(default_factory=dict)
-    requests: list[tuple[str, str]] = field(default_factory=list)
-    script: list[Serve] = field(default_factory=list)
-    default: Serve = send_whole
-    url: str = ""
-
-    def add(self, blob: Blob) -> Blob:
-        self.blobs[blob.digest] = blob.data
-        return blob
-
-    def count(self, method: str, digest: str | None = None) -> int:
-        return sum(1 for m, d in self.requests if m == method and digest in (None, d))
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v2/", self._ping)
-        app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._get, allow_head=False)
-        app.router.add_route("HEAD", "/v2/{name:.+}/blobs/{digest}", self._head)
-        return app
-
-    async def _ping(self, request: web.Request) -> web.Response:
-        return web.json_response({})
-
-    async def _head(self, request: web.Request) -> web.StreamResponse:
-        digest = request.match_info["digest"]
-        self.requests.append(("HEAD", digest))
-        data = self.blobs.get(digest)
-        if data is None:
-            return web.Response(status=404)
-        return web.Response(body=data, content_type="application/octet-stream")
-
-    async def _get(self, request: web.Request) -> web.StreamResponse:
-        digest = request.match_info["digest"]
-        self.requests.append(("GET", digest))
-        serve = self.script.pop(0) if self.script else self.default
-        data = self.blobs.get(digest)
-        if data is None:
-            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
-        return await serve(request, data)
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> FakeUpstream:
-    fake = FakeUpstream()
-    server = await aiohttp_server(fake.app())
-    fake.url = f"http://127.0.0.1:{server.port}"
-    return fake
+def add(upstream: FakeUpstream, blob: Blob) -> Blob:
+    upstream.blobs.put(blob.data)
+    return blob
 
 
 @pytest.fixture
@@ -165,96 +109,24 @@ async def wait_for_file(path: Path) -> None:
     raise AssertionError(f"{path} did not appear in 10 s")
 
 
-# --- upstream behaviours ------------------------------------------------------------------
+# --- lies, told by storing other bytes under a blob's digest, or by cutting it -------------
+
+Liar = Callable[[FakeUpstream, Blob], None]
 
 
-@dataclass
-class SlowSender:
-    """Sends `chunk`-sized pieces with a pause between them; notes when the last was sent."""
-
-    chunk: int = MiB
-    delay: float = 0.04
-    last_write_at: float | None = None
-
-    async def __call__(self, request: web.Request, data: bytes) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = len(data)
-        await response.prepare(request)
-        view = memoryview(data)
-        for offset in range(0, len(data), self.chunk):
-            if offset + self.chunk >= len(data):
-                self.last_write_at = time.monotonic()
-            await response.write(view[offset : offset + self.chunk])
-            await asyncio.sleep(self.delay)
-        await response.write_eof()
-        return response
-
-
-@dataclass
-class GatedSender:
-    """Sends the first `first` bytes, then waits for `gate` before sending the rest."""
-
-    first: int
-    gate: asyncio.Event = field(default_factory=asyncio.Event)
-    sent_first: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def __call__(self, request: web.Request, data: bytes) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = len(data)
-        await response.prepare(request)
-        await response.write(data[: self.first])
-        self.sent_first.set()
-        await asyncio.wait_for(self.gate.wait(), GATE_TIMEOUT)
-        await response.write(data[self.first :])
-        await response.write_eof()
-        return response
-
-
-async def send_wrong_bytes(request: web.Request, data: bytes) -> web.StreamResponse:
+def wrong(data: bytes) -> bytes:
     """The right length, the wrong content (only the last byte differs)."""
-    wrong = data[:-1] + bytes([data[-1] ^ 0xFF])
-    return web.Response(body=wrong, content_type="application/octet-stream")
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
 
 
-async def send_short(request: web.Request, data: bytes) -> web.StreamResponse:
+def declares_more(upstream: FakeUpstream, blob: Blob) -> None:
     """Declares the whole length, sends half, then drops the connection."""
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    response.content_length = len(data)
-    await response.prepare(request)
-    await response.write(data[: len(data) // 2])
-    await asyncio.sleep(0.05)
-    assert request.transport is not None
-    request.transport.close()
-    return response
+    upstream.blobs.drop_after, upstream.blobs.drops = len(blob.data) // 2, 1
 
 
-async def send_truncated(request: web.Request, data: bytes) -> web.StreamResponse:
+def declares_less(upstream: FakeUpstream, blob: Blob) -> None:
     """Declares fewer bytes than the blob has: the right bytes, cut at the declared length."""
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    response.content_length = len(data) - 1000
-    await response.prepare(request)
-    await response.write(data[: len(data) - 1000])
-    await response.write_eof()
-    return response
-
-
-async def send_chunked(request: web.Request, data: bytes) -> web.StreamResponse:
-    """No Content-Length at all: chunked transfer encoding."""
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    response.enable_chunked_encoding()
-    await response.prepare(request)
-    for offset in range(0, len(data), 100_000):
-        await response.write(data[offset : offset + 100_000])
-        await asyncio.sleep(0)
-    await response.write_eof()
-    return response
-
-
-def answer_status(status: int, headers: dict[str, str] | None = None) -> Serve:
-    async def serve(request: web.Request, data: bytes) -> web.StreamResponse:
-        return web.json_response({"errors": []}, status=status, headers=headers)
-
-    return serve
+    upstream.blobs.data[blob.digest] = blob.data[:-1000]
 
 
 # --- clients ------------------------------------------------------------------------------
@@ -305,52 +177,53 @@ def oci_error(body: bytes) -> dict[str, Any]:
 
 
 async def test_concurrent_gets_share_one_upstream_fetch_and_stream_early(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(32 * MiB))
-    sender = SlowSender(chunk=MiB, delay=0.04)
-    upstream.default = sender
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(32 * MiB))
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = MiB, 0.04
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     pulls = await asyncio.gather(*(pull(client, blob.path) for _ in range(8)))
 
-    assert upstream.count("GET", blob.digest) == 1
-    assert sender.last_write_at is not None
+    assert fake_upstream.count("GET", blob.digest) == 1
+    last_piece_at = fake_upstream.blobs.last_piece_at
+    assert last_piece_at is not None
     for pulled in pulls:
         assert pulled.status == 200
         assert pulled.headers["Content-Length"] == str(len(blob.data))
         assert pulled.headers["Docker-Content-Digest"] == blob.digest
         assert pulled.sha256 == blob.digest
         assert pulled.first_chunk_at is not None
-        assert pulled.first_chunk_at < sender.last_write_at, "client waited for the whole blob"
+        assert pulled.first_chunk_at < last_piece_at, "client waited for the whole blob"
 
     await wait_for_file(cached_path(storage, blob))
     assert cached_path(storage, blob).read_bytes() == blob.data
     ninth = await pull(client, blob.path)
     assert (ninth.status, ninth.sha256) == (200, blob.digest)
-    assert upstream.count("GET") == 1
-    assert upstream.count("HEAD") == 0
+    assert fake_upstream.count("GET") == 1
+    assert fake_upstream.count("HEAD") == 0
 
 
 # --- 2. wrong bytes -----------------------------------------------------------------------
 
 
 async def test_wrong_bytes_cut_the_client_and_are_not_cached(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(3 * MiB + 17))
-    upstream.script = [send_wrong_bytes]
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(3 * MiB + 17))
+    fake_upstream.blobs.data[blob.digest] = wrong(blob.data)
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     status, received, declared = await pull_cut(client, blob.path)
     assert (status, declared) == (200, len(blob.data))
     assert received < len(blob.data)
     await assert_nothing_cached(client, storage, blob)
+    fake_upstream.blobs.data[blob.digest] = blob.data  # the truth from now on
 
     # Not remembered as good or bad: the next request asks the upstream again.
     again = await pull(client, blob.path)
     assert (again.status, again.sha256) == (200, blob.digest)
-    assert upstream.count("GET", blob.digest) == 2
+    assert fake_upstream.count("GET", blob.digest) == 2
     await wait_for_file(cached_path(storage, blob))
     assert cached_path(storage, blob).read_bytes() == blob.data
 
@@ -359,15 +232,15 @@ async def test_wrong_bytes_cut_the_client_and_are_not_cached(
 
 
 @pytest.mark.parametrize(
-    "liar", [send_short, send_truncated], ids=["declares-more", "declares-less"]
+    "liar", [declares_more, declares_less], ids=["declares-more", "declares-less"]
 )
 async def test_lying_content_length_is_never_served_complete_nor_cached(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path, liar: Serve
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path, liar: Liar
 ) -> None:
-    blob = upstream.add(make_blob(2 * MiB + 5))
-    upstream.script = [liar]
+    blob = add(fake_upstream, make_blob(2 * MiB + 5))
+    liar(fake_upstream, blob)
     # Without resumption (test_faults.py resumes a cut body).
-    client = await make_mirror(upstream.url, storage=storage, upstream={"retries": 0})
+    client = await make_mirror(fake_upstream.url, storage=storage, upstream={"retries": 0})
 
     async with asyncio.timeout(PULL_TIMEOUT), client.get(blob.path) as resp:
         received = bytearray()
@@ -379,34 +252,35 @@ async def test_lying_content_length_is_never_served_complete_nor_cached(
     assert len(received) < len(blob.data)
     assert blob.data.startswith(bytes(received))
     await assert_nothing_cached(client, storage, blob)
+    fake_upstream.blobs.data[blob.digest] = blob.data  # the truth from now on
 
     again = await pull(client, blob.path)
     assert (again.status, again.sha256) == (200, blob.digest)
-    assert upstream.count("GET", blob.digest) == 2
+    assert fake_upstream.count("GET", blob.digest) == 2
 
 
 async def test_chunked_upstream_without_length_is_served_and_cached(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(MiB + 3))
-    upstream.default = send_chunked
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(MiB + 3))
+    fake_upstream.blobs.chunked = True
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     pulled = await pull(client, blob.path)
     assert (pulled.status, pulled.sha256) == (200, blob.digest)
     await wait_for_file(cached_path(storage, blob))
     assert cached_path(storage, blob).read_bytes() == blob.data
-    assert upstream.count("GET") == 1
+    assert fake_upstream.count("GET") == 1
 
 
 async def test_range_of_a_chunked_upstream_blob_is_answered_whole_until_cached(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     """Without a declared length a range cannot be placed while the blob streams: the
     whole blob, 200 (as a server may answer any Range); once cached, ranges work."""
-    blob = upstream.add(make_blob(MiB + 3))
-    upstream.default = send_chunked
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(MiB + 3))
+    fake_upstream.blobs.chunked = True
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     whole = await pull(client, blob.path, {"Range": "bytes=-3"})
     assert (whole.status, whole.sha256) == (200, blob.digest)
@@ -415,19 +289,16 @@ async def test_range_of_a_chunked_upstream_blob_is_answered_whole_until_cached(
     assert ranged.status == 206
     assert ranged.body == blob.data[-3:]
     assert ranged.headers["Content-Range"] == f"bytes {MiB}-{MiB + 2}/{MiB + 3}"
-    assert upstream.count("GET") == 1
+    assert fake_upstream.count("GET") == 1
 
 
 async def test_chunked_upstream_with_wrong_bytes_cuts_the_client(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(MiB + 3))
-
-    async def chunked_wrong(request: web.Request, data: bytes) -> web.StreamResponse:
-        return await send_chunked(request, data[:-1] + b"\0")
-
-    upstream.script = [chunked_wrong]
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(MiB + 3))
+    fake_upstream.blobs.chunked = True
+    fake_upstream.blobs.data[blob.digest] = wrong(blob.data)
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     status, received, declared = await pull_cut(client, blob.path)
     assert (status, declared) == (200, None)
@@ -436,10 +307,10 @@ async def test_chunked_upstream_with_wrong_bytes_cuts_the_client(
 
 
 async def test_empty_blob_is_served_and_cached(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(Blob(b""))
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, Blob(b""))
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     for _ in range(2):  # a miss, then a hit
         pulled = await pull(client, blob.path)
@@ -448,35 +319,23 @@ async def test_empty_blob_is_served_and_cached(
         assert pulled.headers["Docker-Content-Digest"] == blob.digest
     await wait_for_file(cached_path(storage, blob))
     assert cached_path(storage, blob).read_bytes() == b""
-    assert upstream.count("GET") == 1
+    assert fake_upstream.count("GET") == 1
 
 
 async def test_redirect_to_a_cdn_is_followed_once(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path, aiohttp_server: AiohttpServer
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path, serve: Serve
 ) -> None:
     """Like Docker Hub and ECR: the registry answers 307 to a storage host on another origin."""
-    blob = upstream.add(make_blob(MiB + 99))
-    cdn_seen: list[str | None] = []
-
-    async def cdn_get(request: web.Request) -> web.StreamResponse:
-        cdn_seen.append(request.headers.get("Authorization"))
-        return await SlowSender(chunk=256 * 1024, delay=0.01)(request, blob.data)
-
-    cdn = web.Application()
-    cdn.router.add_get("/data/{digest}", cdn_get)
-    cdn_server = await aiohttp_server(cdn)
-
-    async def redirect(request: web.Request, data: bytes) -> web.StreamResponse:
-        location = f"http://127.0.0.1:{cdn_server.port}/data/{request.match_info['digest']}"
-        return web.Response(status=307, headers={"Location": location})
-
-    upstream.default = redirect
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(MiB + 99))
+    cdn = await serve(CDN(fake_upstream.blobs))
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = 256 * 1024, 0.01
+    fake_upstream.blob_redirect = f"http://127.0.0.1:{cdn.port}/blobs"
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     pulls = await asyncio.gather(*(pull(client, blob.path) for _ in range(3)))
     assert [(p.status, p.sha256) for p in pulls] == [(200, blob.digest)] * 3
-    assert upstream.count("GET") == 1
-    assert cdn_seen == [None]
+    assert fake_upstream.count("GET") == 1
+    assert [s.authorization for s in cdn.seen] == [None]
     await wait_for_file(cached_path(storage, blob))
     assert cached_path(storage, blob).read_bytes() == blob.data
 
@@ -485,15 +344,15 @@ async def test_redirect_to_a_cdn_is_followed_once(
 
 
 async def test_client_disconnect_does_not_stop_the_download(
-    upstream: FakeUpstream,
+    fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     storage: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    blob = upstream.add(make_blob(4 * MiB))
-    sender = GatedSender(first=MiB)
-    upstream.script = [sender]
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(4 * MiB))
+    fake_upstream.blobs.stall_after, fake_upstream.blobs.stalls = MiB, 1
+    fake_upstream.blobs.resume = True
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     with caplog.at_level(logging.WARNING):
         async with asyncio.timeout(PULL_TIMEOUT), client.get(blob.path) as resp:
@@ -503,12 +362,12 @@ async def test_client_disconnect_does_not_stop_the_download(
             resp.close()  # drops the connection mid-body
         await asyncio.sleep(0.1)
         assert not cached_path(storage, blob).exists()
-        sender.gate.set()
+        fake_upstream.release.set()
 
         await wait_for_file(cached_path(storage, blob))
         later = await pull(client, blob.path)
     assert (later.status, later.sha256) == (200, blob.digest)
-    assert upstream.count("GET") == 1
+    assert fake_upstream.count("GET") == 1
     assert cached_path(storage, blob).read_bytes() == blob.data
     assert temp_files(storage) == []
     # A client hanging up is ordinary, not an internal error of the mirror.
@@ -519,11 +378,11 @@ async def test_client_disconnect_does_not_stop_the_download(
 
 
 async def test_range_on_a_miss_serves_the_range_and_caches_the_whole_blob(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(MiB + 1234))
+    blob = add(fake_upstream, make_blob(MiB + 1234))
     size = len(blob.data)
-    client = await make_mirror(upstream.url, storage=storage)
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     ranged = await pull(client, blob.path, {"Range": "bytes=100-199"})
     assert ranged.status == 206
@@ -536,14 +395,14 @@ async def test_range_on_a_miss_serves_the_range_and_caches_the_whole_blob(
     assert cached_path(storage, blob).read_bytes() == blob.data
     full = await pull(client, blob.path)
     assert (full.status, full.sha256) == (200, blob.digest)
-    assert upstream.count("GET") == 1
+    assert fake_upstream.count("GET") == 1
 
 
 async def test_unsatisfiable_range_on_a_miss_is_416(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(4096))
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(4096))
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     answer = await pull(client, blob.path, {"Range": "bytes=5000-6000"})
     assert answer.status == 416
@@ -553,15 +412,15 @@ async def test_unsatisfiable_range_on_a_miss_is_416(
     # The one fetch the miss started is still the only one.
     full = await pull(client, blob.path)
     assert (full.status, full.sha256) == (200, blob.digest)
-    assert upstream.count("GET") == 1
+    assert fake_upstream.count("GET") == 1
 
 
 async def test_range_on_a_hit_is_served_from_the_file(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(100_000))
+    blob = add(fake_upstream, make_blob(100_000))
     size = len(blob.data)
-    client = await make_mirror(upstream.url, storage=storage)
+    client = await make_mirror(fake_upstream.url, storage=storage)
     assert (await pull(client, blob.path)).sha256 == blob.digest
     await wait_for_file(cached_path(storage, blob))
 
@@ -579,17 +438,17 @@ async def test_range_on_a_hit_is_served_from_the_file(
     bad = await pull(client, blob.path, {"Range": f"bytes={size}-"})
     assert bad.status == 416
     assert oci_error(bad.body)["code"] == "RANGE_INVALID"
-    assert upstream.count("GET") == 1
+    assert fake_upstream.count("GET") == 1
 
 
 # --- 6. HEAD ------------------------------------------------------------------------------
 
 
 async def test_head_on_a_miss_asks_upstream_head_and_downloads_nothing(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(123_456))
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(123_456))
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     async with asyncio.timeout(PULL_TIMEOUT), client.head(blob.path) as resp:
         assert resp.status == 200
@@ -598,35 +457,35 @@ async def test_head_on_a_miss_asks_upstream_head_and_downloads_nothing(
         assert await resp.read() == b""
 
     await asyncio.sleep(0.1)
-    assert upstream.requests == [("HEAD", blob.digest)]
+    assert [(s.method, s.path) for s in fake_upstream.seen] == [("HEAD", blob.path)]
     assert blob_proxy(client)._fetches == {}
     await assert_nothing_cached(client, storage, blob)
 
 
 async def test_head_on_a_hit_needs_no_upstream(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(5000))
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(5000))
+    client = await make_mirror(fake_upstream.url, storage=storage)
     assert (await pull(client, blob.path)).sha256 == blob.digest
 
     async with asyncio.timeout(PULL_TIMEOUT), client.head(blob.path) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Length"] == "5000"
         assert resp.headers["Docker-Content-Digest"] == blob.digest
-    assert upstream.requests == [("GET", blob.digest)]
+    assert [(s.method, s.path) for s in fake_upstream.seen] == [("GET", blob.path)]
 
 
 async def test_head_on_an_unknown_blob_is_404(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     blob = make_blob(10)  # not held by the upstream
-    client = await make_mirror(upstream.url, storage=storage)
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     async with asyncio.timeout(PULL_TIMEOUT), client.head(blob.path) as resp:
         assert resp.status == 404
         assert await resp.read() == b""
-    assert upstream.requests == [("HEAD", blob.digest)]
+    assert [(s.method, s.path) for s in fake_upstream.seen] == [("HEAD", blob.path)]
     await assert_nothing_cached(client, storage, blob)
 
 
@@ -634,15 +493,15 @@ async def test_head_on_an_unknown_blob_is_404(
 
 
 async def test_upstream_404_is_blob_unknown(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
     blob = make_blob(10)  # not held by the upstream
-    client = await make_mirror(upstream.url, storage=storage)
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     answer = await pull(client, blob.path)
     assert answer.status == 404
     assert oci_error(answer.body)["code"] == "BLOB_UNKNOWN"
-    assert upstream.count("GET", blob.digest) == 1
+    assert fake_upstream.count("GET", blob.digest) == 1
     await assert_nothing_cached(client, storage, blob)
 
 
@@ -656,7 +515,7 @@ async def test_upstream_404_is_blob_unknown(
     ids=["500", "503", "429"],
 )
 async def test_upstream_error_statuses_are_mapped(
-    upstream: FakeUpstream,
+    fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     storage: Path,
     status: int,
@@ -664,9 +523,9 @@ async def test_upstream_error_statuses_are_mapped(
     expected_status: int,
     expected_code: str,
 ) -> None:
-    blob = upstream.add(make_blob(1000))
-    upstream.script = [answer_status(status, headers)]  # once: retries would hide it
-    client = await make_mirror(upstream.url, storage=storage, upstream={"retries": 0})
+    blob = add(fake_upstream, make_blob(1000))
+    fake_upstream.fail(status, headers)  # without retries: they would hide it
+    client = await make_mirror(fake_upstream.url, storage=storage, upstream={"retries": 0})
 
     answer = await pull(client, blob.path)
     assert answer.status == expected_status
@@ -674,11 +533,12 @@ async def test_upstream_error_statuses_are_mapped(
     if status == 429:
         assert answer.headers["Retry-After"] == "7"
     await assert_nothing_cached(client, storage, blob)
+    fake_upstream.mode = "ok"  # well again
 
     # Failures are not remembered: the next request tries again, and succeeds.
     again = await pull(client, blob.path)
     assert (again.status, again.sha256) == (200, blob.digest)
-    assert upstream.count("GET", blob.digest) == 2
+    assert fake_upstream.count("GET", blob.digest) == 2
 
 
 async def test_unreachable_upstream_is_502(make_mirror: MakeMirror, storage: Path) -> None:
@@ -699,7 +559,7 @@ async def test_unreachable_upstream_is_502(make_mirror: MakeMirror, storage: Pat
 
 
 async def test_memory_stays_bounded_with_a_stalled_client(
-    upstream: FakeUpstream,
+    fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     storage: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -707,9 +567,9 @@ async def test_memory_stays_bounded_with_a_stalled_client(
     """Structural, not timing: writes are bounded, readers use sendfile, and the peak of
     Python allocations during a 32 MiB fetch served to four clients (one of which stops
     reading until the download is over) stays far below the blob's size."""
-    blob = upstream.add(make_blob(32 * MiB))
-    upstream.default = SlowSender(chunk=MiB, delay=0.005)
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(32 * MiB))
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = MiB, 0.005
+    client = await make_mirror(fake_upstream.url, storage=storage)
 
     reads: list[int] = []
     writes: list[int] = []
@@ -755,7 +615,7 @@ async def test_memory_stays_bounded_with_a_stalled_client(
     finally:
         tracemalloc.stop()
 
-    assert upstream.count("GET") == 1
+    assert fake_upstream.count("GET") == 1
     assert reads == []  # every reader was served with sendfile, not through Python's memory
     assert max(writes) <= MiB
     assert peak < 8 * MiB, f"peak traced memory {peak / MiB:.1f} MiB for a 32 MiB blob"
@@ -765,13 +625,13 @@ async def test_memory_stays_bounded_with_a_stalled_client(
 
 
 async def test_a_client_gets_its_last_byte_before_the_blob_is_committed(
-    upstream: FakeUpstream,
+    fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     storage: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    blob = upstream.add(make_blob(MiB))
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(MiB))
+    client = await make_mirror(fake_upstream.url, storage=storage)
     committing = threading.Event()
     real_commit = BlobWriter.commit
 
@@ -790,19 +650,19 @@ async def test_a_client_gets_its_last_byte_before_the_blob_is_committed(
 
 
 async def test_blob_is_visible_under_its_digest_only_when_complete(
-    upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
 ) -> None:
-    blob = upstream.add(make_blob(2 * MiB))
-    sender = GatedSender(first=MiB)
-    upstream.script = [sender]
-    client = await make_mirror(upstream.url, storage=storage)
+    blob = add(fake_upstream, make_blob(2 * MiB))
+    fake_upstream.blobs.stall_after, fake_upstream.blobs.stalls = MiB, 1
+    fake_upstream.blobs.resume = True
+    client = await make_mirror(fake_upstream.url, storage=storage)
     final = cached_path(storage, blob)
 
     async with asyncio.timeout(PULL_TIMEOUT), client.get(blob.path) as resp:
         assert resp.status == 200
         first = await resp.content.readexactly(MiB - 1)  # all but the held-back byte
         assert first == blob.data[: MiB - 1]
-        await asyncio.wait_for(sender.sent_first.wait(), GATE_TIMEOUT)
+        await asyncio.wait_for(fake_upstream.blobs.stalled.wait(), GATE_TIMEOUT)
 
         assert not final.exists()
         assert cached_files(storage) == []
@@ -816,11 +676,11 @@ async def test_blob_is_visible_under_its_digest_only_when_complete(
         ):  # joins the running download
             assert head.headers["Content-Length"] == str(len(blob.data))
 
-        sender.gate.set()
+        fake_upstream.release.set()
         rest = await resp.read()
     assert first + rest == blob.data
     await wait_for_file(final)  # readers get the last byte once verified, before the commit
     assert final.read_bytes() == blob.data
     assert temp_files(storage) == []
-    assert upstream.count("GET") == 1
-    assert upstream.count("HEAD") == 0
+    assert fake_upstream.count("GET") == 1
+    assert fake_upstream.count("HEAD") == 0
