@@ -249,9 +249,9 @@ class Manifests:
         """In the order they were first stored."""
         return [ref for (repo, ref) in self.bodies if repo == name and ":" not in ref]
 
-    async def answer(
+    def answer(
         self, request: web.Request, name: str, reference: str, headers: dict[str, str]
-    ) -> web.StreamResponse:
+    ) -> web.Response:
         body = self.bodies.get((name, reference))
         if body is None:
             return oci_error(404, "MANIFEST_UNKNOWN", f"{name}:{reference} unknown")
@@ -262,14 +262,9 @@ class Manifests:
             request[UNTYPED] = True
         else:
             headers["Content-Type"] = self.media_type
-        if not self.chunked:
-            return web.Response(body=body, headers=headers)
-        response = web.StreamResponse(headers=headers)
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for start in range(0, len(body), 64 * 1024):
-            await response.write(body[start : start + 64 * 1024])
-        await response.write_eof()
+        response = web.Response(body=body, headers=headers)
+        if self.chunked:
+            response.enable_chunked_encoding()
         return response
 
     def listing(self, request: web.Request, name: str) -> web.Response:
@@ -386,8 +381,9 @@ class Quota:
 
 
 class FakeUpstream:
-    """The registry: /v2/ routes, a token service at /token, a same-origin blob location at
-    /data/<digest> that wants a token too, and manifest hops at /hop/<left>."""
+    """The registry: manifests, blobs and tags/list under /v2/, a token service at /token, a
+    same-origin blob location at /data/<digest> that wants a token too, and manifest hops at
+    /hop/<left>."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()  # ends every hang and stall
@@ -404,7 +400,6 @@ class FakeUpstream:
         self.port = 0
         self.app = web.Application(middlewares=[recorder(self.seen), self._misbehave])
         self.app.router.add_get("/token", self._token)
-        self.app.router.add_get("/v2/", self._ping)
         self.app.router.add_get("/v2/{name:.+}/manifests/{reference}", self._manifest)
         self.app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
         self.app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
@@ -444,12 +439,11 @@ class FakeUpstream:
 
     @web.middleware
     async def _misbehave(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/v2/") or request.path == "/v2/":
+        if not request.path.startswith("/v2/"):
             return await handler(request)
         failing = self.mode == "status" or (self.mode == "alternate" and len(self.seen) % 2 == 0)
         if failing:
-            message = f"fake {self.fail_status}"
-            response = oci_error(self.fail_status, "FAKE", message)
+            response = oci_error(self.fail_status, "FAKE", f"fake {self.fail_status}")
             response.headers.update(self.fail_headers)
             return response
         if self.mode == "drop":
@@ -468,9 +462,6 @@ class FakeUpstream:
         ):
             return None
         return self.auth.challenge(self.port, scope or "repository:unknown:pull")
-
-    async def _ping(self, request: web.Request) -> web.Response:
-        return web.json_response({})
 
     async def _token(self, request: web.Request) -> web.Response:
         return await self.auth.issue(request, f"token-{len(self.token_requests)}")
@@ -504,7 +495,7 @@ class FakeUpstream:
             refused = oci_error(429, "TOOMANYREQUESTS", "You have reached your pull rate limit.")
             refused.headers.update(headers)
             return refused
-        return await self.manifests.answer(request, name, reference, headers)
+        return self.manifests.answer(request, name, reference, headers)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         name, digest = request.match_info["name"], request.match_info["digest"]

@@ -170,7 +170,7 @@ def blob_path(storage: Path, digest: str) -> Path:
     return BlobStore(storage).path(parse_digest(digest))
 
 
-# --- blobs of undeclared length (no Content-Length): only the fault upstream sends them ---
+# --- blobs of undeclared length (no Content-Length): only the fake upstream sends them ----
 
 
 @pytest.fixture

@@ -192,7 +192,7 @@ async def test_redirect_to_a_non_http_url_is_refused(
 
 @dataclass(frozen=True)
 class Failure:
-    """How the fake registry misbehaves."""
+    """How the fake upstream misbehaves."""
 
     status: int | None = None  # answer this to every /v2/ request
     headers: tuple[tuple[str, str], ...] = ()
