@@ -48,6 +48,7 @@ class Fetch:
         self.done = False  # and the blob is cached (or could not be)
         self.error: RegistryError | None = None
         self._changed = asyncio.Condition()
+        self._waiting = 0  # tasks in `until`: no one to notify is the common case
         # Readers dup this descriptor. Its hold, shared by the duplicates, keeps the
         # evictor off the blob until the last reader is done.
         self._fd = os.open(writer.temp_path, os.O_RDONLY)
@@ -156,7 +157,8 @@ class Fetch:
                 f"this client read uncached {self.digest} too slowly for the others; cut"
             )
         self._positions[reader] = offset
-        await self._notify()
+        if self.sink.full:  # only then may the writer wait for readers to move
+            await self._notify()
 
     async def leave(self, reader: int) -> None:
         self._positions.pop(reader, None)
@@ -164,12 +166,20 @@ class Fetch:
         await self._notify()
 
     async def until(self, ready: Callable[[], bool]) -> None:
-        async with self._changed:
-            await self._changed.wait_for(ready)
+        if ready():
+            return
+        self._waiting += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(ready)
+        finally:
+            self._waiting -= 1
 
     async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        # Taking the lock, uncontended, never yields: a waiter counted here is waiting.
+        if self._waiting:
+            async with self._changed:
+                self._changed.notify_all()
 
     async def grown(self, since: int) -> None:
         """Until more than `since` bytes are here, or the download is verified or over."""
