@@ -51,8 +51,7 @@ class Budget:
 
     async def used(self) -> int:
         """Bytes counted against the budget now."""
-        stored = (await self.index.usage()).bytes
-        return stored + self.reserved + self.index.file_bytes()
+        return (await self.use()).used
 
     async def use(self) -> Use:
         usage = await self.index.usage()
