@@ -65,10 +65,6 @@ class PaginationInvalid(RegistryError):
     code, status = "PAGINATION_NUMBER_INVALID", 400
 
 
-class ManifestInvalid(RegistryError):
-    code, status = "MANIFEST_INVALID", 400
-
-
 class NameUnknown(RegistryError):
     code, status = "NAME_UNKNOWN", 404
 

@@ -39,6 +39,7 @@ class MemoryBody:
     data: bytes
     cut_at: int | None  # blob offset where the connection breaks
     pace: float
+    sent: Callable[[int], None]  # told of every chunk sent
 
     async def chunks(self) -> AsyncIterator[bytes]:
         offset = self.start
@@ -46,8 +47,10 @@ class MemoryBody:
             end = min(offset + CHUNK, len(self.data))
             if self.cut_at is not None and end > self.cut_at:
                 if self.cut_at > offset:
+                    self.sent(self.cut_at - offset)
                     yield self.data[offset : self.cut_at]
                 raise UpstreamCut("cut")
+            self.sent(end - offset)
             yield self.data[offset:end]
             offset = end
             await asyncio.sleep(self.pace)
@@ -66,6 +69,7 @@ class MemorySource:
     declares_length: bool = True
     pace: float = 0.0  # seconds between chunks
     opened: list[int] = field(default_factory=list)  # the offset each body was asked from
+    sent: int = 0  # bytes of all bodies sent
 
     @asynccontextmanager
     async def body(self, digest: Digest, offset: int) -> AsyncIterator[MemoryBody]:
@@ -73,7 +77,10 @@ class MemorySource:
         start = offset if self.honours_offset else 0
         cut = self.cuts.pop(0) if self.cuts else None
         length = len(self.data) if self.declares_length else None
-        yield MemoryBody(start, length, self.data, cut, self.pace)
+        yield MemoryBody(start, length, self.data, cut, self.pace, self._sent)
+
+    def _sent(self, count: int) -> None:
+        self.sent += count
 
 
 @dataclass
@@ -271,4 +278,5 @@ async def test_when_every_reader_of_an_uncached_blob_leaves_the_download_stops(
     reader = cache.proxy.download(source, digest, private=False)
     async with reader:
         await anext(reader.chunks(None))
-    await asyncio.wait_for(cache.proxy.idle(), 10)  # ended, not waiting for readers
+    await asyncio.wait_for(cache.proxy.idle(), 10)
+    assert source.sent < len(data)  # stopped, not read to the end for nobody

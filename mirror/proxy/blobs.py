@@ -31,6 +31,7 @@ from mirror.budget import Budget
 from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.metrics import Metrics
 from mirror.proxy.fetch import BlobReader, Fetch
+from mirror.proxy.sinks import Span
 from mirror.proxy.sources import Body, Source, UpstreamSource
 from mirror.reference import Digest
 from mirror.storage.blobs import DigestMismatch
@@ -155,9 +156,9 @@ class BlobProxy:
             await reader.fetch.wait_started()
             async with contextlib.aclosing(reader.chunks(None)) as chunks:
                 async for piece in chunks:
-                    if isinstance(piece, bytes):  # from the memory window: passing through
+                    if not reader.fetch.sink.keeps:  # passing through: cached nowhere
                         return None
-                    received += piece.count
+                    received += piece.count if isinstance(piece, Span) else len(piece)
             await reader.fetch.wait_done()  # committed and indexed, not only verified
         return received
 

@@ -40,7 +40,6 @@ MIN_INTERVAL = 1.0  # seconds between two rounds of one pin, whatever its upstre
 MAX_MANIFESTS = 1024  # in one pinned image (an index and its children); more: upstream error
 
 Result = Literal["unchanged", "moved", "failed"]
-RESULTS: tuple[Result, ...] = ("unchanged", "moved", "failed")
 
 
 @dataclass

@@ -116,9 +116,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
     upstream, name = await upstream_of(request)
     digest = parse_digest(request.match_info["digest"])
     # A client that has the bytes needs to learn only that they exist: no download.
-    body = request.method == "GET" and not unchanged(request, digest)
+    client_has_it = unchanged(request, digest)
+    body = request.method == "GET" and not client_has_it
     async with request.app[BLOBS].answer(upstream, name, digest, body=body) as found:
-        return await blob_response(request, found, digest)
+        return await blob_response(request, found, digest, client_has_it=client_has_it)
 
 
 async def tags(request: web.Request) -> web.Response:

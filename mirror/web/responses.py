@@ -78,10 +78,13 @@ def manifest_response(request: web.Request, found: Manifest) -> web.Response:
     )
 
 
-async def blob_response(request: web.Request, found: Blob, digest: Digest) -> web.StreamResponse:
-    """The answer for `found`, sent before this returns (`found` is open only meanwhile)."""
+async def blob_response(
+    request: web.Request, found: Blob, digest: Digest, *, client_has_it: bool
+) -> web.StreamResponse:
+    """The answer for `found`, sent before this returns (`found` is open only meanwhile);
+    `client_has_it`: `unchanged(request, digest)`, which the caller asked already."""
     _counted(request, "blob", found.result)
-    if unchanged(request, digest):
+    if client_has_it:
         return not_modified(digest)
     response = BlobResponse(found, digest)
     await response.prepare(request)

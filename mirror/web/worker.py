@@ -9,7 +9,7 @@ from aiohttp import web
 from mirror.reference import Digest, parse_accept, parse_digest, parse_manifest_reference
 from mirror.web.handoff import Sender
 from mirror.web.registry import BLOBS, MANIFESTS, echo_namespace, not_supported, route_of
-from mirror.web.responses import blob_response, manifest_response
+from mirror.web.responses import blob_response, manifest_response, unchanged
 
 SENDER = web.AppKey("sender", Sender)  # the channel to the primary
 
@@ -48,4 +48,6 @@ async def cached_blob(request: web.Request) -> web.StreamResponse:
     if cached is None:
         return await hand_off(request)
     with cached:
-        return await blob_response(request, cached, digest)
+        return await blob_response(
+            request, cached, digest, client_has_it=unchanged(request, digest)
+        )
