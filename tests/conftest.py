@@ -26,6 +26,9 @@ from mirror.app import make_app
 from mirror.config import Config, Listen, StorageConfig, UpstreamConfig, default_hosts
 from mirror.web.registry import BLOBS
 
+# The fleet engines (S3, PostgreSQL) are session fixtures every test module may use.
+pytest_plugins = ["engines"]
+
 MirrorClient = TestClient[web.Request, web.Application]
 REPO = Path(__file__).resolve().parent.parent
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
