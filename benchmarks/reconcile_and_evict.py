@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mirror.budget import Budget
+from mirror.storage.budget import Budget
 from mirror.config import StorageConfig
 from mirror.eviction import Evictor
 from mirror.reference import digest_of, parse_digest

@@ -27,15 +27,15 @@ from typing import TextIO
 
 import aiohttp
 
-from mirror.budget import Budget
 from mirror.config import Config
 from mirror.errors import ConfigError, DigestInvalid, RegistryError
 from mirror.eviction import Evictor, pinned_images
 from mirror.reference import MANIFEST_TYPES, Digest, parse_digest, parse_image_reference
+from mirror.routing import Router
 from mirror.storage.blobs import BlobStore
+from mirror.storage.budget import Budget
 from mirror.storage.images import Skipped, content_of
 from mirror.storage.index import INDEX_FILE, Index
-from mirror.upstream.routing import Router
 
 Command = Callable[[Config, argparse.Namespace], Coroutine[object, object, int]]
 

@@ -11,20 +11,21 @@ from aiohttp import web
 
 from mirror.access import Gate, read_htpasswd
 from mirror.activity import Activity
-from mirror.budget import Budget
 from mirror.config import Config
 from mirror.eviction import Evictor, pinned_images
 from mirror.metrics import Metrics
 from mirror.proxy.blobs import BlobProxy
+from mirror.proxy.health import Health
 from mirror.proxy.manifests import ManifestProxy
 from mirror.proxy.pins import Pins
+from mirror.routing import Router
 from mirror.storage.blobs import BlobStore
+from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache
 from mirror.storage.index import INDEX_FILE, Index
 from mirror.storage.lock import storage_locked
 from mirror.storage.reconcile import reconcile
 from mirror.upstream.client import Upstream, upstream_session
-from mirror.upstream.routing import Router
 from mirror.web import ops, registry, status, worker
 from mirror.web.handoff import Sender
 from mirror.web.middleware import (
@@ -95,22 +96,18 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
         budget, index, store, pinned_images(config), config.storage.max_age, metrics, app[ACTIVITY]
     )
     cache = Cache(store, index)
-    blobs = BlobProxy(cache, budget, metrics)
-    manifests = ManifestProxy(cache, index, budget, metrics)
+    upstreams = {u.name: Upstream(u, session, metrics) for u in config.upstreams}
+    blobs = BlobProxy(cache, budget, upstreams, metrics)
+    manifests = ManifestProxy(cache, index, budget, upstreams, metrics)
     router = Router(config.upstreams)
-    upstreams: dict[str, Upstream] = {}
     background: list[asyncio.Task[None]] = []
     try:
         await reconcile(store, index)
         background.append(asyncio.create_task(evictor.run()))
-        for upstream in config.upstreams:
-            upstreams[upstream.name] = Upstream(upstream, session, metrics)
         app[registry.ROUTER] = router
-        app[registry.UPSTREAMS] = upstreams
         app[registry.BLOBS] = blobs
         app[registry.MANIFESTS] = manifests
-        app[ops.BUDGET] = budget
-        app[ops.STORE] = store
+        app[ops.HEALTH] = Health(budget, store, upstreams)
         app[EVICTOR] = evictor
         if config.pins:  # kept fresh by the primary alone: a worker never fetches
             pins = Pins(config.pins, router, upstreams, manifests, blobs, index, metrics)
@@ -144,8 +141,8 @@ async def _worker_storage(app: web.Application) -> AsyncIterator[None]:
         cache = Cache(store, index)
         budget = Budget(config.storage, index, metrics)  # never reserved from: nothing stored
         app[registry.ROUTER] = Router(config.upstreams)
-        app[registry.BLOBS] = BlobProxy(cache, budget, metrics)
-        app[registry.MANIFESTS] = ManifestProxy(cache, index, budget, metrics)
+        app[registry.BLOBS] = BlobProxy(cache, budget, {}, metrics)
+        app[registry.MANIFESTS] = ManifestProxy(cache, index, budget, {}, metrics)
         yield
     finally:
         sender.close()

@@ -1,4 +1,4 @@
-"""Keeping the cache inside its disk budget (budget.py): LRU eviction.
+"""Keeping the cache inside its disk budget (storage/budget.py): LRU eviction.
 
 The evictor runs as a background task, woken when a reservation ends (the cache may have
 crossed the high watermark) and once a minute (for `max_age`), and whenever a reservation
@@ -22,14 +22,14 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 from mirror.activity import Activity
-from mirror.budget import Budget
 from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.reference import parse_digest
+from mirror.routing import Router
 from mirror.storage.blobs import BlobStore
+from mirror.storage.budget import Budget
 from mirror.storage.images import PinnedImage, Skipped, pinned_content
 from mirror.storage.index import Index
-from mirror.upstream.routing import Router
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from conftest import mirror_config
 
-from mirror.budget import Budget
 from mirror.errors import RegistryError, UpstreamCut
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.fetch import BlobReader
 from mirror.proxy.sinks import WINDOW_SIZE, Span
 from mirror.reference import ByteRange, Digest, parse_digest
 from mirror.storage.blobs import BlobStore
+from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache as StoredCache
 from mirror.storage.index import INDEX_FILE, Index
 
@@ -110,7 +110,7 @@ async def make_cache(tmp_path: Path) -> AsyncIterator[Cached]:
         await index.open()
         opened.append(index)
         return Cache(
-            BlobProxy(StoredCache(store, index), Budget(config.storage, index)), store, index
+            BlobProxy(StoredCache(store, index), Budget(config.storage, index), {}), store, index
         )
 
     yield make

@@ -6,7 +6,7 @@ import pytest
 
 from mirror.config import config_from_dict
 from mirror.errors import NameUnknown
-from mirror.upstream.routing import Router, forwarded
+from mirror.routing import Router, forwarded
 
 CONFIG = config_from_dict(
     {

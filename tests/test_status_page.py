@@ -41,6 +41,7 @@ from mirror.activity import Activity, Served
 from mirror.app import make_app
 from mirror.config import Config, StorageConfig, UpstreamConfig, config_from_dict
 from mirror.errors import ConfigError
+from mirror.proxy.health import UpstreamHealth
 from mirror.web import status
 
 if TYPE_CHECKING:
@@ -425,7 +426,7 @@ def hostile_status() -> status.Status:
     for n, name in enumerate(HOSTILE):
         record.served("up</td><script>x</script>", name, 100 * (n + 1), pull=True)
         record.evicted(name, 10, "size")
-    upstream = status.UpstreamHealth(
+    upstream = UpstreamHealth(
         name="<i>hub</i>",
         url='http://h/"><script>document.title="pwned"</script>',
         failing=True,

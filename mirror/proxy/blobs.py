@@ -22,19 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from mirror.budget import Budget
 from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.metrics import Metrics
 from mirror.proxy.fetch import BlobReader, Fetch
 from mirror.proxy.sinks import Span
 from mirror.proxy.sources import Body, Source, UpstreamSource
 from mirror.reference import Digest
+from mirror.routing import Route
 from mirror.storage.blobs import DigestMismatch
+from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache
 from mirror.upstream.client import Upstream
 
@@ -81,9 +82,17 @@ Blob = CachedBlob | Download | BlobSize
 
 
 class BlobProxy:
-    def __init__(self, cache: Cache, budget: Budget, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        budget: Budget,
+        upstreams: Mapping[str, Upstream],
+        metrics: Metrics | None = None,
+    ) -> None:
+        """`upstreams`: the clients by upstream name, for misses (none in a worker)."""
         self.cache = cache
         self.budget = budget
+        self.upstreams = upstreams
         self.metrics = metrics or Metrics()
         self._fetches: dict[tuple[str, Digest], Fetch] = {}  # by source name and digest
         self._tasks: set[asyncio.Task[None]] = set()
@@ -96,33 +105,32 @@ class BlobProxy:
         return None if opened is None else CachedBlob(*opened)
 
     @asynccontextmanager
-    async def answer(
-        self, upstream: Upstream, repository: str, digest: Digest, *, body: bool
-    ) -> AsyncIterator[Blob]:
+    async def answer(self, route: Route, digest: Digest, *, body: bool) -> AsyncIterator[Blob]:
         """What one request gets, held until the answer is sent: the cached blob, or on a
         miss its shared download (`body`) or only its size (a HEAD: nothing downloaded)."""
-        cached = self.local(upstream.config.access, digest)
+        cached = self.local(route.upstream.access, digest)
         if cached is not None:
             with cached:
                 yield cached
         elif not body:
-            yield BlobSize(await self._size(upstream, repository, digest))
+            yield BlobSize(await self._size(route, digest))
         else:
-            async with self.join(upstream, repository, digest) as reader:
+            async with self.join(route, digest) as reader:
                 yield Download(reader, await reader.fetch.wait_started())
 
-    async def _size(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
+    async def _size(self, route: Route, digest: Digest) -> int | None:
         """For an answer without a body: the size from a download under way, or the
         upstream."""
-        fetch = self._fetches.get((upstream.name, digest))
+        fetch = self._fetches.get((route.upstream.name, digest))
         if fetch is not None:
             return await fetch.wait_started()
-        return await upstream.head_blob(repository, digest)
+        return await self.upstreams[route.upstream.name].head_blob(route.repository, digest)
 
-    def join(self, upstream: Upstream, repository: str, digest: Digest) -> BlobReader:
-        """A reader of the download of `digest` from `upstream` under way, or of a new one."""
-        private = upstream.config.access == "authenticated"
-        return self.download(UpstreamSource(upstream, repository), digest, private)
+    def join(self, route: Route, digest: Digest) -> BlobReader:
+        """A reader of the download of `digest` from the route's upstream under way, or of a
+        new one."""
+        source = UpstreamSource(self.upstreams[route.upstream.name], route.repository)
+        return self.download(source, digest, private=route.upstream.access == "authenticated")
 
     def download(self, source: Source, digest: Digest, private: bool) -> BlobReader:
         """A reader of the download of `digest` from `source` under way, or of a new one.
@@ -141,18 +149,18 @@ class BlobProxy:
             task.add_done_callback(self._tasks.discard)
         return fetch.open_reader()
 
-    async def prefetch(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
+    async def prefetch(self, route: Route, digest: Digest) -> int | None:
         """Cache `digest` before any client asks: 0 when it is cached already, else the
         bytes fetched, through the download clients share (one asking meanwhile joins it).
 
         None when the blob does not fit the budget: passing through, it would be cached
         nowhere, so this reader leaves it (to whichever clients read it, if any)."""
-        cached = self.local(upstream.config.access, digest)
+        cached = self.local(route.upstream.access, digest)
         if cached is not None:
             cached.file.close()
             return 0
         received = 0
-        async with self.join(upstream, repository, digest) as reader:
+        async with self.join(route, digest) as reader:
             await reader.fetch.wait_started()
             async with contextlib.aclosing(reader.chunks(None)) as chunks:
                 async for piece in chunks:

@@ -29,7 +29,6 @@ from typing import Any, Generic, TypeVar
 
 from yarl import URL
 
-from mirror.budget import Budget
 from mirror.errors import STALE_SERVABLE, ManifestUnknown, UpstreamError
 from mirror.metrics import Metrics
 from mirror.reference import (
@@ -40,7 +39,9 @@ from mirror.reference import (
     digest_of,
     parse_digest,
 )
+from mirror.routing import Route
 from mirror.storage.blobs import DigestMismatch
+from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache
 from mirror.storage.index import Index
 from mirror.upstream.client import MAX_LISTING_SIZE, Upstream, UpstreamListing
@@ -110,12 +111,19 @@ class _Listings(Generic[T]):
 
 class ManifestProxy:
     def __init__(
-        self, cache: Cache, index: Index, budget: Budget, metrics: Metrics | None = None
+        self,
+        cache: Cache,
+        index: Index,
+        budget: Budget,
+        upstreams: Mapping[str, Upstream],
+        metrics: Metrics | None = None,
     ) -> None:
-        """`cache` keeps the manifests' bytes; `index` the tags that point at them."""
+        """`cache` keeps the manifests' bytes; `index` the tags that point at them;
+        `upstreams` are the clients by upstream name, for misses (none in a worker)."""
         self.cache = cache
         self.index = index
         self.budget = budget
+        self.upstreams = upstreams
         self.metrics = metrics or Metrics()
         self._listings: _Listings[UpstreamListing] = _Listings(lambda kept: len(kept.body))
         self._tag_lists: _Listings[tuple[str, ...]] = _Listings(_tags_size)
@@ -126,7 +134,11 @@ class ManifestProxy:
         # digest), or by (upstream, repository, tag, accept).
         self._fetches: dict[Hashable, asyncio.Task[Manifest]] = {}
 
-    async def by_digest(
+    async def by_digest(self, route: Route, digest: Digest, accept: tuple[str, ...]) -> Manifest:
+        upstream = self.upstreams[route.upstream.name]
+        return await self._by_digest(upstream, route.repository, digest, accept)
+
+    async def _by_digest(
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
         """Local first; on a miss one upstream GET per digest at a time, shared by all askers.
@@ -178,7 +190,11 @@ class ManifestProxy:
         if not done.cancelled():
             done.exception()  # retrieved: every asker may have gone away
 
-    async def by_tag(
+    async def by_tag(self, route: Route, tag: str, accept: tuple[str, ...]) -> Manifest:
+        upstream = self.upstreams[route.upstream.name]
+        return await self._by_tag(upstream, route.repository, tag, accept)
+
+    async def _by_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> Manifest:
         """Fresh from cache within `tag_ttl`; else revalidated with a HEAD, which Docker Hub
@@ -222,7 +238,7 @@ class ManifestProxy:
         fresh = time.time() - row.checked_at < upstream.config.tag_ttl
         return await self.cached(upstream.config.access, parse_digest(row.digest)), fresh
 
-    async def listing(
+    async def _listing(
         self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
     ) -> UpstreamListing:
         """An upstream listing (referrers), kept briefly and served stale when it fails."""
@@ -230,15 +246,14 @@ class ManifestProxy:
         fetch = partial(upstream.listing, repository, path, query)
         return await self._listings.get(key, upstream.config.tag_ttl, fetch)
 
-    async def tags(
-        self, upstream: Upstream, repository: str, n: int | None, last: str | None
-    ) -> TagPage:
+    async def tags(self, route: Route, n: int | None, last: str | None) -> TagPage:
         """The tags after `last` (lexically; `last` need not be one), at most `n` of them.
 
         Paged here, from the upstream's whole list, since upstreams differ in what they do
         with `n` and `last` (ignore them, or sort otherwise); the list is kept briefly and
         served stale when the upstream fails, as other listings are.
         """
+        upstream, repository = self.upstreams[route.upstream.name], route.repository
         every = await self._tag_lists.get(
             (upstream.name, repository),
             upstream.config.tag_ttl,
@@ -272,19 +287,18 @@ class ManifestProxy:
             f"upstream {upstream.name} listed tags in more than {MAX_TAG_PAGES} pages"
         )
 
-    async def referrers(
-        self, upstream: Upstream, repository: str, digest: Digest, artifact_type: str | None
-    ) -> bytes:
+    async def referrers(self, route: Route, digest: Digest, artifact_type: str | None) -> bytes:
         """The referrers index of `digest`, filtered by `artifact_type` when given.
 
         From the referrers API when the upstream has it; else from the fallback tag
         `<alg>-<hex>`; else an empty index. When the upstream fails, a fallback index kept
         from earlier is served stale (as `by_tag` does); with none, the failure is raised.
         """
+        upstream, repository = self.upstreams[route.upstream.name], route.repository
         path = f"/v2/{repository}/referrers/{digest}"
         fallback_tag = f"{digest.algorithm}-{digest.hex}"
         try:
-            listing = await self.listing(upstream, repository, path, {})
+            listing = await self._listing(upstream, repository, path, {})
             found = _descriptors(listing.body)
         except ManifestUnknown:
             found = await self._fallback_referrers(upstream, repository, fallback_tag)
@@ -302,7 +316,7 @@ class ManifestProxy:
         self, upstream: Upstream, repository: str, tag: str
     ) -> list[dict[str, Any]]:
         try:
-            tagged = await self.by_tag(upstream, repository, tag, (OCI_INDEX,))
+            tagged = await self._by_tag(upstream, repository, tag, (OCI_INDEX,))
         except ManifestUnknown:
             return []
         return _descriptors(tagged.body)
@@ -324,7 +338,7 @@ class ManifestProxy:
             return cached  # still a hit: only a HEAD went upstream
         if head.digest is None:
             return await self._fetch_tag(upstream, repository, tag, accept)
-        manifest = await self.by_digest(upstream, repository, head.digest, accept)
+        manifest = await self._by_digest(upstream, repository, head.digest, accept)
         await self.index.set_tag(
             upstream.name, repository, tag, manifest.digest, manifest.media_type
         )

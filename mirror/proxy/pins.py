@@ -30,9 +30,9 @@ from mirror.metrics import Metrics
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.manifests import Manifest, ManifestProxy
 from mirror.reference import MANIFEST_TYPES, Digest, ImageReference, parse_digest
+from mirror.routing import Route, Router
 from mirror.storage.index import Index
 from mirror.upstream.client import Upstream
-from mirror.upstream.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,11 @@ class Pins:
 
     async def _refresh(self, pin: ImageReference) -> Result:
         route = self.router.route(pin.repository, pin.host)
-        upstream, repository = self.upstreams[route.upstream.name], route.repository
         if pin not in self._known:
-            self._known[pin] = await self._recorded(upstream, repository, pin)
+            self._known[pin] = await self._recorded(route, pin)
         before = self._known[pin]
-        manifest = await self._current(upstream, repository, pin)
-        prefetched = await self._fetch_missing(upstream, repository, manifest)
+        manifest = await self._current(route, pin)
+        prefetched = await self._fetch_missing(route, manifest)
         if prefetched.no_room:
             return self._failed(
                 pin,
@@ -128,30 +127,25 @@ class Pins:
             log.info("pin %s at %s had content missing: %s", pin, manifest.digest, prefetched)
         return "unchanged" if before == manifest.digest else "moved"
 
-    async def _recorded(
-        self, upstream: Upstream, repository: str, pin: ImageReference
-    ) -> Digest | None:
+    async def _recorded(self, route: Route, pin: ImageReference) -> Digest | None:
         """What the cache says the pin points to, however old."""
         if isinstance(pin.reference, Digest):
             return pin.reference
-        row = await self.index.tag(upstream.name, repository, pin.reference)
+        row = await self.index.tag(route.upstream.name, route.repository, pin.reference)
         return None if row is None else parse_digest(row.digest)
 
-    async def _current(self, upstream: Upstream, repository: str, pin: ImageReference) -> Manifest:
+    async def _current(self, route: Route, pin: ImageReference) -> Manifest:
         """The pin's manifest now: by tag revalidated with the upstream, as for a client."""
         if isinstance(pin.reference, Digest):
-            return await self.manifests.by_digest(
-                upstream, repository, pin.reference, MANIFEST_TYPES
-            )
-        manifest = await self.manifests.by_tag(upstream, repository, pin.reference, MANIFEST_TYPES)
+            return await self.manifests.by_digest(route, pin.reference, MANIFEST_TYPES)
+        manifest = await self.manifests.by_tag(route, pin.reference, MANIFEST_TYPES)
         if manifest.result == "stale":  # the upstream failed; its clients get the cached copy
+            upstream = self.upstreams[route.upstream.name]
             why = upstream.last_error[1] if upstream.last_error else "the upstream failed"
             raise UpstreamError(f"{why}; its cached content stays")
         return manifest
 
-    async def _fetch_missing(
-        self, upstream: Upstream, repository: str, root: Manifest
-    ) -> Prefetched:
+    async def _fetch_missing(self, route: Route, root: Manifest) -> Prefetched:
         """Every manifest and blob of the image (all platforms), fetched where not cached."""
         prefetched = Prefetched()
         todo, seen, blobs = [root], {root.digest}, dict[Digest, None]()
@@ -168,11 +162,9 @@ class Pins:
                 if len(seen) >= MAX_MANIFESTS:
                     raise UpstreamError(f"the image names more than {MAX_MANIFESTS} manifests")
                 seen.add(child)
-                todo.append(
-                    await self.manifests.by_digest(upstream, repository, child, MANIFEST_TYPES)
-                )
+                todo.append(await self.manifests.by_digest(route, child, MANIFEST_TYPES))
         for digest in blobs:
-            size = await self.blobs.prefetch(upstream, repository, digest)
+            size = await self.blobs.prefetch(route, digest)
             if size is None:
                 prefetched.no_room.append(digest)
             elif size:

@@ -40,10 +40,10 @@ from mirror.errors import (
 )
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
+from mirror.routing import forwarded
 from mirror.upstream.auth import Authenticator, parse_challenge, read_at_most
 from mirror.upstream.credentials import credential_source
 from mirror.upstream.ratelimit import RateLimit
-from mirror.upstream.routing import forwarded
 
 log = logging.getLogger(__name__)
 

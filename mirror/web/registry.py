@@ -30,8 +30,7 @@ from mirror.reference import (
     parse_manifest_reference,
     validate_name,
 )
-from mirror.upstream.client import Upstream
-from mirror.upstream.routing import Route, Router
+from mirror.routing import Route, Router
 from mirror.web.responses import blob_response, manifest_response, unchanged
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ GATE = web.AppKey("gate", Gate)
 BLOBS = web.AppKey("blobs", BlobProxy)
 MANIFESTS = web.AppKey("manifests", ManifestProxy)
 ROUTER = web.AppKey("router", Router)
-UPSTREAMS = web.AppKey("upstreams", dict[str, Upstream])
 NAMESPACE = web.RequestKey("namespace", str)  # the `ns` that chose the upstream
 
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: `str.isdigit` takes "²", which int() refuses
@@ -71,12 +69,6 @@ async def route_of(request: web.Request) -> Route:
     return route
 
 
-async def upstream_of(request: web.Request) -> tuple[Upstream, str]:
-    """The client of the upstream this request is for, and the repository's name there."""
-    route = await route_of(request)
-    return request.app[UPSTREAMS][route.upstream.name], route.repository
-
-
 async def _login(request: web.Request) -> None:
     await request.app[GATE].require(request.headers.get("Authorization"), request.remote or "")
 
@@ -101,33 +93,33 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    upstream, name = await upstream_of(request)
+    route = await route_of(request)
     reference = parse_manifest_reference(request.match_info["reference"])
     accept = parse_accept(request.headers.getall("Accept", ()))
     proxy = request.app[MANIFESTS]
     if isinstance(reference, Digest):
-        found = await proxy.by_digest(upstream, name, reference, accept)
+        found = await proxy.by_digest(route, reference, accept)
     else:
-        found = await proxy.by_tag(upstream, name, reference, accept)
+        found = await proxy.by_tag(route, reference, accept)
     return manifest_response(request, found)
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    upstream, name = await upstream_of(request)
+    route = await route_of(request)
     digest = parse_digest(request.match_info["digest"])
     # A client that has the bytes needs to learn only that they exist: no download.
     client_has_it = unchanged(request, digest)
     body = request.method == "GET" and not client_has_it
-    async with request.app[BLOBS].answer(upstream, name, digest, body=body) as found:
+    async with request.app[BLOBS].answer(route, digest, body=body) as found:
         return await blob_response(request, found, digest, client_has_it=client_has_it)
 
 
 async def tags(request: web.Request) -> web.Response:
     """The repository's tags in lexical order, paged by `n` and `last` by the mirror."""
-    upstream, name = await upstream_of(request)
+    route = await route_of(request)
     n = _page_size(request.query.get("n"))
     last = request.query.get("last")
-    page = await request.app[MANIFESTS].tags(upstream, name, n, last)
+    page = await request.app[MANIFESTS].tags(route, n, last)
     headers = {}
     if page.more and n is not None:
         headers["Link"] = _client_link(request, n, page.tags[-1])
@@ -153,10 +145,10 @@ def _client_link(request: web.Request, n: int, last: str) -> str:
 
 
 async def referrers(request: web.Request) -> web.Response:
-    upstream, name = await upstream_of(request)
+    route = await route_of(request)
     digest = parse_digest(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
-    body = await request.app[MANIFESTS].referrers(upstream, name, digest, artifact_type)
+    body = await request.app[MANIFESTS].referrers(route, digest, artifact_type)
     headers = {"Content-Type": OCI_INDEX}
     if artifact_type is not None:
         headers["OCI-Filters-Applied"] = "artifactType"

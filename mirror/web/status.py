@@ -24,10 +24,10 @@ from aiohttp import web
 
 from mirror.activity import Activity, Eviction, RepositoryUse, Served, counted
 from mirror.metrics import Metrics
-from mirror.upstream.client import Upstream
+from mirror.proxy.health import UpstreamHealth
 from mirror.web.middleware import ACTIVITY, METRICS
-from mirror.web.ops import BUDGET
-from mirror.web.registry import GATE, UPSTREAMS
+from mirror.web.ops import HEALTH
+from mirror.web.registry import GATE
 
 REFRESH_SECONDS = 10
 SAMPLE_INTERVAL = 60.0  # seconds between samples of the totals, for the last hour
@@ -47,17 +47,6 @@ def add_routes(app: web.Application, processes: int = 1) -> None:
     app.router.add_get("/", page, name="status")
     app.router.add_get("/status.json", status_json, name="status_json")
     app.cleanup_ctx.append(_sampling)
-
-
-@dataclass(frozen=True)
-class UpstreamHealth:
-    name: str
-    url: str
-    failing: bool
-    last_error: str | None
-    last_error_at: float | None  # Unix time
-    quota_remaining: int | None  # pulls left, when the upstream says (Docker Hub does)
-    quota_limit: int | None
 
 
 @dataclass(frozen=True)
@@ -96,7 +85,8 @@ async def _login_if_required(request: web.Request) -> None:
 
 
 async def current(app: web.Application) -> Status:
-    use, activity = await app[BUDGET].use(), app[ACTIVITY]
+    health, activity = app[HEALTH], app[ACTIVITY]
+    use = await health.use()
     now = counted(app[METRICS])
     return Status(
         version=_version(),
@@ -109,23 +99,10 @@ async def current(app: web.Application) -> Status:
         since_start=now.served,
         last_hour=activity.last_hour(now.served, time.monotonic()),
         fetches_in_flight=now.fetches_in_flight,
-        upstreams=[_health(upstream) for upstream in app[UPSTREAMS].values()],
+        upstreams=health.upstream_health(),
         by_pulls=activity.top(TOP, "pulls"),
         by_bytes=activity.top(TOP, "bytes"),
         evictions=activity.evictions(),
-    )
-
-
-def _health(upstream: Upstream) -> UpstreamHealth:
-    at, error = upstream.last_error or (None, None)
-    return UpstreamHealth(
-        name=upstream.name,
-        url=str(upstream.url),
-        failing=upstream.failing,
-        last_error=error,
-        last_error_at=at,
-        quota_remaining=upstream.ratelimit.remaining,
-        quota_limit=upstream.ratelimit.limit,
     )
 
 
