@@ -1,13 +1,19 @@
-"""Real engines for fleet-mode tests: S3 (moto) and PostgreSQL, started once per test session.
+"""Real engines for fleet-mode tests: S3 (moto, radosgw) and PostgreSQL, each started once
+per test session.
 
 Plain classes and functions, with thin fixtures at the end (``pytest_plugins`` in
 conftest.py makes those visible to every test module).
 
 * :class:`S3Endpoint` is where an S3-compatible store answers and with which keys.
-  ``moto_s3`` yields one for moto's server, which accepts any keys and starts in about
+  ``moto_s3`` yields one for moto's server, which accepts any keys and starts in under
   a second: the fast engine.  It accepts tampered and expired presigned URLs.
+* ``radosgw`` yields a :class:`Radosgw` (an S3Endpoint) of a one-node Ceph cluster
+  (:class:`CephCluster`: a monitor, a memstore OSD, radosgw), the engine that checks
+  presigned URLs.  It starts in 2 to 3 s.  ``stop()``/``start()`` act on the gateway
+  alone, for tests of an unreachable bucket store; a test that stops it restarts it
+  (in ``finally``), since the next test shares it.
 * ``s3_bucket_name`` names a bucket (not created) that no other test uses: tests share
-  the session's server, and a bucket of their own keeps their objects apart.
+  the session's servers, and a bucket of their own keeps their objects apart.
 * :class:`Postgres` runs Debian's PostgreSQL 15 (``postgres`` yields it): trust
   authentication on 127.0.0.1 only, no unix socket, ``fsync`` off.  ``database_url``
   creates a database per test and drops it after.  ``stop()`` and ``start()`` take the
@@ -24,6 +30,19 @@ What was learnt the hard way:
   log stays in pytest's directory (the parent writes it).
 * SIGTERM is PostgreSQL's *smart* shutdown, which waits for every client to leave: a
   test's pool would hold it up.  SIGINT (fast shutdown) ends sessions and stops.
+* Ceph with ``auth_* = none`` still negotiates the monitor connection's mode; radosgw's
+  default (secure first) loops on "get_initial_auth_request returned -13" until
+  ``ms_mon_client_mode = crc``.  Pool size 1 needs ``mon_allow_pool_size_one``.  No
+  manager runs, so the PG autoscaler (a manager module) is turned off.
+* radosgw creates its pools one monitor command at a time, and each waits for the next
+  Paxos proposal, one a second by default: the cluster took 13 s to start.
+  ``paxos_propose_interval = 0.05`` brings that to 2 to 3 s.
+* ``log_file`` empty and ``log_to_stderr`` on: one log per daemon, which the harness
+  writes and quotes when start-up fails (every daemon's tail, after at most 60 s).
+* memstore keeps objects in the OSD's memory but writes them all to its data directory
+  when it stops; :meth:`CephCluster.close` removes the data directories, not the logs.
+* The OSD binds eight ports of Ceph's own range (6800-7300) on 127.0.0.1; it takes the
+  next free ones, so sessions running side by side do not collide.
 
 Only 127.0.0.1 is ever contacted.
 """
@@ -39,8 +58,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -333,6 +356,283 @@ def _checked_name(name: str) -> str:
     return name
 
 
+# --------------------------------------------------------------------------- Ceph radosgw
+
+CEPH_INSTALL_HINT = "apt-get install -y ceph-mon ceph-osd ceph-common radosgw"
+CEPH_TOOLS = ["monmaptool", "ceph-mon", "ceph-osd", "ceph", "radosgw", "radosgw-admin"]
+RGW_USER = "mirror"
+RGW_ACCESS_KEY = "MIRRORTESTACCESSKEY0"
+RGW_SECRET_KEY = "mirror-test-secret-key-0000000000000000"
+CEPH_STARTUP_TIMEOUT = 60.0
+
+
+class CephError(ServerError):
+    """The Ceph cluster or its gateway would not start (the message carries log tails)."""
+
+
+class CephDaemon(ServerProcess):
+    """One Ceph daemon in the foreground, logging to its own file through stderr."""
+
+    error = CephError
+
+    def __init__(
+        self, cluster: CephCluster, name: str, argv: list[str], port: int, ready: Callable[[], bool]
+    ) -> None:
+        super().__init__(cluster.root, cluster.log_dir / f"{name}.log", port, CEPH_STARTUP_TIMEOUT)
+        self.name = name
+        self._argv = argv
+        self._is_ready = ready
+        self._cluster = cluster
+
+    def _command(self) -> list[str]:
+        return [*self._argv, "-f", "-c", str(self._cluster.conf_path)]
+
+    def _env(self) -> dict[str, str]:
+        return self._cluster.env()
+
+    def _ready(self) -> bool:
+        return self._is_ready()
+
+
+class CephCluster:
+    """One monitor, one memstore OSD and a radosgw, all on 127.0.0.1 under `root`.
+
+    :meth:`start` builds and starts the whole cluster, then creates the S3 user; the
+    gateway alone can be stopped and started again (:meth:`stop_gateway`,
+    :meth:`start_gateway`).  :meth:`close` stops every daemon.  Objects live in the
+    OSD's memory, so a cluster is as fresh as its OSD.
+    """
+
+    def __init__(self, root: Path) -> None:
+        require_tools([_which(tool) for tool in CEPH_TOOLS], CEPH_INSTALL_HINT)
+        self.root = root
+        self.conf_path = root / "ceph.conf"
+        self.log_dir = root / "log"
+        self.fsid = str(uuid.uuid4())
+        self.mon_port = free_loopback_port()
+        self.rgw_port = free_loopback_port()
+        self.endpoint = S3Endpoint(
+            f"http://127.0.0.1:{self.rgw_port}", RGW_ACCESS_KEY, RGW_SECRET_KEY, DEFAULT_REGION
+        )
+        self._daemons: list[CephDaemon] = []
+        self.gateway = CephDaemon(
+            self, "client.rgw", ["radosgw", "-n", "client.rgw"], self.rgw_port, self._rgw_ready
+        )
+
+    # ---- building
+
+    def start(self) -> None:
+        """Create and start the cluster; fails with every log's tail if not up in time."""
+        deadline = time.monotonic() + CEPH_STARTUP_TIMEOUT
+        try:
+            self._write_config()
+            self._start_monitor(deadline)
+            self._start_osd(deadline)
+            self._start_daemon(self.gateway, deadline)
+            self._create_user(deadline)
+        except BaseException as exc:
+            tails = self.log_tails()
+            self.close()
+            if isinstance(exc, ServerError):
+                raise CephError(f"{exc}\n{tails}") from None
+            raise
+
+    def _write_config(self) -> None:
+        for sub in ("mon", "osd", "run", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.conf_path.write_text(ceph_config(self.root, self.fsid, self.mon_port, self.rgw_port))
+
+    def _start_monitor(self, deadline: float) -> None:
+        monmap = self.root / "monmap"
+        address = f"[v2:127.0.0.1:{self.mon_port}]"
+        self._tool(
+            ["monmaptool", "--create", "--fsid", self.fsid, "--addv", "a", address, str(monmap)],
+            deadline,
+        )
+        mkfs = ["ceph-mon", "-c", str(self.conf_path), "-i", "a", "--mkfs", "--monmap", str(monmap)]
+        self._tool(mkfs, deadline)
+        mon = CephDaemon(self, "mon.a", ["ceph-mon", "-i", "a"], self.mon_port, self._mon_ready)
+        self._start_daemon(mon, deadline)
+
+    def _start_osd(self, deadline: float) -> None:
+        osd_uuid = str(uuid.uuid4())
+        osd_id = self._ceph(["osd", "new", osd_uuid], deadline).strip()
+        (self.root / "osd" / osd_id).mkdir()
+        mkfs = ["ceph-osd", "-c", str(self.conf_path), "-i", osd_id, "--mkfs"]
+        self._tool([*mkfs, "--osd-uuid", osd_uuid], deadline)
+        osd = CephDaemon(self, f"osd.{osd_id}", ["ceph-osd", "-i", osd_id], 0, self._osd_ready)
+        self._start_daemon(osd, deadline)
+
+    def _create_user(self, deadline: float) -> None:
+        user = ["user", "create", f"--uid={RGW_USER}", f"--display-name={RGW_USER}"]
+        keys = [f"--access-key={RGW_ACCESS_KEY}", f"--secret-key={RGW_SECRET_KEY}"]
+        self._admin([*user, *keys], deadline)
+
+    def _start_daemon(self, daemon: CephDaemon, deadline: float) -> None:
+        daemon.startup_timeout = max(deadline - time.monotonic(), 1.0)
+        if daemon not in self._daemons:
+            self._daemons.append(daemon)
+        daemon.start()
+
+    # ---- readiness
+
+    def _mon_ready(self) -> bool:
+        return self._answers(["mon", "stat"])
+
+    def _osd_ready(self) -> bool:
+        return '"num_up_osds":1' in self._answers_with(["osd", "stat", "-f", "json"])
+
+    def _rgw_ready(self) -> bool:
+        return _http_status(self.endpoint.url + "/") == 200
+
+    # ---- the gateway alone
+
+    def stop_gateway(self) -> None:
+        """Stop radosgw only; the cluster and its objects stay."""
+        self.gateway.stop()
+
+    def start_gateway(self) -> None:
+        """Start radosgw again, on the same port; wait until it answers."""
+        self.gateway.startup_timeout = CEPH_STARTUP_TIMEOUT
+        self.gateway.start()
+
+    # ---- tools
+
+    def env(self) -> dict[str, str]:
+        # From scratch: CEPH_ARGS or CEPH_CONF of the machine must not point elsewhere.
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.root),
+            "LC_ALL": "C",
+        }
+
+    def ceph(self, args: list[str], timeout: float = 30.0) -> str:
+        """The `ceph` command line against this cluster."""
+        return self._ceph(args, time.monotonic() + timeout)
+
+    def _ceph(self, args: list[str], deadline: float) -> str:
+        argv = ["ceph", "-c", str(self.conf_path), "--connect-timeout", "5", *args]
+        return self._tool(argv, deadline)
+
+    def _admin(self, args: list[str], deadline: float) -> str:
+        return self._tool(["radosgw-admin", "-c", str(self.conf_path), *args], deadline)
+
+    def _tool(self, argv: list[str], deadline: float | None = None) -> str:
+        timeout = 30.0 if deadline is None else max(deadline - time.monotonic(), 1.0)
+        return run_tool(argv, env=self.env(), timeout=timeout)
+
+    def _answers_with(self, args: list[str]) -> str:
+        try:
+            return self.ceph(args, timeout=5)
+        except ServerError:
+            return ""
+
+    def _answers(self, args: list[str]) -> bool:
+        return bool(self._answers_with(args))
+
+    # ---- teardown
+
+    def log_tails(self, max_bytes: int = 2000) -> str:
+        return "\n".join(
+            f"--- {daemon.name} ({daemon.log_path}):\n{daemon.log_tail(max_bytes)}"
+            for daemon in self._daemons
+        )
+
+    def close(self) -> None:
+        """Stop every daemon, the gateway first; remove their data (the logs stay)."""
+        for daemon in reversed(self._daemons):
+            daemon.stop()
+        for sub in ("mon", "osd", "run"):
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Radosgw(S3Endpoint):
+    """radosgw's S3 endpoint, and the cluster behind it: the gateway can be stopped."""
+
+    cluster: CephCluster = field(repr=False, compare=False, kw_only=True)
+
+    @classmethod
+    def of(cls, cluster: CephCluster) -> Radosgw:
+        e = cluster.endpoint
+        return cls(e.url, e.access_key, e.secret_key, e.region, cluster=cluster)
+
+    def stop(self) -> None:
+        """Stop the gateway only: the store is unreachable, its objects stay."""
+        self.cluster.stop_gateway()
+
+    def start(self) -> None:
+        """Start the gateway again on the same port; wait until it answers."""
+        self.cluster.start_gateway()
+
+
+def ceph_config(root: Path, fsid: str, mon_port: int, rgw_port: int) -> str:
+    """ceph.conf of a one-node cluster that keeps every file under `root`."""
+    settings = {
+        "fsid": fsid,
+        "mon_host": f"v2:127.0.0.1:{mon_port}",
+        "public_addr": "127.0.0.1",
+        "cluster_addr": "127.0.0.1",
+        "ms_bind_ipv6": "false",
+        "auth_cluster_required": "none",
+        "auth_service_required": "none",
+        "auth_client_required": "none",
+        # With auth none the default mode (secure first) makes radosgw loop on
+        # "get_initial_auth_request returned -13".
+        "ms_mon_client_mode": "crc",
+        "mon_allow_pool_size_one": "true",
+        "mon_warn_on_pool_no_redundancy": "false",
+        "osd_pool_default_size": "1",
+        "osd_pool_default_min_size": "1",
+        "osd_pool_default_pg_autoscale_mode": "off",
+        "osd_objectstore": "memstore",
+        # Every pool radosgw creates is a monitor proposal, by default one a second.
+        "paxos_propose_interval": "0.05",
+        "paxos_min_wait": "0.01",
+        "run_dir": f"{root}/run",
+        "admin_socket": f"{root}/run/$name.asok",
+        "pid_file": f"{root}/run/$name.pid",
+        "mon_data": f"{root}/mon/$id",
+        "osd_data": f"{root}/osd/$id",
+        "keyring": "/dev/null",
+        "log_file": "",
+        "log_to_stderr": "true",
+        "err_to_stderr": "true",
+        "rgw_frontends": f"beast endpoint=127.0.0.1:{rgw_port}",
+    }
+    return "[global]\n" + "".join(f"{name} = {value}\n" for name, value in settings.items())
+
+
+def _which(tool: str) -> Path:
+    found = shutil.which(tool)
+    return Path(found) if found else Path("/usr/bin") / tool
+
+
+def _http_status(url: str) -> int:
+    """The status of a GET, 0 when nothing answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=1.0) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -364,3 +664,10 @@ def database_url(postgres: Postgres) -> Iterator[str]:
     if not postgres.running:  # a test that stopped it must not take down the next one
         postgres.start()
     postgres.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def radosgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Radosgw]:
+    """radosgw of a one-node Ceph cluster, for the whole session; `stop()`/`start()` the gateway."""
+    with CephCluster(tmp_path_factory.mktemp("ceph")) as cluster:
+        yield Radosgw.of(cluster)

@@ -1,14 +1,16 @@
-"""The fleet engines work: each S3 store keeps objects and signs URLs."""
+"""The fleet engines work: each S3 store keeps objects and signs URLs, radosgw checks the
+signatures, PostgreSQL keeps its data across a restart, and the gateway can be stopped."""
 
 from __future__ import annotations
 
 import asyncio
 import urllib.error
 import urllib.request
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from engines import Postgres, S3Endpoint, s3_client
+from engines import Postgres, Radosgw, S3Endpoint, s3_client
 
 
 def fetch(url: str, timeout: float = 10.0) -> bytes:
@@ -36,6 +38,35 @@ def put_and_get(endpoint: S3Endpoint, bucket: str) -> None:
 
 def test_moto_s3_keeps_objects_and_signs_urls(moto_s3: S3Endpoint, s3_bucket_name: str) -> None:
     put_and_get(moto_s3, s3_bucket_name)
+
+
+def tampered(url: str) -> str:
+    """`url` with one hex digit of its signature changed."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    signature = query["X-Amz-Signature"]
+    query["X-Amz-Signature"] = signature[:-1] + ("0" if signature[-1] != "0" else "1")
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def test_radosgw_keeps_objects_and_checks_signatures(radosgw: Radosgw, s3_bucket_name: str) -> None:
+    put_and_get(radosgw, s3_bucket_name)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        fetch(tampered(presigned_get(radosgw, s3_bucket_name, "blobs/a")))
+    assert refused.value.code == 403
+
+
+def test_radosgw_gateway_stops_and_starts(radosgw: Radosgw, s3_bucket_name: str) -> None:
+    client = s3_client(radosgw, timeout=5)
+    client.create_bucket(Bucket=s3_bucket_name)
+    client.put_object(Bucket=s3_bucket_name, Key="kept", Body=b"kept")
+    radosgw.stop()
+    try:
+        with pytest.raises(urllib.error.URLError):
+            fetch(presigned_get(radosgw, s3_bucket_name, "kept"), timeout=5)
+    finally:
+        radosgw.start()
+    assert client.get_object(Bucket=s3_bucket_name, Key="kept")["Body"].read() == b"kept"
 
 
 def test_buckets_are_per_test(moto_s3: S3Endpoint, s3_bucket_name: str) -> None:
