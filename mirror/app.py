@@ -19,6 +19,7 @@ from mirror.proxy.health import Health
 from mirror.proxy.manifests import ManifestProxy
 from mirror.proxy.pins import Pins
 from mirror.routing import Router
+from mirror.shared.tier import tier_of
 from mirror.storage.blobs import BlobStore
 from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache
@@ -97,17 +98,19 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     )
     cache = Cache(store, index)
     upstreams = {u.name: Upstream(u, session, metrics) for u in config.upstreams}
-    blobs = BlobProxy(cache, budget, upstreams, metrics)
-    manifests = ManifestProxy(cache, index, budget, upstreams, metrics)
+    tier = tier_of(config.shared, metrics)
+    blobs = BlobProxy(cache, budget, upstreams, metrics, tier)
+    manifests = ManifestProxy(cache, index, budget, upstreams, metrics, tier)
     router = Router(config.upstreams)
     background: list[asyncio.Task[None]] = []
     try:
         await reconcile(store, index)
+        await tier.start()
         background.append(asyncio.create_task(evictor.run()))
         app[registry.ROUTER] = router
         app[registry.BLOBS] = blobs
         app[registry.MANIFESTS] = manifests
-        app[ops.HEALTH] = Health(budget, store, upstreams)
+        app[ops.HEALTH] = Health(budget, store, upstreams, tier)
         app[EVICTOR] = evictor
         if config.pins:  # kept fresh by the primary alone: a worker never fetches
             pins = Pins(config.pins, router, upstreams, manifests, blobs, index, metrics)
@@ -119,6 +122,7 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await blobs.close()
+        await tier.close()
         for upstream_client in upstreams.values():
             await upstream_client.close()
         await session.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import ssl
 from collections.abc import Callable, Mapping, Set
@@ -44,12 +45,13 @@ _NUMBER_UNIT = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", re.ASCII
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?")
 _PREFIX = re.compile(r"[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _ECR_HOST = re.compile(r"(\d{12})\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
 
 # The keys of the file, by section, as its parser checks them. The environment's variable
 # names are made from the same tables.
 _ROOT_KEYS = frozenset({"listen", "storage", "upstreams", "pins", "log", "auth", "tls",
-                        "limits", "workers", "status_page"})  # fmt: skip
+                        "limits", "workers", "status_page", "shared"})  # fmt: skip
 _SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "storage": frozenset({"path", "max_size", "high_watermark", "low_watermark", "max_age"}),
     "log": frozenset({"format", "level"}),
@@ -57,6 +59,8 @@ _SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "tls": frozenset({"cert", "key"}),
     "limits": frozenset({"max_connections", "max_header_size", "header_timeout",
                          "keepalive_timeout"}),
+    "shared": frozenset({"bucket", "endpoint_url", "region", "prefix", "database",
+                         "database_env", "max_size", "redirect", "presign_ttl"}),
 }  # fmt: skip
 # Lists of entries, which no single variable can hold.
 _LIST_KEYS = frozenset({"upstreams", "pins"})
@@ -189,6 +193,35 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class SharedConfig:
+    """Fleet mode: a tier shared by every replica with this block, behind each replica's
+    own cache: verified bytes in an S3-compatible bucket (credentials from the standard
+    AWS chain), what it holds and the tags in PostgreSQL."""
+
+    bucket: str
+    max_size: int  # the bucket's budget: no default, a bucket's bytes cost money
+    database: str | None = field(default=None, repr=False)  # a DSN (password and all), or:
+    database_env: str | None = None  # the variable holding it (a password stays out of files)
+    endpoint_url: str | None = None  # None: AWS S3
+    region: str | None = None
+    prefix: str = ""  # of every key in the bucket
+    redirect: bool = False  # a shared hit answers 307 to a presigned URL of the bucket
+    presign_ttl: float = 900.0
+
+    def dsn(self) -> str:
+        """The database's DSN, read from its variable at start."""
+        if self.database is not None:
+            return self.database
+        assert self.database_env is not None
+        value = os.environ.get(self.database_env)
+        if not value:
+            raise ConfigError(
+                "shared.database_env", f"environment variable {self.database_env} is not set"
+            )
+        return _dsn(value, self.database_env)
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -204,6 +237,7 @@ class Config:
     workers: int = 1
     # The status page at / and /status.json (web/status.py).
     status_page: bool = True
+    shared: SharedConfig | None = None  # None: one replica, nothing shared
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -372,6 +406,8 @@ def _check_variables(env: Mapping[str, str], config: Config) -> None:
     """A MIRROR_* variable nothing reads is a mistake (a typo would otherwise be lost)."""
     known = environment_names() | _OTHER_VARIABLES
     known |= {u.auth.password_env for u in config.upstreams if u.auth.password_env}
+    if config.shared is not None and config.shared.database_env:
+        known |= {config.shared.database_env}
     for name in sorted(env):
         if name.startswith(ENV_PREFIX) and name not in known and not _service_link(name, env):
             close = difflib.get_close_matches(name, sorted(environment_names()), n=1)
@@ -405,7 +441,50 @@ def config_from_dict(data: object) -> Config:
         limits=_limits(root.get("limits", {})),
         workers=_workers(root.get("workers", 1), "workers", tls),
         status_page=_status_page(root.get("status_page", True)),
+        shared=_shared(root["shared"]) if "shared" in root else None,
     )
+
+
+def _shared(data: object) -> SharedConfig:
+    raw = _mapping(data, "shared", _SECTION_KEYS["shared"])
+    for name in ("bucket", "max_size"):
+        if name not in raw:
+            raise ConfigError(f"shared.{name}", "is required in fleet mode")
+    bucket = _typed(raw, "bucket", "shared", str, "")
+    if not _BUCKET.fullmatch(bucket):
+        raise ConfigError("shared.bucket", f"not a valid bucket name: {bucket!r}")
+    database = _typed(raw, "database", "shared", str, None)
+    database_env = _typed(raw, "database_env", "shared", str, None)
+    if (database is None) == (database_env is None):
+        raise ConfigError("shared.database", "give exactly one of database and database_env")
+    endpoint_url = raw.get("endpoint_url")
+    if endpoint_url is not None:
+        endpoint_url = parse_url(endpoint_url, "shared.endpoint_url")
+    prefix = _typed(raw, "prefix", "shared", str, "")
+    if prefix and not _PREFIX.fullmatch(prefix.rstrip("/")):
+        raise ConfigError("shared.prefix", f"not a valid key prefix: {prefix!r}")
+    redirect = raw.get("redirect", False)
+    if not isinstance(redirect, bool):
+        raise ConfigError("shared.redirect", f"must be true or false, got {redirect!r}")
+    return SharedConfig(
+        bucket=bucket,
+        max_size=parse_size(raw["max_size"], "shared.max_size"),
+        database=None if database is None else _dsn(database, "shared.database"),
+        database_env=database_env,
+        endpoint_url=None
+        if endpoint_url is None
+        else parse_url(endpoint_url, "shared.endpoint_url"),
+        region=_typed(raw, "region", "shared", str, None),
+        prefix=prefix.rstrip("/") + "/" if prefix else "",
+        redirect=redirect,
+        presign_ttl=parse_duration(raw.get("presign_ttl", 900), "shared.presign_ttl"),
+    )
+
+
+def _dsn(value: str, key: str) -> str:
+    if urlsplit(value).scheme not in ("postgresql", "postgres"):
+        raise ConfigError(key, "must be a postgresql:// URL")
+    return value
 
 
 def _workers(value: object, key: str, tls: TlsConfig | None) -> int:

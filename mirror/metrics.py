@@ -120,12 +120,65 @@ class Metrics:
             "Bytes of pinned images' manifests and blobs fetched before any client asked.",
             registry=r,
         )
+        self.shared_lookups = Counter(
+            "mirror_shared_lookups_total",
+            "Lookups in the shared tier (fleet mode) after a miss here, by result: hit, miss.",
+            ["result"],
+            registry=r,
+        )
+        self.shared_bytes = Counter(
+            "mirror_shared_read_bytes_total", "Bytes read from the shared bucket.", registry=r
+        )
+        self.shared_uploads = Counter(
+            "mirror_shared_uploads_total",
+            "Blobs and manifests this replica uploaded to the shared bucket.",
+            registry=r,
+        )
+        self.shared_uploaded_bytes = Counter(
+            "mirror_shared_uploaded_bytes_total", "Bytes uploaded to the shared bucket.", registry=r
+        )
+        self.shared_degraded = Gauge(
+            "mirror_shared_degraded",
+            "1 while a part of the shared tier (database, bucket) does not answer: this replica"
+            " serves alone.",
+            ["part"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.shared_evictions = Counter(
+            "mirror_shared_evictions_total",
+            "Objects this replica deleted from the shared bucket, leading its eviction.",
+            registry=r,
+        )
+        self.shared_evicted_bytes = Counter(
+            "mirror_shared_evicted_bytes_total",
+            "Bytes of the objects this replica deleted from the shared bucket.",
+            registry=r,
+        )
+        self.shared_leader = Gauge(
+            "mirror_shared_leader",
+            "1 while this replica leads the shared tier's eviction.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.shared_size = Gauge(
+            "mirror_shared_size_bytes",
+            "Bytes counted against the shared budget, as the leader last counted them.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.shared_max = Gauge(
+            "mirror_shared_max_bytes",
+            "The shared budget, as the leader last set it.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         # Series with fixed label values exist from the start, so a dashboard shows 0 and
         # rate() has a beginning, rather than no data.
         for kind in ("manifest", "blob"):
-            for result in ("hit", "miss", "stale"):
+            for result in ("hit", "miss", "stale", "shared"):
                 self.cache_requests.labels(kind, result)
-        for source in ("cache", "upstream"):
+        for source in ("cache", "upstream", "shared"):
             self.served_bytes.labels(source)
         for reason in ("size", "age"):
             self.evictions.labels(reason)

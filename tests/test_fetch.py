@@ -64,6 +64,7 @@ class MemorySource:
     name: str = "memory"
     retries: int = 3
     patience: float = 5.0
+    shared: bool = False
     cuts: list[int] = field(default_factory=list)
     honours_offset: bool = True
     declares_length: bool = True

@@ -31,9 +31,10 @@ from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.metrics import Metrics
 from mirror.proxy.fetch import BlobReader, Fetch
 from mirror.proxy.sinks import Span
-from mirror.proxy.sources import Body, Source, UpstreamSource
+from mirror.proxy.sources import Body, SharedSource, Source, UpstreamSource
 from mirror.reference import Digest
 from mirror.routing import Route
+from mirror.shared.tier import Kept, Tier, TierUnavailable, Unshared
 from mirror.storage.blobs import DigestMismatch
 from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache
@@ -42,6 +43,7 @@ from mirror.upstream.client import Upstream
 log = logging.getLogger(__name__)
 
 GROWTH_STEP = 1024 * 1024  # reserved at a time for a blob of undeclared length
+BLOB_TYPE = "application/octet-stream"  # a blob's bytes have no type of their own
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,22 @@ class Download:
 
 @dataclass(frozen=True)
 class BlobSize:
-    """A miss answered without its bytes (a HEAD): the size the upstream declares."""
+    """A miss answered without its bytes (a HEAD): the size the upstream declares, or
+    the shared tier's."""
 
     size: int | None
     result: str = "miss"
 
 
-Blob = CachedBlob | Download | BlobSize
+@dataclass(frozen=True)
+class Redirect:
+    """A hit in the shared tier answered by the bucket itself: a presigned URL of it."""
+
+    url: str
+    result: str = "shared"
+
+
+Blob = CachedBlob | Download | BlobSize | Redirect
 
 
 class BlobProxy:
@@ -88,11 +99,14 @@ class BlobProxy:
         budget: Budget,
         upstreams: Mapping[str, Upstream],
         metrics: Metrics | None = None,
+        tier: Tier | None = None,
     ) -> None:
-        """`upstreams`: the clients by upstream name, for misses (none in a worker)."""
+        """`upstreams`: the clients by upstream name, for misses (none in a worker);
+        `tier`: what other replicas have kept, asked before the upstream."""
         self.cache = cache
         self.budget = budget
         self.upstreams = upstreams
+        self.tier = tier or Unshared()
         self.metrics = metrics or Metrics()
         self._fetches: dict[tuple[str, Digest], Fetch] = {}  # by source name and digest
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,11 +126,25 @@ class BlobProxy:
         if cached is not None:
             with cached:
                 yield cached
+            return
+        kept = await self.tier.find(digest, route.upstream.access)
+        # Only a GET: a URL presigned for GET does not answer a HEAD.
+        redirect = await self._presigned(digest) if kept and body and self.tier.redirect else None
+        if redirect is not None:
+            yield Redirect(redirect)
         elif not body:
-            yield BlobSize(await self._size(route, digest))
+            size = kept.size if kept else await self._size(route, digest)
+            yield BlobSize(size, "shared" if kept else "miss")
         else:
-            async with self.join(route, digest) as reader:
-                yield Download(reader, await reader.fetch.wait_started())
+            async with self.join(route, digest, kept) as reader:
+                size = await reader.fetch.wait_started()
+                yield Download(reader, size, "shared" if kept else "miss")
+
+    async def _presigned(self, digest: Digest) -> str | None:
+        try:
+            return await self.tier.presigned(digest)
+        except TierUnavailable:
+            return None
 
     async def _size(self, route: Route, digest: Digest) -> int | None:
         """For an answer without a body: the size from a download under way, or the
@@ -126,10 +154,14 @@ class BlobProxy:
             return await fetch.wait_started()
         return await self.upstreams[route.upstream.name].head_blob(route.repository, digest)
 
-    def join(self, route: Route, digest: Digest) -> BlobReader:
-        """A reader of the download of `digest` from the route's upstream under way, or of a
-        new one."""
-        source = UpstreamSource(self.upstreams[route.upstream.name], route.repository)
+    def join(self, route: Route, digest: Digest, kept: Kept | None) -> BlobReader:
+        """A reader of the download of `digest` under way, or of a new one: from the shared
+        tier when it has the blob (`kept`), else from the route's upstream."""
+        source: Source
+        if kept is not None:
+            source = SharedSource(self.tier, kept.size)
+        else:
+            source = UpstreamSource(self.upstreams[route.upstream.name], route.repository)
         return self.download(source, digest, private=route.upstream.access == "authenticated")
 
     def download(self, source: Source, digest: Digest, private: bool) -> BlobReader:
@@ -160,7 +192,8 @@ class BlobProxy:
             cached.file.close()
             return 0
         received = 0
-        async with self.join(route, digest) as reader:
+        kept = await self.tier.find(digest, route.upstream.access)
+        async with self.join(route, digest, kept) as reader:
             await reader.fetch.wait_started()
             async with contextlib.aclosing(reader.chunks(None)) as chunks:
                 async for piece in chunks:
@@ -192,12 +225,14 @@ class BlobProxy:
             await self._receive(key, fetch, source)
             await fetch.check()
             if fetch.sink.keeps:
-                await self._keep(fetch, private)
+                await self._keep(fetch, private, share=not source.shared)
         except RegistryError as exc:
             error = exc
             if isinstance(exc, DigestMismatch):
                 self.metrics.digest_mismatches.labels(source.name).inc()
                 log.warning("%s from %s: %s", fetch.digest, source.name, exc.message)
+                if source.shared:
+                    await self.tier.discard(fetch.digest)
             else:  # an outage is logged once, by the upstream client
                 log.debug("download of %s from %s failed: %s", fetch.digest, source.name, exc)
         except asyncio.CancelledError:
@@ -219,11 +254,15 @@ class BlobProxy:
         if self._fetches.get(key) is fetch:
             del self._fetches[key]
 
-    async def _keep(self, fetch: Fetch, private: bool) -> None:
-        """Commit the verified file. A failure to store it leaves the readers' answers
-        whole: the blob was served, only not cached."""
+    async def _keep(self, fetch: Fetch, private: bool, share: bool) -> None:
+        """Commit the verified file, and (`share`) keep it in the shared tier from there. A
+        failure to store it leaves the readers' answers whole: the blob was served, only not
+        cached."""
         if await self.cache.commit_file(fetch.writer, private=private):
             self._disk_full = False
+            if share:
+                path, size = self.cache.path(fetch.digest), fetch.written
+                self.tier.keep_file(fetch.digest, path, size, BLOB_TYPE, private)
 
     async def _receive(self, key: tuple[str, Digest], fetch: Fetch, source: Source) -> None:
         """The whole body into `fetch`, resuming after a cut `retries` times at most."""

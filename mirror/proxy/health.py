@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mirror.shared.tier import Tier, Unshared
 from mirror.storage.blobs import BlobStore
 from mirror.storage.budget import Budget, Use
 from mirror.upstream.client import Upstream
@@ -25,10 +26,17 @@ class UpstreamHealth:
 
 
 class Health:
-    def __init__(self, budget: Budget, store: BlobStore, upstreams: Mapping[str, Upstream]):
+    def __init__(
+        self,
+        budget: Budget,
+        store: BlobStore,
+        upstreams: Mapping[str, Upstream],
+        tier: Tier | None = None,
+    ) -> None:
         self.budget = budget
         self.store = store
         self.upstreams = upstreams
+        self.tier = tier or Unshared()
 
     async def use(self) -> Use:
         return await self.budget.use()
@@ -47,6 +55,10 @@ class Health:
         except OSError as exc:
             problems.append(f"storage not writable: {exc.strerror}")
         return problems
+
+    def degraded(self) -> list[str]:
+        """What this replica does without, serving all the same (the shared tier)."""
+        return self.tier.degraded()
 
     def upstream_health(self) -> list[UpstreamHealth]:
         return [_health(upstream) for upstream in self.upstreams.values()]

@@ -40,6 +40,8 @@ from mirror.reference import (
     parse_digest,
 )
 from mirror.routing import Route
+from mirror.shared.database import SharedTag
+from mirror.shared.tier import Tier, Unshared
 from mirror.storage.blobs import DigestMismatch
 from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache
@@ -117,13 +119,16 @@ class ManifestProxy:
         budget: Budget,
         upstreams: Mapping[str, Upstream],
         metrics: Metrics | None = None,
+        tier: Tier | None = None,
     ) -> None:
         """`cache` keeps the manifests' bytes; `index` the tags that point at them;
-        `upstreams` are the clients by upstream name, for misses (none in a worker)."""
+        `upstreams` are the clients by upstream name, for misses (none in a worker);
+        `tier` what other replicas have kept, asked before the upstream."""
         self.cache = cache
         self.index = index
         self.budget = budget
         self.upstreams = upstreams
+        self.tier = tier or Unshared()
         self.metrics = metrics or Metrics()
         self._listings: _Listings[UpstreamListing] = _Listings(lambda kept: len(kept.body))
         self._tag_lists: _Listings[tuple[str, ...]] = _Listings(_tags_size)
@@ -174,6 +179,8 @@ class ManifestProxy:
     ) -> Manifest:
         # A request that found nothing may get here just after another's fetch stored it.
         cached = await self.cached(upstream.config.access, digest)
+        if cached is None:
+            cached = await self._shared(upstream, digest)
         if cached is not None:
             return cached
         remote = await upstream.get_manifest(repository, str(digest), accept)
@@ -231,12 +238,52 @@ class ManifestProxy:
     async def _tagged(
         self, upstream: Upstream, repository: str, tag: str
     ) -> tuple[Manifest | None, bool]:
-        """The cached manifest the tag points to, and whether it is within tag_ttl."""
+        """The cached manifest the tag points to, and whether it is within tag_ttl: as
+        this replica saw it, or as another replica saw it later (the shared tier)."""
         row = await self.index.tag(upstream.name, repository, tag)
+        if row is None or not self._fresh(upstream, row.checked_at):
+            shared = await self.tier.tag(upstream.name, repository, tag)
+            if shared is not None and (row is None or shared.checked_at > row.checked_at):
+                adopted = await self._shared_tag(upstream, repository, tag, shared)
+                if adopted is not None:
+                    return adopted, self._fresh(upstream, shared.checked_at)
         if row is None:
             return None, False
-        fresh = time.time() - row.checked_at < upstream.config.tag_ttl
+        fresh = self._fresh(upstream, row.checked_at)
         return await self.cached(upstream.config.access, parse_digest(row.digest)), fresh
+
+    async def _shared_tag(
+        self, upstream: Upstream, repository: str, tag: str, shared: SharedTag
+    ) -> Manifest | None:
+        """A tag another replica checked more recently, adopted here with its check's
+        time (so that it goes stale when it would have there); None if its manifest is
+        neither here nor in the shared tier."""
+        digest = parse_digest(shared.digest)
+        manifest = await self.cached(upstream.config.access, digest)
+        if manifest is None:
+            manifest = await self._shared(upstream, digest)
+        if manifest is not None:
+            await self.index.set_tag(
+                upstream.name, repository, tag, digest, manifest.media_type, shared.checked_at
+            )
+        return manifest
+
+    def _fresh(self, upstream: Upstream, checked_at: float) -> bool:
+        return time.time() - checked_at < upstream.config.tag_ttl
+
+    async def _shared(self, upstream: Upstream, digest: Digest) -> Manifest | None:
+        """The manifest as the shared tier keeps it, verified, kept here too; None when
+        the tier does not have it (or has bytes that are not the digest's: deleted)."""
+        found = await self.tier.manifest(digest, upstream.config.access)
+        if found is None:
+            return None
+        body, media_type = found
+        try:
+            manifest = await self._store(upstream, body, media_type or "", digest, shared=True)
+        except DigestMismatch:
+            await self.tier.discard(digest)
+            return None
+        return replace(manifest, result="shared")
 
     async def _listing(
         self, upstream: Upstream, repository: str, path: str, query: Mapping[str, str]
@@ -332,16 +379,12 @@ class ManifestProxy:
         """What the tag points to now, by HEAD; the manifest fetched by digest if new."""
         head = await upstream.head_manifest(repository, tag, accept or MANIFEST_TYPES)
         if cached is not None and head.digest == cached.digest:
-            await self.index.set_tag(
-                upstream.name, repository, tag, cached.digest, cached.media_type
-            )
+            await self._record(upstream, repository, tag, cached)
             return cached  # still a hit: only a HEAD went upstream
         if head.digest is None:
             return await self._fetch_tag(upstream, repository, tag, accept)
         manifest = await self._by_digest(upstream, repository, head.digest, accept)
-        await self.index.set_tag(
-            upstream.name, repository, tag, manifest.digest, manifest.media_type
-        )
+        await self._record(upstream, repository, tag, manifest)
         return manifest
 
     async def _fetch_tag(
@@ -363,14 +406,22 @@ class ManifestProxy:
     async def _record(
         self, upstream: Upstream, repository: str, tag: str, manifest: Manifest
     ) -> None:
-        await self.index.set_tag(
-            upstream.name, repository, tag, manifest.digest, manifest.media_type
-        )
+        """What the tag points to, as the upstream said just now: for this replica and,
+        through the shared tier, for every other."""
+        args = (upstream.name, repository, tag, manifest.digest, manifest.media_type)
+        await self.index.set_tag(*args)
+        await self.tier.set_tag(*args)
 
     async def _store(
-        self, upstream: Upstream, body: bytes, sent_type: str, digest: Digest
+        self,
+        upstream: Upstream,
+        body: bytes,
+        sent_type: str,
+        digest: Digest,
+        shared: bool = False,
     ) -> Manifest:
         """Verify and keep the exact bytes; the index row marks the blob as a manifest.
+        Kept in the shared tier too, unless they come from there (`shared`).
 
         Its type is its own `mediaType`, else the first one recorded for the digest, else
         the one sent now: another upstream or repository serving the same bytes under
@@ -382,10 +433,12 @@ class ManifestProxy:
         sent_type = sent_type.lower()
         own_type = _own_media_type(upstream.name, body, sent_type)
         media_type = own_type or await self._recorded_type(digest) or sent_type
+        private = upstream.config.access == "authenticated"
+        if not shared:
+            self.tier.keep_bytes(digest, body, media_type, private)
         if not await self.budget.reserve(len(body)):
             self.budget.passed_through(digest, len(body))
             return Manifest(body, media_type, digest)
-        private = upstream.config.access == "authenticated"
         try:
             kept = await self.cache.commit_bytes(digest, body, media_type, private=private)
         finally:

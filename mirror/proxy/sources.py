@@ -9,11 +9,17 @@ the blob's whole length, when known.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
+from mirror.errors import UpstreamCut, UpstreamError
 from mirror.reference import Digest
+from mirror.shared.bucket import BucketUnavailable, ObjectMissing
+from mirror.shared.tier import Stream, Tier, TierUnavailable
 from mirror.upstream.client import Upstream
+
+SHARED_RETRIES = 2
+SHARED_PATIENCE = 60.0
 
 
 class Body(Protocol):
@@ -29,6 +35,7 @@ class Source(Protocol):
     name: str  # in logs and metrics
     retries: int  # cuts resumed at most, per download
     patience: float  # seconds a pass-through waits for its slowest reader
+    shared: bool  # the shared tier's bytes: nothing to keep there again
 
     def body(self, digest: Digest, offset: int) -> AbstractAsyncContextManager[Body]: ...
 
@@ -42,6 +49,46 @@ class UpstreamSource:
         self.name = upstream.name
         self.retries = upstream.config.retries
         self.patience = upstream.config.timeouts.idle
+        self.shared = False
 
     def body(self, digest: Digest, offset: int) -> AbstractAsyncContextManager[Body]:
         return self.upstream.blob(self.repository, digest, offset)
+
+
+class SharedSource:
+    """The blob from the shared tier's bucket, where another replica kept it verified (it
+    is verified again on the way: bit rot and tampering happen)."""
+
+    name = "shared"
+    retries = SHARED_RETRIES
+    patience = SHARED_PATIENCE
+    shared = True
+
+    def __init__(self, tier: Tier, size: int) -> None:
+        self.tier = tier
+        self.size = size
+
+    @asynccontextmanager
+    async def body(self, digest: Digest, offset: int) -> AsyncIterator[Body]:
+        try:
+            body = await self.tier.read(digest, offset)
+        except (TierUnavailable, ObjectMissing) as exc:
+            raise UpstreamError(f"the shared tier cannot send {digest}: {exc}") from exc
+        try:
+            yield _SharedBody(body, self.size)
+        finally:
+            body.close()
+
+
+class _SharedBody:
+    def __init__(self, body: Stream, size: int) -> None:
+        self.body = body
+        self.start = body.start
+        self.length: int | None = size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.body.chunks():
+                yield chunk
+        except BucketUnavailable as exc:
+            raise UpstreamCut(f"the shared bucket's answer broke off: {exc}") from exc

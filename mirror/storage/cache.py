@@ -14,6 +14,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import BinaryIO
 
 from mirror.reference import Digest
@@ -53,6 +54,10 @@ class Cache:
             return None
         self.index.touch(digest)
         return body, row.media_type
+
+    def path(self, digest: Digest) -> Path:
+        """Where a committed blob's file is (read it only while it is held open)."""
+        return self.store.path(digest)
 
     def seen(self, digest: Digest, access: str) -> bool:
         """Still cached and visible to `access` (for copies kept in memory); a use."""

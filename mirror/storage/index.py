@@ -330,16 +330,23 @@ class Index:
         return None if row is None else TagRow(row[0], row[1], row[2])
 
     async def set_tag(
-        self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str
+        self,
+        upstream: str,
+        repository: str,
+        tag: str,
+        digest: Digest,
+        media_type: str,
+        checked_at: float | None = None,
     ) -> None:
-        """Record what the tag points to, as checked with the upstream just now."""
+        """Record what the tag points to, as checked with the upstream at `checked_at`
+        (by another replica), or just now."""
 
         async def write() -> None:
             await self.db.execute(
                 "INSERT OR REPLACE INTO tags"
                 " (upstream, repository, tag, digest, media_type, checked_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (upstream, repository, tag, str(digest), media_type, time.time()),
+                (upstream, repository, tag, str(digest), media_type, checked_at or time.time()),
             )
             await self.db.commit()
 

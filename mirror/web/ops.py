@@ -42,11 +42,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready to serve pulls: the index answers, storage takes writes, not shutting down."""
+    """Ready to serve pulls: the index answers, storage takes writes, not shutting down.
+    A replica without its shared tier is ready all the same, and says it is degraded."""
+    health = request.app[HEALTH]
     problems = ["shutting down"] if request.app[SHUTTING_DOWN] else []
-    problems += await request.app[HEALTH].problems()
-    status = 503 if problems else 200
-    return web.json_response({"ready": not problems, "problems": problems}, status=status)
+    problems += await health.problems()
+    body: dict[str, object] = {"ready": not problems, "problems": problems}
+    if degraded := health.degraded():
+        body["degraded"] = degraded
+    return web.json_response(body, status=503 if problems else 200)
 
 
 async def _shutting_down(app: web.Application) -> None:

@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from mirror.errors import RegistryError
 from mirror.logs import CACHE_RESULT
-from mirror.proxy.blobs import Blob, BlobSize, CachedBlob, Download
+from mirror.proxy.blobs import Blob, BlobSize, CachedBlob, Download, Redirect
 from mirror.proxy.manifests import Manifest
 from mirror.proxy.sinks import Span
 from mirror.reference import ByteRange, Digest, parse_range
@@ -59,7 +59,7 @@ def _counted(request: web.Request, kind: str, result: str) -> None:
 
 def _source(result: str) -> str:
     """Where the bytes served came from, for `mirror_served_bytes_total`."""
-    return "upstream" if result == "miss" else "cache"
+    return {"miss": "upstream", "shared": "shared"}.get(result, "cache")
 
 
 def manifest_response(request: web.Request, found: Manifest) -> web.Response:
@@ -86,6 +86,9 @@ async def blob_response(
     _counted(request, "blob", found.result)
     if client_has_it:
         return not_modified(digest)
+    if isinstance(found, Redirect):
+        # The bucket answers with the bytes (and the ranges); clients follow a 307.
+        raise web.HTTPTemporaryRedirect(found.url, headers={"Docker-Content-Digest": str(digest)})
     response = BlobResponse(found, digest)
     await response.prepare(request)
     await response.write_eof()
@@ -93,7 +96,7 @@ async def blob_response(
 
 
 class BlobResponse(web.StreamResponse):
-    def __init__(self, found: Blob, digest: Digest) -> None:
+    def __init__(self, found: CachedBlob | Download | BlobSize, digest: Digest) -> None:
         super().__init__(
             headers={
                 "Docker-Content-Digest": str(digest),

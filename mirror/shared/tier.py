@@ -1,0 +1,408 @@
+"""Fleet mode's shared tier as the proxies see it: what any replica with the same `shared:`
+block has kept (verified bytes in the bucket, their rows and the tags in PostgreSQL), and
+the keeping of what this replica verified.
+
+A mode, so two objects behind one interface: `Unshared` (one replica, the embedded
+default: nothing is ever shared) and `SharedTier`.
+
+Rows are written only after their object is complete in the bucket, so a row never names a
+missing object (eviction marks a row before deleting its object). Uploads run in the
+background from the verified file of the local cache, a few at a time; a replica killed
+mid-upload leaves a multipart upload nobody sees, never an object.
+
+Degraded, never down: when the database or the bucket fails, the replica goes on alone
+(its own cache, the upstream) and says so on /readyz. A part that failed is left alone for
+RETRY_AFTER before the next call tries it again, so requests meanwhile do not each wait for
+its timeout; the first failure is logged, and the recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from mirror.config import SharedConfig
+from mirror.metrics import Metrics
+from mirror.reference import Digest, parse_digest
+from mirror.shared.bucket import Bucket, BucketBody, BucketUnavailable, ObjectMissing
+from mirror.shared.database import DatabaseUnavailable, SharedIndex, SharedTag
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER = 5.0  # seconds a failed part is left alone
+TOUCH_INTERVAL = 10.0  # seconds between two writes of the last accesses
+UPLOADS = 4  # at once, per replica
+MAX_MANIFEST = 4 * 1024 * 1024  # bytes a manifest read from the bucket may have
+
+T = TypeVar("T")
+_PROBE = parse_digest("sha256:" + "0" * 64)  # a key nobody has: a HEAD of it costs nothing
+
+
+class TierUnavailable(Exception):
+    """The shared tier cannot answer now: the replica goes on alone."""
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A blob or manifest the shared tier holds, as a given route may see it."""
+
+    size: int
+    media_type: str | None
+
+
+class Stream(Protocol):
+    """An object's bytes from the bucket, from `start` on."""
+
+    start: int
+    length: int | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    def close(self) -> None: ...
+
+
+class Tier(Protocol):
+    redirect: bool  # shared hits answered with a presigned URL of the bucket
+
+    async def find(self, digest: Digest, access: str) -> Kept | None: ...
+    async def read(self, digest: Digest, start: int) -> Stream: ...
+    async def manifest(self, digest: Digest, access: str) -> tuple[bytes, str | None] | None: ...
+    async def presigned(self, digest: Digest) -> str: ...
+    def keep_file(
+        self, digest: Digest, path: Path, size: int, media_type: str, private: bool
+    ) -> None: ...
+    def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None: ...
+    async def discard(self, digest: Digest) -> None: ...
+    async def tag(self, upstream: str, repository: str, tag: str) -> SharedTag | None: ...
+    async def set_tag(
+        self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str | None
+    ) -> None: ...
+    def degraded(self) -> list[str]: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class Unshared:
+    """One replica: the shared tier holds nothing and keeps nothing."""
+
+    redirect = False
+
+    async def find(self, digest: Digest, access: str) -> Kept | None:
+        return None
+
+    async def read(self, digest: Digest, start: int) -> Stream:
+        raise TierUnavailable("no shared tier")
+
+    async def manifest(self, digest: Digest, access: str) -> tuple[bytes, str | None] | None:
+        return None
+
+    async def presigned(self, digest: Digest) -> str:
+        raise TierUnavailable("no shared tier")
+
+    def keep_file(
+        self, digest: Digest, path: Path, size: int, media_type: str, private: bool
+    ) -> None:
+        pass
+
+    def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None:
+        pass
+
+    async def discard(self, digest: Digest) -> None:
+        pass
+
+    async def tag(self, upstream: str, repository: str, tag: str) -> SharedTag | None:
+        return None
+
+    async def set_tag(
+        self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str | None
+    ) -> None:
+        pass
+
+    def degraded(self) -> list[str]:
+        return []
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class _Part:
+    """One engine of the tier (the database, the bucket) and whether it answers, as far as
+    this replica knows. A part that failed is not called by requests (they would each wait
+    for its timeout) until the background probe finds it answering again."""
+
+    def __init__(
+        self,
+        name: str,
+        failures: tuple[type[Exception], ...],
+        probe: Callable[[], Awaitable[object]],
+        metrics: Metrics,
+    ) -> None:
+        self.name = name
+        self.failures = failures
+        self.probe = probe
+        self.metrics = metrics
+        self.error: str | None = "not connected yet"  # None: it answers
+        self.logged = False
+
+    async def call(self, work: Callable[[], Awaitable[T]]) -> T:
+        """`work`'s answer; TierUnavailable when the part is down or fails now."""
+        if self.error is not None:
+            raise TierUnavailable(f"shared {self.name}: {self.error}")
+        try:
+            return await work()
+        except self.failures as exc:
+            self._failed(exc)
+            raise TierUnavailable(f"shared {self.name}: {self.error}") from exc
+
+    async def recover(self) -> None:
+        if self.error is None:
+            return
+        try:
+            await self.probe()
+        except self.failures as exc:
+            self._failed(exc)
+            return
+        if self.logged:
+            log.warning("shared %s answers again: sharing resumes", self.name)
+        self.error, self.logged = None, False
+        self.metrics.shared_degraded.labels(self.name).set(0)
+
+    def _failed(self, exc: Exception) -> None:
+        self.error = str(exc) or type(exc).__name__
+        self.metrics.shared_degraded.labels(self.name).set(1)
+        if not self.logged:
+            self.logged = True
+            log.warning(
+                "shared %s unreachable (%s): serving from this replica's cache and the"
+                " upstream alone until it answers again",
+                self.name,
+                self.error,
+            )
+
+    def note(self) -> str | None:
+        return None if self.error is None else f"shared {self.name} unreachable: {self.error}"
+
+
+class SharedTier:
+    def __init__(self, config: SharedConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.redirect = config.redirect
+        self.metrics = metrics or Metrics()
+        self.bucket = Bucket(
+            config.bucket,
+            prefix=config.prefix,
+            endpoint_url=config.endpoint_url,
+            region=config.region,
+        )
+        self.index = SharedIndex(config.dsn())
+        self._database = _Part(
+            "database", (DatabaseUnavailable,), self._probe_database, self.metrics
+        )
+        self._bucket = _Part("bucket", (BucketUnavailable,), self._probe_bucket, self.metrics)
+        self._opened: set[str] = set()
+        self._uploads = asyncio.Semaphore(UPLOADS)
+        self._uploading: set[Digest] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accessed: dict[str, float] = {}
+
+    async def start(self) -> None:
+        """Open what answers now; the rest is retried in the background."""
+        await self._recover()
+        self._spawn(self._background())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(TierUnavailable):
+            await self._flush_touches()
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # uploads (none left)
+        await self.index.close()
+        await self.bucket.close()
+
+    async def find(self, digest: Digest, access: str) -> Kept | None:
+        try:
+            row = await self._database.call(lambda: self.index.blob(str(digest), access))
+        except TierUnavailable:
+            return None
+        if row is None:
+            self.metrics.shared_lookups.labels("miss").inc()
+            return None
+        self.metrics.shared_lookups.labels("hit").inc()
+        self._accessed[row.digest] = time.time()
+        return Kept(row.size, row.media_type)
+
+    async def read(self, digest: Digest, start: int) -> Stream:
+        body = await self._bucket.call(lambda: self.bucket.read(digest, start))
+        return _Counted(body, self.metrics)
+
+    async def manifest(self, digest: Digest, access: str) -> tuple[bytes, str | None] | None:
+        """A manifest's bytes as the bucket has them (the caller verifies them)."""
+        kept = await self.find(digest, access)
+        if kept is None or kept.size > MAX_MANIFEST:
+            return None
+        try:
+            body = await self._bucket.call(lambda: _read_all(self.read(digest, 0)))
+        except (TierUnavailable, ObjectMissing) as exc:
+            log.debug("shared manifest %s not read: %s", digest, exc)
+            return None
+        return body, kept.media_type
+
+    async def presigned(self, digest: Digest) -> str:
+        return await self._bucket.call(
+            lambda: self.bucket.presigned_get(digest, self.config.presign_ttl)
+        )
+
+    def keep_file(
+        self, digest: Digest, path: Path, size: int, media_type: str, private: bool
+    ) -> None:
+        """Uploaded in the background from the verified file at `path`, then recorded."""
+        upload = partial(self.bucket.put_file, digest, path, media_type)
+        self._keep(digest, upload, size, media_type, private)
+
+    def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None:
+        upload = partial(self.bucket.put_bytes, digest, body, media_type)
+        self._keep(digest, upload, len(body), media_type, private)
+
+    async def discard(self, digest: Digest) -> None:
+        """The object's bytes are not its digest's: gone, row and object, so that the
+        next request fetches it from the upstream."""
+        log.warning("shared object %s does not match its digest: deleted", digest)
+        with contextlib.suppress(TierUnavailable):
+            await self._database.call(lambda: self.index.remove([str(digest)]))
+        with contextlib.suppress(TierUnavailable):
+            await self._bucket.call(lambda: self.bucket.delete(digest))
+
+    async def tag(self, upstream: str, repository: str, tag: str) -> SharedTag | None:
+        try:
+            return await self._database.call(lambda: self.index.tag(upstream, repository, tag))
+        except TierUnavailable:
+            return None
+
+    async def set_tag(
+        self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str | None
+    ) -> None:
+        now = time.time()
+        with contextlib.suppress(TierUnavailable):
+            await self._database.call(
+                lambda: self.index.set_tag(upstream, repository, tag, str(digest), media_type, now)
+            )
+
+    def degraded(self) -> list[str]:
+        return [note for part in (self._database, self._bucket) if (note := part.note())]
+
+    def _keep(
+        self,
+        digest: Digest,
+        upload: Callable[[], Awaitable[bool]],
+        size: int,
+        media_type: str,
+        private: bool,
+    ) -> None:
+        if digest in self._uploading:
+            return
+        self._uploading.add(digest)
+        self._spawn(self._upload(digest, upload, size, media_type, private))
+
+    async def _upload(
+        self,
+        digest: Digest,
+        upload: Callable[[], Awaitable[bool]],
+        size: int,
+        media_type: str,
+        private: bool,
+    ) -> None:
+        try:
+            async with self._uploads:
+                uploaded = await self._bucket.call(upload)
+                await self._database.call(
+                    lambda: self.index.add_blob(str(digest), size, media_type, private)
+                )
+            if uploaded:  # counted once its row is there: then every replica sees it
+                self.metrics.shared_uploads.inc()
+                self.metrics.shared_uploaded_bytes.inc(size)
+        except (TierUnavailable, FileNotFoundError) as exc:
+            log.debug("%s not kept in the shared tier: %s", digest, exc)
+        except Exception:
+            log.exception("keeping %s in the shared tier failed", digest)
+        finally:
+            self._uploading.discard(digest)
+
+    async def _probe_database(self) -> None:
+        if "database" not in self._opened:
+            await self.index.open()
+            self._opened.add("database")
+        else:
+            await self.index.tag("", "", "")
+
+    async def _probe_bucket(self) -> None:
+        if "bucket" not in self._opened:
+            await self.bucket.open()
+            self._opened.add("bucket")
+        else:
+            await self.bucket.head(_PROBE)
+
+    async def _recover(self) -> None:
+        await asyncio.gather(self._database.recover(), self._bucket.recover())
+
+    async def _background(self) -> None:
+        """Parts that failed probed, and the last accesses written in batches."""
+        flushed = time.monotonic()
+        while True:
+            await asyncio.sleep(RETRY_AFTER)
+            await self._recover()
+            if time.monotonic() - flushed >= TOUCH_INTERVAL:
+                flushed = time.monotonic()
+                with contextlib.suppress(TierUnavailable):
+                    await self._flush_touches()
+
+    async def _flush_touches(self) -> None:
+        accessed, self._accessed = self._accessed, {}
+        if accessed:
+            await self._database.call(lambda: self.index.touch(accessed))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _Counted:
+    """A bucket's body, its bytes counted as they arrive."""
+
+    def __init__(self, body: BucketBody, metrics: Metrics) -> None:
+        self.body = body
+        self.start = body.start
+        self.length = body.length
+        self.metrics = metrics
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.body.chunks():
+            self.metrics.shared_bytes.inc(len(chunk))
+            yield chunk
+
+    def close(self) -> None:
+        self.body.close()
+
+
+async def _read_all(reading: Awaitable[Stream]) -> bytes:
+    body = await reading
+    try:
+        return b"".join([chunk async for chunk in body.chunks()])
+    finally:
+        body.close()
+
+
+def tier_of(config: SharedConfig | None, metrics: Metrics) -> Tier:
+    return Unshared() if config is None else SharedTier(config, metrics)

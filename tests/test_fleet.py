@@ -1,0 +1,319 @@
+"""Fleet mode end to end: real `mirror serve` replicas sharing one bucket and one PostgreSQL
+database, over a real docker-registry, pulled from with skopeo."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+from containerd import ContainerdProcess
+from engines import Postgres, Radosgw, S3Endpoint, s3_client
+from podman import podman_pull_async, push_tar_image
+from prometheus_client.parser import text_string_to_metric_families
+from upstream_registry import (
+    PushedImage,
+    RegistryProcess,
+    dir_digests,
+    push_image,
+    sha256_digest,
+    skopeo_copy_async,
+)
+
+from mirror.reference import parse_digest
+from mirror.shared.bucket import Bucket
+
+if TYPE_CHECKING:
+    from conftest import MirrorProcess
+
+    StartMirrorProcess = Callable[..., MirrorProcess]
+
+KIB = 1024
+
+
+@pytest.fixture
+def aws_credentials(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Callable[[S3Endpoint], None]:
+    """The standard AWS chain of the replicas (subprocesses inherit it): the endpoint's
+    keys in the environment, and nothing else of the host's."""
+
+    def apply(endpoint: S3Endpoint) -> None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", endpoint.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", endpoint.secret_key)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", endpoint.region)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+    return apply
+
+
+class Fleet:
+    """Replicas of one fleet: each with its own cache directory, all with one `shared:`."""
+
+    def __init__(
+        self,
+        start: StartMirrorProcess,
+        root: Path,
+        upstream: str,
+        shared: dict[str, Any],
+        tag_ttl: float = 300.0,
+    ) -> None:
+        self.start = start
+        self.root = root
+        self.upstream = upstream
+        self.shared = shared
+        self.tag_ttl = tag_ttl
+        self.replicas: list[MirrorProcess] = []
+
+    def config(self, n: int) -> Path:
+        path = self.root / f"replica{n}.yaml"
+        config = {
+            "storage": {"path": str(self.root / f"cache{n}")},
+            "upstreams": [{"name": "up", "url": self.upstream, "tag_ttl": self.tag_ttl}],
+            "shared": self.shared,
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    async def add(self) -> MirrorProcess:
+        config = self.config(len(self.replicas))
+        replica = await asyncio.to_thread(self.start, "--config", str(config))
+        self.replicas.append(replica)
+        return replica
+
+
+@pytest.fixture
+def moto_fleet(
+    registry: RegistryProcess,
+    start_mirror_process: StartMirrorProcess,
+    moto_s3: S3Endpoint,
+    s3_bucket_name: str,
+    database_url: str,
+    aws_credentials: Callable[[S3Endpoint], None],
+    tmp_path: Path,
+) -> Iterator[Fleet]:
+    aws_credentials(moto_s3)
+    shared = {
+        "bucket": s3_bucket_name,
+        "endpoint_url": moto_s3.url,
+        "region": moto_s3.region,
+        "database": database_url,
+        "max_size": "1GiB",
+    }
+    yield Fleet(start_mirror_process, tmp_path, registry.url, shared)
+
+
+def metric(replica: MirrorProcess, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"{replica.url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+async def wait_uploaded(replica: MirrorProcess, count: int) -> None:
+    """Until `replica` has kept `count` objects in the shared tier (rows written)."""
+
+    def uploaded() -> bool:
+        return metric(replica, "mirror_shared_uploads_total") >= count
+
+    await wait_until(uploaded, f"{count} uploads kept\n{replica.log()}")
+
+
+async def wait_until(check: Callable[[], bool], what: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} after {within} s")
+        await asyncio.sleep(0.2)
+
+
+def readyz(replica: MirrorProcess) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"{replica.url}/readyz", timeout=5) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as error:
+        body = json.loads(error.read())
+    return body
+
+
+def expected(image: PushedImage) -> set[str]:
+    return image.blob_digests() | {image.manifest_digest}
+
+
+async def test_what_one_replica_fetched_the_others_serve_without_the_upstream(
+    moto_fleet: Fleet, registry: RegistryProcess, tmp_path: Path
+) -> None:
+    image = await push_image(registry.url, "fleet/app", "v1", [300 * KIB, 40 * KIB, 5 * KIB])
+    replicas = [await moto_fleet.add() for _ in range(3)]
+    await registry.settle()
+    registry.reset_counts()
+
+    await skopeo_copy_async(f"{replicas[0].host}/{image.reference}", tmp_path / "r0")
+    assert dir_digests(tmp_path / "r0") == expected(image)
+    await registry.settle()
+    assert registry.blob_gets(image.name) == len(image.blob_digests())
+    await wait_uploaded(replicas[0], len(image.blob_digests()) + 1)  # and the manifest
+
+    registry.reset_counts()
+    for n, replica in enumerate(replicas[1:], 1):
+        await skopeo_copy_async(f"{replica.host}/{image.reference}", tmp_path / f"r{n}")
+        assert dir_digests(tmp_path / f"r{n}") == expected(image)
+    await registry.settle()
+    # Not a blob, not a manifest, not even a HEAD of the tag: replica 0 checked it just
+    # now, within tag_ttl, for the whole fleet.
+    assert registry.requests() == [], replicas[1].log()
+    for replica in replicas[1:]:
+        assert metric(replica, "mirror_cache_requests_total", kind="blob", result="shared") == len(
+            image.blob_digests()
+        )
+        assert readyz(replica) == {"ready": True, "problems": []}
+
+
+async def test_without_its_database_a_replica_serves_alone_then_shares_again(
+    moto_fleet: Fleet, registry: RegistryProcess, postgres: Postgres, tmp_path: Path
+) -> None:
+    alone = await push_image(registry.url, "fleet/alone", "v1", [64 * KIB, 3 * KIB])
+    later = await push_image(registry.url, "fleet/later", "v1", [32 * KIB, 2 * KIB])
+    replicas = [await moto_fleet.add() for _ in range(2)]
+    postgres.stop()
+    try:
+        await skopeo_copy_async(f"{replicas[0].host}/{alone.reference}", tmp_path / "alone")
+        assert dir_digests(tmp_path / "alone") == expected(alone)
+        status = readyz(replicas[0])
+        assert status["ready"] is True
+        assert any("database" in note for note in status["degraded"]), status
+        assert metric(replicas[0], "mirror_shared_degraded", part="database") == 1
+    finally:
+        postgres.start()
+    await wait_until(lambda: "degraded" not in readyz(replicas[0]), "recovered")
+    assert metric(replicas[0], "mirror_shared_degraded", part="database") == 0
+
+    await skopeo_copy_async(f"{replicas[0].host}/{later.reference}", tmp_path / "later0")
+    await wait_uploaded(replicas[0], len(later.blob_digests()) + 1)
+    await registry.settle()
+    registry.reset_counts()
+    await skopeo_copy_async(f"{replicas[1].host}/{later.reference}", tmp_path / "later1")
+    assert dir_digests(tmp_path / "later1") == expected(later)
+    await registry.settle()
+    assert registry.requests() == [], replicas[1].log()
+    assert "unreachable" in replicas[0].log() and "answers again" in replicas[0].log()
+
+
+def get_blob(replica: MirrorProcess, name: str, digest: str) -> bytes | None:
+    """The body of a blob GET, or None when the answer is an error or is cut."""
+    url = f"{replica.url}/v2/{name}/blobs/{digest}"
+    try:
+        with urllib.request.urlopen(url, timeout=20) as resp:
+            return bytes(resp.read())
+    except (urllib.error.HTTPError, http.client.IncompleteRead, ConnectionError):
+        return None
+
+
+async def test_a_tampered_shared_object_is_never_served_and_is_fetched_again(
+    moto_fleet: Fleet, registry: RegistryProcess, moto_s3: S3Endpoint, s3_bucket_name: str
+) -> None:
+    image = await push_image(registry.url, "fleet/tampered", "v1", [200 * KIB])
+    layer = image.layer_digests[0]
+    first, second = [await moto_fleet.add() for _ in range(2)]
+    good = await asyncio.to_thread(get_blob, first, image.name, layer)
+    assert good is not None and sha256_digest(good) == layer
+    await wait_uploaded(first, 1)
+    bucket = Bucket(s3_bucket_name)  # for its key layout alone
+    bad = bytearray(good)
+    bad[1000] ^= 0xFF  # one bit flipped by rot, or a byte by someone else
+    s3_client(moto_s3).put_object(
+        Bucket=s3_bucket_name, Key=bucket.key(parse_digest(layer)), Body=bytes(bad)
+    )
+    await registry.settle()
+    registry.reset_counts()
+
+    served = await asyncio.to_thread(get_blob, second, image.name, layer)
+    assert served is None or served == good  # never the wrong bytes whole
+    again = await asyncio.to_thread(get_blob, second, image.name, layer)
+    assert again == good
+    await registry.settle()
+    assert registry.blob_gets(image.name) == 1  # the bucket's copy was dropped, refetched
+    assert "does not match its digest" in second.log()
+
+
+@pytest.fixture
+def rgw_fleet(
+    registry: RegistryProcess,
+    start_mirror_process: StartMirrorProcess,
+    radosgw: Radosgw,
+    s3_bucket_name: str,
+    database_url: str,
+    aws_credentials: Callable[[S3Endpoint], None],
+    tmp_path: Path,
+) -> Iterator[Fleet]:
+    aws_credentials(radosgw)
+    shared = {
+        "bucket": s3_bucket_name,
+        "endpoint_url": radosgw.url,
+        "region": radosgw.region,
+        "database": database_url,
+        "max_size": "1GiB",
+    }
+    yield Fleet(start_mirror_process, tmp_path, registry.url, shared)
+
+
+def access_lines(replica: MirrorProcess, digest: str) -> list[str]:
+    return [
+        line for line in replica.log().splitlines() if "mirror.access" in line and digest in line
+    ]
+
+
+async def test_with_redirect_shared_hits_go_to_the_bucket_for_every_client(
+    rgw_fleet: Fleet, registry: RegistryProcess, radosgw: Radosgw, tmp_path: Path
+) -> None:
+    """skopeo, podman and containerd follow the 307 to radosgw, which checks the
+    presigned signature; the replica sends none of the blobs' bytes itself."""
+    rgw_fleet.shared["redirect"] = True
+    image = await push_tar_image(registry.url, "fleet/redirect", "v1", [6 * KIB, 9 * KIB])
+    first, second = [await rgw_fleet.add() for _ in range(2)]
+    await skopeo_copy_async(f"{first.host}/{image.reference}", tmp_path / "warm")
+    await wait_uploaded(first, len(image.blob_digests()) + 1)
+    await registry.settle()
+    registry.reset_counts()
+
+    await skopeo_copy_async(f"{second.host}/{image.reference}", tmp_path / "skopeo")
+    assert dir_digests(tmp_path / "skopeo") == expected(image)
+    podman = await podman_pull_async(
+        f"{registry.host}/{image.reference}",
+        second.host,
+        tmp_path / "podman",
+        registry=registry.host,
+    )
+    assert podman.returncode == 0
+    hosts = tmp_path / "certs.d" / registry.host
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        f'[host."{second.url}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    with ContainerdProcess(tmp_path / "containerd") as containerd:
+        pulled = await containerd.pull_async(
+            f"{registry.host}/{image.reference}", tmp_path / "certs.d"
+        )
+    assert image.manifest_digest in pulled, pulled
+
+    await registry.settle()
+    assert registry.blob_gets() == 0, second.log()
+    for blob in image.blob_digests():
+        answers = access_lines(second, blob)
+        assert answers and all(" 307 " in line for line in answers), answers
+    # Of what the shared tier holds, the replica sent the manifest alone (once: then a hit).
+    served = metric(second, "mirror_served_bytes_total", source="shared")
+    assert served == len(image.manifest_bytes)
