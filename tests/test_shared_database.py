@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from engines import Postgres
 
+from mirror.shared.bucket import BucketUnavailable
 from mirror.shared.database import (
     MIGRATIONS,
     DatabaseUnavailable,
@@ -211,6 +212,66 @@ async def test_remove_forgets_blobs_but_not_tags(index: SharedIndex) -> None:
     assert await index.blob(A, "authenticated") is None
     assert await index.usage() == SharedUsage(2, 1)
     assert await index.tag("hub", "library/alpine", "latest") == SharedTag(A, MANIFEST, 50.0)
+
+
+async def test_remove_marked_deletes_the_objects_of_rows_still_marked_then_the_rows(
+    index: SharedIndex,
+) -> None:
+    for blob in (A, B, C):
+        await index.add_blob(blob, 1, None, False)
+    await index.mark([A, B], 10.0)
+    await index.mark([C], 20.0)
+    await index.add_blob(B, 1, None, False)  # uploaded again since: no longer marked
+    deleted: list[list[str]] = []
+
+    async def delete(digests: list[str]) -> None:
+        deleted.append(digests)
+        # To everyone else, the row stays until its object is gone.
+        assert [blob.digest for blob in await index.marked_before(15.0, 10)] == [A]
+
+    assert await index.remove_marked([A, B, C], 15.0, delete) == [A]
+    assert await index.remove_marked([], 15.0, delete) == []
+    assert deleted == [[A]]
+    assert await index.marked_before(100.0, 10) == [SharedBlob(C, 1, None, False, 20.0)]
+    assert await index.blob(B, "public") == SharedBlob(B, 1, None, False, None)
+
+
+async def test_remove_marked_keeps_the_rows_when_deleting_fails(index: SharedIndex) -> None:
+    await index.add_blob(A, 1, None, False)
+    await index.mark([A], 10.0)
+
+    async def delete(digests: list[str]) -> None:
+        raise BucketUnavailable("no bucket")
+
+    with pytest.raises(BucketUnavailable):
+        await index.remove_marked([A], 15.0, delete)
+    assert await index.marked_before(15.0, 10) == [SharedBlob(A, 1, None, False, 10.0)]
+
+
+async def test_a_blob_added_while_its_object_is_deleted_waits_then_is_added_anew(
+    database_url: str,
+) -> None:
+    async with opened(database_url) as leader, opened(database_url) as replica:
+        await leader.add_blob(A, 1, None, False)
+        await leader.mark([A], 10.0)
+        deleting, deleted = asyncio.Event(), asyncio.Event()
+
+        async def delete(digests: list[str]) -> None:
+            deleting.set()
+            await deleted.wait()
+
+        removal = asyncio.create_task(leader.remove_marked([A], 15.0, delete))
+        async with asyncio.timeout(TIMEOUT):
+            await deleting.wait()
+        added = asyncio.create_task(replica.add_blob(A, 1, None, False))
+        await asyncio.sleep(0.3)
+        assert not added.done()  # it cannot unmark a row whose object is going
+
+        deleted.set()
+        async with asyncio.timeout(TIMEOUT):
+            assert await removal == [A]
+            await added
+        assert await replica.blob(A, "public") == SharedBlob(A, 1, None, False, None)
 
 
 # --------------------------------------------------------------------------- tags

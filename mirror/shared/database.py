@@ -300,6 +300,35 @@ class SharedIndex:
             " WHERE blobs.digest = locked.digest",
         )
 
+    async def remove_marked(
+        self,
+        digests: Collection[str],
+        before: float,
+        delete: Callable[[list[str]], Awaitable[None]],
+    ) -> list[str]:
+        """Forget those of `digests` still marked before `before`, once `delete` has removed
+        their objects; what was removed. Their rows stay locked meanwhile: a blob added
+        again before this call keeps its object, one added during it waits, then is added
+        anew. If `delete` fails, every row stays as it was."""
+        if not digests:
+            return []
+        ordered = sorted(set(digests))
+
+        async def removal(db: Connection) -> list[str]:
+            async with db.transaction():
+                rows = await db.fetch(
+                    f"DELETE FROM blobs USING {_LOCKED_IN_ORDER} AS locked"
+                    " WHERE blobs.digest = locked.digest AND blobs.marked_at < $2"
+                    " RETURNING blobs.digest",
+                    ordered,
+                    before,
+                )
+                removed = [row["digest"] for row in rows]
+                await delete(removed)
+                return removed
+
+        return await self._run(removal)
+
     async def lead(self) -> bool:
         """Whether this replica leads (holds the leader lock) now, taking the lock if it is
         free. The lock lasts as long as its connection: once that is lost, this is False
