@@ -98,7 +98,7 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     )
     cache = Cache(store, index)
     upstreams = {u.name: Upstream(u, session, metrics) for u in config.upstreams}
-    tier = tier_of(config.shared, metrics)
+    tier = tier_of(config.shared, metrics, evictor.pinned)
     blobs = BlobProxy(cache, budget, upstreams, metrics, tier)
     manifests = ManifestProxy(cache, index, budget, upstreams, metrics, tier)
     router = Router(config.upstreams)

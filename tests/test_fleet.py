@@ -4,6 +4,7 @@ database, over a real docker-registry, pulled from with skopeo."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import time
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from conftest import write_htpasswd
 from containerd import ContainerdProcess
 from engines import Postgres, Radosgw, S3Endpoint, s3_client
 from podman import podman_pull_async, push_tar_image
@@ -66,20 +68,18 @@ class Fleet:
         root: Path,
         upstream: str,
         shared: dict[str, Any],
-        tag_ttl: float = 300.0,
     ) -> None:
         self.start = start
         self.root = root
-        self.upstream = upstream
         self.shared = shared
-        self.tag_ttl = tag_ttl
+        self.settings: dict[str, Any] = {"upstreams": [{"name": "up", "url": upstream}]}
         self.replicas: list[MirrorProcess] = []
 
     def config(self, n: int) -> Path:
         path = self.root / f"replica{n}.yaml"
         config = {
+            **self.settings,
             "storage": {"path": str(self.root / f"cache{n}")},
-            "upstreams": [{"name": "up", "url": self.upstream, "tag_ttl": self.tag_ttl}],
             "shared": self.shared,
         }
         path.write_text(yaml.safe_dump(config))
@@ -212,11 +212,15 @@ async def test_without_its_database_a_replica_serves_alone_then_shares_again(
     assert "unreachable" in replicas[0].log() and "answers again" in replicas[0].log()
 
 
-def get_blob(replica: MirrorProcess, name: str, digest: str) -> bytes | None:
+def get_blob(
+    replica: MirrorProcess, name: str, digest: str, authorization: str | None = None
+) -> bytes | None:
     """The body of a blob GET, or None when the answer is an error or is cut."""
-    url = f"{replica.url}/v2/{name}/blobs/{digest}"
+    request = urllib.request.Request(f"{replica.url}/v2/{name}/blobs/{digest}")
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
     try:
-        with urllib.request.urlopen(url, timeout=20) as resp:
+        with urllib.request.urlopen(request, timeout=20) as resp:
             return bytes(resp.read())
     except (urllib.error.HTTPError, http.client.IncompleteRead, ConnectionError):
         return None
@@ -246,7 +250,7 @@ async def test_a_tampered_shared_object_is_never_served_and_is_fetched_again(
     assert again == good
     await registry.settle()
     assert registry.blob_gets(image.name) == 1  # the bucket's copy was dropped, refetched
-    assert "does not match its digest" in second.log()
+    assert "do not match the digest" in second.log()
 
 
 @pytest.fixture
@@ -317,3 +321,77 @@ async def test_with_redirect_shared_hits_go_to_the_bucket_for_every_client(
     # Of what the shared tier holds, the replica sent the manifest alone (once: then a hit).
     served = metric(second, "mirror_served_bytes_total", source="shared")
     assert served == len(image.manifest_bytes)
+
+
+async def test_the_shared_tier_keeps_private_blobs_private(
+    moto_fleet: Fleet, registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """A blob fetched through an authenticated upstream is not a shared hit for a route to
+    a public one (which fetches it itself), and is one for an authenticated route."""
+    moto_fleet.settings = {
+        "auth": {"htpasswd": str(write_htpasswd(tmp_path / "htpasswd"))},
+        "upstreams": [
+            {"name": "pub", "url": registry.url, "default": True},
+            {
+                "name": "priv",
+                "url": registry.url,
+                "prefix": "priv",
+                "access": "authenticated",
+                "hosts": ["priv.invalid"],
+            },
+        ],
+    }
+    image = await push_image(registry.url, "fleet/private", "v1", [50 * KIB])
+    layer = image.layer_digests[0]
+    first, second = [await moto_fleet.add() for _ in range(2)]
+    login = "Basic " + base64.b64encode(b"alice:alice-secret").decode()
+    body = await asyncio.to_thread(get_blob, first, f"priv/{image.name}", layer, login)
+    assert body is not None and sha256_digest(body) == layer
+    await wait_uploaded(first, 1)
+    await registry.settle()
+    registry.reset_counts()
+
+    public = await asyncio.to_thread(get_blob, second, image.name, layer)
+    assert public is not None and sha256_digest(public) == layer
+    await registry.settle()
+    assert registry.blob_gets(image.name) == 1  # fetched for the public route itself
+    assert metric(second, "mirror_shared_lookups_total", result="hit") == 0
+
+    third = await moto_fleet.add()
+    private = await asyncio.to_thread(get_blob, third, f"priv/{image.name}", layer, login)
+    assert private == body
+    assert metric(third, "mirror_cache_requests_total", kind="blob", result="shared") == 1
+
+
+async def test_without_its_bucket_a_replica_serves_alone_then_shares_again(
+    rgw_fleet: Fleet, registry: RegistryProcess, radosgw: Radosgw, tmp_path: Path
+) -> None:
+    kept = await push_image(registry.url, "fleet/kept", "v1", [40 * KIB])
+    alone = await push_image(registry.url, "fleet/nobucket", "v1", [64 * KIB, 3 * KIB])
+    later = await push_image(registry.url, "fleet/rgwback", "v1", [32 * KIB])
+    first, second = [await rgw_fleet.add() for _ in range(2)]
+    await skopeo_copy_async(f"{first.host}/{kept.reference}", tmp_path / "kept0")
+    await wait_uploaded(first, len(kept.blob_digests()) + 1)
+    radosgw.stop()
+    try:
+        # A shared hit the bucket cannot serve, and a cold pull: both served all the same.
+        await skopeo_copy_async(f"{second.host}/{kept.reference}", tmp_path / "kept1")
+        assert dir_digests(tmp_path / "kept1") == expected(kept)
+        await skopeo_copy_async(f"{second.host}/{alone.reference}", tmp_path / "alone")
+        assert dir_digests(tmp_path / "alone") == expected(alone)
+        status = readyz(second)
+        assert status["ready"] is True
+        assert any("bucket" in note for note in status["degraded"]), status
+    finally:
+        radosgw.start()
+    await wait_until(lambda: "degraded" not in readyz(second), "recovered")
+    await wait_until(lambda: "degraded" not in readyz(first), "recovered")
+
+    await skopeo_copy_async(f"{second.host}/{later.reference}", tmp_path / "later1")
+    await wait_uploaded(second, len(later.blob_digests()) + 1)
+    await registry.settle()
+    registry.reset_counts()
+    await skopeo_copy_async(f"{first.host}/{later.reference}", tmp_path / "later0")
+    assert dir_digests(tmp_path / "later0") == expected(later)
+    await registry.settle()
+    assert registry.requests() == [], first.log()

@@ -157,11 +157,9 @@ class BlobProxy:
     def join(self, route: Route, digest: Digest, kept: Kept | None) -> BlobReader:
         """A reader of the download of `digest` under way, or of a new one: from the shared
         tier when it has the blob (`kept`), else from the route's upstream."""
-        source: Source
+        source: Source = UpstreamSource(self.upstreams[route.upstream.name], route.repository)
         if kept is not None:
-            source = SharedSource(self.tier, kept.size)
-        else:
-            source = UpstreamSource(self.upstreams[route.upstream.name], route.repository)
+            source = SharedSource(self.tier, kept.size, source)
         return self.download(source, digest, private=route.upstream.access == "authenticated")
 
     def download(self, source: Source, digest: Digest, private: bool) -> BlobReader:
@@ -232,7 +230,7 @@ class BlobProxy:
                 self.metrics.digest_mismatches.labels(source.name).inc()
                 log.warning("%s from %s: %s", fetch.digest, source.name, exc.message)
                 if source.shared:
-                    await self.tier.discard(fetch.digest)
+                    await self.tier.discard(fetch.digest, "its bytes do not match the digest")
             else:  # an outage is logged once, by the upstream client
                 log.debug("download of %s from %s failed: %s", fetch.digest, source.name, exc)
         except asyncio.CancelledError:

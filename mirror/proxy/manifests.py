@@ -281,7 +281,7 @@ class ManifestProxy:
         try:
             manifest = await self._store(upstream, body, media_type or "", digest, shared=True)
         except DigestMismatch:
-            await self.tier.discard(digest)
+            await self.tier.discard(digest, "its bytes do not match the digest")
             return None
         return replace(manifest, result="shared")
 

@@ -8,18 +8,18 @@ the blob's whole length, when known.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
-from mirror.errors import UpstreamCut, UpstreamError
+from mirror.errors import UpstreamCut
 from mirror.reference import Digest
 from mirror.shared.bucket import BucketUnavailable, ObjectMissing
 from mirror.shared.tier import Stream, Tier, TierUnavailable
 from mirror.upstream.client import Upstream
 
-SHARED_RETRIES = 2
-SHARED_PATIENCE = 60.0
+log = logging.getLogger(__name__)
 
 
 class Body(Protocol):
@@ -57,27 +57,41 @@ class UpstreamSource:
 
 class SharedSource:
     """The blob from the shared tier's bucket, where another replica kept it verified (it
-    is verified again on the way: bit rot and tampering happen)."""
+    is verified again on the way: bit rot and tampering happen). When the bucket cannot
+    send it (unreachable, or the object gone), from the upstream instead, also to resume
+    a cut: the same bytes, verified alike, kept in the shared tier again afterwards."""
 
     name = "shared"
-    retries = SHARED_RETRIES
-    patience = SHARED_PATIENCE
-    shared = True
 
-    def __init__(self, tier: Tier, size: int) -> None:
+    def __init__(self, tier: Tier, size: int, upstream: Source) -> None:
         self.tier = tier
         self.size = size
+        self.upstream = upstream
+        self.retries = upstream.retries
+        self.patience = upstream.patience
+        self.shared = True  # until the upstream sends any of it
 
     @asynccontextmanager
     async def body(self, digest: Digest, offset: int) -> AsyncIterator[Body]:
+        stream = await self._stream(digest, offset) if self.shared else None
+        if stream is None:
+            self.shared = False
+            async with self.upstream.body(digest, offset) as body:
+                yield body
+            return
         try:
-            body = await self.tier.read(digest, offset)
-        except (TierUnavailable, ObjectMissing) as exc:
-            raise UpstreamError(f"the shared tier cannot send {digest}: {exc}") from exc
-        try:
-            yield _SharedBody(body, self.size)
+            yield _SharedBody(stream, self.size)
         finally:
-            body.close()
+            stream.close()
+
+    async def _stream(self, digest: Digest, offset: int) -> Stream | None:
+        try:
+            return await self.tier.read(digest, offset)
+        except TierUnavailable as exc:
+            log.info("%s from %s instead of the shared tier: %s", digest, self.upstream.name, exc)
+        except ObjectMissing:
+            await self.tier.discard(digest, "its object is missing from the bucket")
+        return None
 
 
 class _SharedBody:

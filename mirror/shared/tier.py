@@ -33,6 +33,7 @@ from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.shared.bucket import Bucket, BucketBody, BucketUnavailable, ObjectMissing
 from mirror.shared.database import DatabaseUnavailable, SharedIndex, SharedTag
+from mirror.shared.eviction import SharedEvictor
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ MAX_MANIFEST = 4 * 1024 * 1024  # bytes a manifest read from the bucket may have
 
 T = TypeVar("T")
 _PROBE = parse_digest("sha256:" + "0" * 64)  # a key nobody has: a HEAD of it costs nothing
+
+
+async def _nothing_pinned() -> set[str]:
+    return set()
 
 
 class TierUnavailable(Exception):
@@ -78,7 +83,7 @@ class Tier(Protocol):
         self, digest: Digest, path: Path, size: int, media_type: str, private: bool
     ) -> None: ...
     def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None: ...
-    async def discard(self, digest: Digest) -> None: ...
+    async def discard(self, digest: Digest, why: str) -> None: ...
     async def tag(self, upstream: str, repository: str, tag: str) -> SharedTag | None: ...
     async def set_tag(
         self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str | None
@@ -113,7 +118,7 @@ class Unshared:
     def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None:
         pass
 
-    async def discard(self, digest: Digest) -> None:
+    async def discard(self, digest: Digest, why: str) -> None:
         pass
 
     async def tag(self, upstream: str, repository: str, tag: str) -> SharedTag | None:
@@ -193,7 +198,14 @@ class _Part:
 
 
 class SharedTier:
-    def __init__(self, config: SharedConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: SharedConfig,
+        metrics: Metrics | None = None,
+        pinned: Callable[[], Awaitable[set[str]]] = _nothing_pinned,
+    ) -> None:
+        """`pinned`: the digests of pinned content, never evicted (by the replica that
+        leads the shared eviction: each replica keeps the pins in its own cache)."""
         self.config = config
         self.redirect = config.redirect
         self.metrics = metrics or Metrics()
@@ -204,6 +216,9 @@ class SharedTier:
             region=config.region,
         )
         self.index = SharedIndex(config.dsn())
+        self.evictor = SharedEvictor(
+            self.index, self.bucket, config.max_size, config.presign_ttl, pinned, self.metrics
+        )
         self._database = _Part(
             "database", (DatabaseUnavailable,), self._probe_database, self.metrics
         )
@@ -218,6 +233,7 @@ class SharedTier:
         """Open what answers now; the rest is retried in the background."""
         await self._recover()
         self._spawn(self._background())
+        self._spawn(self.evictor.run())
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -232,6 +248,8 @@ class SharedTier:
         await self.bucket.close()
 
     async def find(self, digest: Digest, access: str) -> Kept | None:
+        if self._bucket.error is not None:  # what the rows say could not be read
+            return None
         try:
             row = await self._database.call(lambda: self.index.blob(str(digest), access))
         except TierUnavailable:
@@ -275,10 +293,10 @@ class SharedTier:
         upload = partial(self.bucket.put_bytes, digest, body, media_type)
         self._keep(digest, upload, len(body), media_type, private)
 
-    async def discard(self, digest: Digest) -> None:
-        """The object's bytes are not its digest's: gone, row and object, so that the
-        next request fetches it from the upstream."""
-        log.warning("shared object %s does not match its digest: deleted", digest)
+    async def discard(self, digest: Digest, why: str) -> None:
+        """Gone from the shared tier, row and object, so that the next request fetches
+        it from the upstream: `why` (its bytes are not the digest's, say)."""
+        log.warning("shared object %s deleted: %s", digest, why)
         with contextlib.suppress(TierUnavailable):
             await self._database.call(lambda: self.index.remove([str(digest)]))
         with contextlib.suppress(TierUnavailable):
@@ -329,6 +347,13 @@ class SharedTier:
                 await self._database.call(
                     lambda: self.index.add_blob(str(digest), size, media_type, private)
                 )
+                if (
+                    not uploaded
+                    and await self._bucket.call(lambda: self.bucket.head(digest)) is None
+                ):
+                    # Evicted between the refused upload and the row: the row (unmarked
+                    # now, so the eviction leaves it) needs its object again.
+                    uploaded = await self._bucket.call(upload)
             if uploaded:  # counted once its row is there: then every replica sees it
                 self.metrics.shared_uploads.inc()
                 self.metrics.shared_uploaded_bytes.inc(size)
@@ -404,5 +429,7 @@ async def _read_all(reading: Awaitable[Stream]) -> bytes:
         body.close()
 
 
-def tier_of(config: SharedConfig | None, metrics: Metrics) -> Tier:
-    return Unshared() if config is None else SharedTier(config, metrics)
+def tier_of(
+    config: SharedConfig | None, metrics: Metrics, pinned: Callable[[], Awaitable[set[str]]]
+) -> Tier:
+    return Unshared() if config is None else SharedTier(config, metrics, pinned)
