@@ -60,7 +60,8 @@ _SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "limits": frozenset({"max_connections", "max_header_size", "header_timeout",
                          "keepalive_timeout"}),
     "shared": frozenset({"bucket", "endpoint_url", "region", "prefix", "database",
-                         "database_env", "max_size", "redirect", "presign_ttl"}),
+                         "database_env", "max_size", "redirect", "presign_ttl",
+                         "eviction_interval"}),
 }  # fmt: skip
 # Lists of entries, which no single variable can hold.
 _LIST_KEYS = frozenset({"upstreams", "pins"})
@@ -207,6 +208,9 @@ class SharedConfig:
     prefix: str = ""  # of every key in the bucket
     redirect: bool = False  # a shared hit answers 307 to a presigned URL of the bucket
     presign_ttl: float = 900.0
+    # How often the leader counts the shared tier against max_size: it may be over by what
+    # the replicas upload meanwhile.
+    eviction_interval: float = 30.0
 
     def dsn(self) -> str:
         """The database's DSN, read from its variable at start."""
@@ -478,7 +482,15 @@ def _shared(data: object) -> SharedConfig:
         prefix=prefix.rstrip("/") + "/" if prefix else "",
         redirect=redirect,
         presign_ttl=parse_duration(raw.get("presign_ttl", 900), "shared.presign_ttl"),
+        eviction_interval=_eviction_interval(raw.get("eviction_interval", 30)),
     )
+
+
+def _eviction_interval(value: object) -> float:
+    interval = parse_duration(value, "shared.eviction_interval")
+    if interval <= 0:
+        raise ConfigError("shared.eviction_interval", "must be more than 0")
+    return interval
 
 
 def _dsn(value: str, key: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from engines import S3Endpoint, s3_client
+from engines import S3Endpoint, StallingProxy, s3_client
 from moto_ecr import MotoServer, apply_aws_env
 
 import mirror.shared.bucket as bucket_module
@@ -103,73 +103,6 @@ def pending_uploads(endpoint: S3Endpoint, name: str) -> list[Any]:
 def stored(endpoint: S3Endpoint, name: str, key: str) -> bytes:
     body: bytes = s3_client(endpoint).get_object(Bucket=name, Key=key)["Body"].read()
     return body
-
-
-class StallingProxy:
-    """A TCP forwarder to an S3 endpoint that holds back one connection once `limit`
-    bytes have gone through towards the store: a request caught mid-body, its client
-    waiting. `release()` lets it go on; connections opened later are never held."""
-
-    def __init__(self, target: str, limit: int) -> None:
-        self._target = target.removeprefix("http://").rsplit(":", 1)
-        self._limit = limit
-        self._sent = 0
-        self.stalled = asyncio.Event()
-        self._released = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._pumps: set[asyncio.Task[None]] = set()
-        self.url = ""
-
-    async def __aenter__(self) -> StallingProxy:
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for pump in list(self._pumps):
-            pump.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
-        await self._server.wait_closed()
-
-    def release(self) -> None:
-        self._released.set()
-
-    async def _connection(
-        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
-    ) -> None:
-        host, port = self._target
-        store_reader, store_writer = await asyncio.open_connection(host, int(port))
-        pumps = [
-            asyncio.create_task(self._pump(client_reader, store_writer, upstream=True)),
-            asyncio.create_task(self._pump(store_reader, client_writer, upstream=False)),
-        ]
-        self._pumps.update(pumps)
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-                self._pumps.discard(pump)
-            client_writer.close()
-            store_writer.close()
-
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
-    ) -> None:
-        while data := await reader.read(64 * 1024):
-            if upstream:
-                await self._hold_if_due(len(data))
-            writer.write(data)
-            await writer.drain()
-
-    async def _hold_if_due(self, size: int) -> None:
-        self._sent += size
-        if self._sent > self._limit and not self.stalled.is_set():
-            self.stalled.set()
-            await self._released.wait()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import write_htpasswd
 from containerd import ContainerdProcess
-from engines import Postgres, Radosgw, S3Endpoint, s3_client
+from engines import Postgres, Radosgw, S3Endpoint, StallingProxy, s3_client
 from podman import podman_pull_async, push_tar_image
 from prometheus_client.parser import text_string_to_metric_families
 from upstream_registry import (
@@ -31,6 +31,7 @@ from upstream_registry import (
 
 from mirror.reference import parse_digest
 from mirror.shared.bucket import Bucket
+from mirror.shared.database import SharedIndex
 
 if TYPE_CHECKING:
     from conftest import MirrorProcess
@@ -395,3 +396,71 @@ async def test_without_its_bucket_a_replica_serves_alone_then_shares_again(
     assert dir_digests(tmp_path / "later0") == expected(later)
     await registry.settle()
     assert registry.requests() == [], first.log()
+
+
+def leaders(replicas: list[MirrorProcess]) -> list[MirrorProcess]:
+    alive = [r for r in replicas if r.proc.poll() is None]
+    return [r for r in alive if metric(r, "mirror_shared_leader") == 1]
+
+
+async def test_one_leader_keeps_the_shared_budget_and_another_takes_over_when_it_dies(
+    moto_fleet: Fleet, registry: RegistryProcess, database_url: str
+) -> None:
+    max_size = 600 * KIB
+    moto_fleet.shared.update(max_size=max_size, eviction_interval="300ms", presign_ttl="1s")
+    replicas = [await moto_fleet.add() for _ in range(3)]
+    await wait_until(lambda: len(leaders(replicas)) == 1, "one leader")
+    index = SharedIndex(database_url)
+    await index.open()
+    try:
+        sampled: list[int] = []
+        uploads = dict.fromkeys(range(len(replicas)), 0)
+        for n in range(12):
+            if n == 5:
+                leader = leaders(replicas)[0]
+                leader.proc.kill()  # SIGKILL: its session ends, and the lock with it
+                leader.proc.wait(timeout=10)
+                await wait_until(lambda: len(leaders(replicas)) == 1, "a new leader")
+            image = await push_image(registry.url, f"fleet/stream{n}", "v1", [100 * KIB])
+            replica = [r for r in replicas if r.proc.poll() is None][n % 2]
+            body = await asyncio.to_thread(get_blob, replica, image.name, image.layer_digests[0])
+            assert body is not None and sha256_digest(body) == image.layer_digests[0]
+            uploads[replicas.index(replica)] += 1
+            await wait_uploaded(replica, uploads[replicas.index(replica)])
+            await asyncio.sleep(0.4)  # a pass or more
+            sampled.append((await index.usage()).bytes)
+        # Over by at most what was uploaded between two passes: one blob here.
+        assert max(sampled) <= max_size + 100 * KIB, sampled
+        survivor = leaders(replicas)[0]
+        assert metric(survivor, "mirror_shared_evictions_total") > 0, survivor.log()
+    finally:
+        await index.close()
+
+
+async def test_a_replica_killed_mid_upload_leaves_no_object_and_the_next_pull_works(
+    moto_fleet: Fleet, registry: RegistryProcess, moto_s3: S3Endpoint, s3_bucket_name: str
+) -> None:
+    image = await push_image(registry.url, "fleet/killed", "v1", [2048 * KIB])
+    layer = image.layer_digests[0]
+    key = Bucket(s3_bucket_name).key(parse_digest(layer))
+    async with StallingProxy(moto_s3.url, limit=1024 * KIB) as proxy:
+        moto_fleet.shared["endpoint_url"] = proxy.url
+        doomed = await moto_fleet.add()
+        body = await asyncio.to_thread(get_blob, doomed, image.name, layer)
+        assert body is not None and sha256_digest(body) == layer  # served; uploading now
+        await asyncio.wait_for(proxy.stalled.wait(), 20)
+        doomed.proc.kill()
+        doomed.proc.wait(timeout=10)
+        proxy.release()
+    s3 = s3_client(moto_s3)
+    listed = s3.list_objects_v2(Bucket=s3_bucket_name).get("Contents", [])
+    assert [o["Key"] for o in listed] == [], listed  # nothing, not even part of it
+
+    moto_fleet.shared["endpoint_url"] = moto_s3.url
+    survivor = await moto_fleet.add()
+    await registry.settle()
+    registry.reset_counts()
+    again = await asyncio.to_thread(get_blob, survivor, image.name, layer)
+    assert again == body
+    await wait_uploaded(survivor, 1)
+    assert s3.head_object(Bucket=s3_bucket_name, Key=key)["ContentLength"] == len(body)

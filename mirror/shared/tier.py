@@ -217,7 +217,13 @@ class SharedTier:
         )
         self.index = SharedIndex(config.dsn())
         self.evictor = SharedEvictor(
-            self.index, self.bucket, config.max_size, config.presign_ttl, pinned, self.metrics
+            self.index,
+            self.bucket,
+            config.max_size,
+            config.presign_ttl,
+            pinned,
+            self.metrics,
+            interval=config.eviction_interval,
         )
         self._database = _Part(
             "database", (DatabaseUnavailable,), self._probe_database, self.metrics
