@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +23,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from containerd import ContainerdProcess
+from engines import S3Endpoint
 from podman import podman_image_digest, podman_rmi, push_tar_image, run_podman
-from upstream_registry import RegistryProcess, free_loopback_port
+from prometheus_client.parser import text_string_to_metric_families
+from server_process import ServerProcess
+from upstream_registry import (
+    RegistryProcess,
+    dir_digests,
+    free_loopback_port,
+    push_image,
+    skopeo_copy_async,
+)
 
 from mirror.config import Config, environment_names, load_config
 
@@ -297,3 +310,252 @@ async def test_containerd_with_the_shipped_hosts_toml(
     assert "ns=docker.io" in first["query"]
     assert all("ns=docker.io" in entry["query"] for entry in access)
     assert {entry["status"] for entry in access} == {200}
+
+
+# --------------------------------------------------------------------------- fleet mode
+
+FLEET = DEPLOY / "fleet"
+_INTERPOLATION = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def compose_value(value: str) -> str:
+    """A value of a compose file as compose passes it with no variable set: `${VAR:-x}` is
+    x, `$$` a `$`."""
+    return _INTERPOLATION.sub(lambda m: m.group(2), value).replace("$$", "$")
+
+
+def fleet_compose() -> dict[str, Any]:
+    return yaml_documents(DEPLOY / "compose-fleet.yaml")[0]
+
+
+REPLICAS = ("mirror-1", "mirror-2", "mirror-3")
+
+
+def fleet_environment(service: dict[str, Any]) -> dict[str, str]:
+    return {name: compose_value(str(value)) for name, value in service["environment"].items()}
+
+
+def test_compose_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = fleet_compose()
+    services = compose["services"]
+    assert {*REPLICAS, "balancer", "postgres", "minio", "minio-setup"} <= services.keys()
+    assert services["postgres"]["image"] == "postgres:16"
+    assert services["minio"]["command"][:2] == ["server", "/data"]
+    sources = [v.split(":", 1)[0] for s in services.values() for v in s.get("volumes", [])]
+    for source in sources:
+        assert (DEPLOY / source).exists() if source[0] == "." else source in compose["volumes"]
+    caches = set()
+    for name in REPLICAS:
+        replica = services[name]
+        assert replica["build"] == ".."
+        assert "/readyz" in " ".join(replica["healthcheck"]["test"])
+        assert replica["depends_on"] == {
+            "postgres": {"condition": "service_healthy"},
+            "minio-setup": {"condition": "service_completed_successfully"},
+        }
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in replica["volumes"]}
+        assert mounts["/etc/mirror/mirror.yaml"] == "./fleet/mirror.yaml"  # the image's config
+        caches.add(mounts["/var/lib/mirror"])
+        env = fleet_environment(replica)
+        config = load_config(None, {"MIRROR_CONFIG": str(FLEET / "mirror.yaml")} | env)
+        assert str(config.storage.path) == "/var/lib/mirror"
+        shared = config.shared
+        assert shared is not None and shared.database_env is not None
+        assert env.keys() <= environment_names() | {shared.database_env} | {
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        }
+        # The DSN names the compose database, with its user, password and database.
+        monkeypatch.setenv(shared.database_env, env[shared.database_env])
+        dsn = urllib.parse.urlsplit(shared.dsn())
+        postgres = fleet_environment(services["postgres"])
+        assert (dsn.hostname, dsn.port, dsn.username, dsn.password, dsn.path) == (
+            "postgres",
+            5432,
+            postgres["POSTGRES_USER"],
+            postgres["POSTGRES_PASSWORD"],
+            f"/{postgres['POSTGRES_DB']}",
+        )
+        assert urllib.parse.urlsplit(shared.endpoint_url or "").hostname == "minio"
+        # The keys are those minio-setup gives the user it allows the bucket.
+        setup = services["minio-setup"]
+        script = compose_value(setup["command"][0])
+        secret = fleet_environment(setup)["MINIO_MIRROR_SECRET"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == secret
+        user = env["AWS_ACCESS_KEY_ID"]
+        assert f'mc admin user add fleet {user} "$MINIO_MIRROR_SECRET"' in script
+        assert f"mc admin policy attach fleet {shared.bucket} --user {user}" in script
+        assert f"arn:aws:s3:::{shared.bucket}/*" in script
+        assert not shared.redirect  # minio:9000 is a name only compose's network knows
+    assert len(caches) == len(REPLICAS)  # a cache volume each
+    balancer = services["balancer"]
+    assert balancer["ports"] == ["5000:5000"]
+    assert "./fleet/nginx.conf:/etc/nginx/nginx.conf:ro" in balancer["volumes"]
+    nginx = (FLEET / "nginx.conf").read_text()
+    assert re.findall(r"^\s*server ([\w.-]+:\d+)", nginx, re.MULTILINE) == [
+        f"{r}:5000" for r in REPLICAS
+    ]
+    scraped = yaml.safe_load((FLEET / "prometheus.yml").read_text())
+    targets = scraped["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"{r}:5000" for r in REPLICAS]
+    alerts = "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro"
+    assert alerts in services["prometheus"]["volumes"]
+
+
+class Balancer(ServerProcess):
+    """nginx with the shipped deploy/fleet/nginx.conf, its replicas and port swapped for
+    loopback ones and its files kept under `workdir`."""
+
+    name = "nginx"
+
+    def __init__(self, workdir: Path, replicas: list[str]) -> None:
+        super().__init__(workdir, workdir / "nginx.out", free_loopback_port(), 15.0)
+        self.binary = require_nginx()
+        self.replicas = replicas
+
+    def _prepare(self) -> None:
+        conf = (FLEET / "nginx.conf").read_text()
+        servers = [f"server {r}:5000 " for r in REPLICAS]
+        assert all(conf.count(s) == 1 for s in servers) and conf.count("listen 5000;") == 1
+        for server, host in zip(servers, self.replicas, strict=True):
+            conf = conf.replace(server, f"server {host} ")
+        conf = conf.replace("listen 5000;", f"listen {self.host};")
+        kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        temp = "".join(f"{kind}_temp_path {self.workdir / kind};\n" for kind in kinds)
+        assert conf.count("http {\n") == 1
+        conf = conf.replace("http {\n", "http {\n" + temp)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        (self.workdir / "nginx.conf").write_text(f"{user}pid {self.workdir}/nginx.pid;\n{conf}")
+
+    def _command(self) -> list[str]:
+        error_log = str(self.workdir / "error.log")
+        conf = str(self.workdir / "nginx.conf")
+        return [self.binary, "-p", str(self.workdir), "-c", conf, "-e", error_log,
+                "-g", "daemon off;"]  # fmt: skip
+
+    def _env(self) -> dict[str, str]:
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+
+def require_nginx() -> str:
+    """nginx, or a skip: it is not among the packages CI installs."""
+    path = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None
+    )
+    if path is None:
+        pytest.skip("nginx not installed (apt-get install -y nginx)")
+    return path
+
+
+def shipped_fleet_config(text: str, tmp_path: Path, n: int, upstream: str,
+                         bucket: str, s3: S3Endpoint) -> Path:  # fmt: skip
+    """A shipped replica config, on this machine: its cache under tmp_path, `upstream` for
+    its upstreams, the bucket in `s3`. The rest (database_env, budgets, redirect) as
+    shipped."""
+    config = yaml.safe_load(text)
+    config["storage"]["path"] = str(tmp_path / f"cache{n}")
+    config["upstreams"] = [{"name": "up", "url": upstream}]
+    config["shared"] |= {"bucket": bucket, "endpoint_url": s3.url, "region": s3.region}
+    path = tmp_path / f"replica{n}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def replica_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config: Path,
+                        database_url: str, s3: S3Endpoint) -> None:  # fmt: skip
+    """What a shipped replica is given, with this machine's values: the DSN in the variable
+    its config names, the bucket's keys; the replicas started after inherit them (and
+    nothing of the host's AWS setup)."""
+    monkeypatch.setenv(yaml.safe_load(config.read_text())["shared"]["database_env"], database_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+def readyz(url: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as error:
+        body = json.loads(error.read())
+    return body
+
+
+async def wait_sharing(url: str, log: Callable[[], str]) -> None:
+    """Until the replica at `url` reaches its database and bucket (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while (status := await asyncio.to_thread(readyz, url)).get("degraded"):
+        assert time.monotonic() < deadline, f"{status}\n{log()}"
+        await asyncio.sleep(0.2)
+    assert status == {"ready": True, "problems": []}
+
+
+async def test_the_compose_fleet_behind_its_nginx(
+    registry: RegistryProcess,
+    start_mirror_process: StartMirrorProcess,
+    moto_s3: S3Endpoint,
+    s3_bucket_name: str,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Three replicas with deploy/fleet/mirror.yaml and compose's environment, behind
+    nginx with deploy/fleet/nginx.conf: three clients pulling one cold image at once get
+    it whole, and each blob leaves the upstream once (nginx routes a blob by its digest);
+    with one replica gone, the image is still served, from the shared tier."""
+    image = await push_image(registry.url, "fleet/app", "v1", [200 * 1024, 50 * 1024, 3 * 1024])
+    shipped = (FLEET / "mirror.yaml").read_text()
+    replicas = []
+    for n in range(len(REPLICAS)):
+        config = shipped_fleet_config(shipped, tmp_path, n, registry.url, s3_bucket_name, moto_s3)
+        replica_environment(monkeypatch, tmp_path, config, database_url, moto_s3)
+        replicas.append(await asyncio.to_thread(start_mirror_process, "--config", str(config)))
+    for replica in replicas:
+        await wait_sharing(replica.url, replica.log)
+    balancer = Balancer(tmp_path / "nginx", [r.host for r in replicas])
+    await asyncio.to_thread(balancer.start)
+    try:
+        await registry.settle()
+        registry.reset_counts()
+        wanted = image.blob_digests() | {image.manifest_digest}
+        pulls = [skopeo_copy_async(f"{balancer.host}/{image.reference}", tmp_path / f"pull{n}")
+                 for n in range(3)]  # fmt: skip
+        await asyncio.gather(*pulls)
+        for n in range(3):
+            assert dir_digests(tmp_path / f"pull{n}") == wanted
+        await registry.settle()
+        assert registry.blob_gets(image.name) == len(image.blob_digests())
+
+        def uploaded() -> float:
+            return sum(metric(r.url, "mirror_shared_uploads_total") for r in replicas)
+
+        deadline = time.monotonic() + 20
+        while uploaded() < len(wanted):  # every blob and the manifest in the bucket
+            assert time.monotonic() < deadline, [r.log() for r in replicas]
+            await asyncio.sleep(0.2)
+        registry.reset_counts()
+        for replica in replicas[:2]:  # one replica left, with a third of the blobs
+            replica.stop()
+        await skopeo_copy_async(f"{balancer.host}/{image.reference}", tmp_path / "after")
+        assert dir_digests(tmp_path / "after") == wanted
+        await registry.settle()
+        assert registry.blob_gets(image.name) == 0
+    finally:
+        await asyncio.to_thread(balancer.stop)
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name)  # fmt: skip
