@@ -402,6 +402,94 @@ def test_compose_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
     assert alerts in services["prometheus"]["volumes"]
 
 
+def fleet_kubernetes() -> dict[str, dict[str, Any]]:
+    """Each kind of deploy/kubernetes/fleet, with its (one) manifest."""
+    kinds = {}
+    for path in sorted((DEPLOY / "kubernetes" / "fleet").glob("*.yaml")):
+        for doc in yaml_documents(path):
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
+            assert doc["kind"] not in kinds, path
+            kinds[doc["kind"]] = doc
+    return kinds
+
+
+def quantity(text: str) -> int:
+    """A Kubernetes quantity in binary units (50Gi), in bytes."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", text)
+    assert match is not None, text
+    return int(match[1]) << 10 * ("", "Ki", "Mi", "Gi", "Ti").index(match[2] or "")
+
+
+def test_kubernetes_fleet_manifests(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    kinds = fleet_kubernetes()
+    kustomization = kinds.pop("Kustomization")
+    directory = DEPLOY / "kubernetes" / "fleet"
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    assert {m["metadata"].get("namespace", "mirror") for m in kinds.values()} == {"mirror"}
+    deployment = kinds["Deployment"]
+    assert deployment["spec"]["replicas"] == 3
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"] == labels
+    assert kinds["Service"]["spec"]["selector"] == labels
+    assert kinds["PodDisruptionBudget"]["spec"]["minAvailable"] == 2
+    assert kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == labels
+    service_labels = kinds["Service"]["metadata"]["labels"]
+    assert kinds["ServiceMonitor"]["spec"]["selector"]["matchLabels"] == service_labels
+    assert pod["spec"]["serviceAccountName"] == kinds["ServiceAccount"]["metadata"]["name"]
+    container = pod["spec"]["containers"][0]
+    assert container["args"] == ["mirror", "serve"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["requests"]["ephemeral-storage"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    # The ConfigMap on /etc/mirror, where the image's MIRROR_CONFIG looks.
+    config_map = kinds["ConfigMap"]
+    assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert mounts["config"] == "/etc/mirror"
+    config_file = tmp_path / "mirror.yaml"
+    config_file.write_text(config_map["data"]["mirror.yaml"])
+    # Every variable from a Secret: the DSN the config names, and the bucket's keys.
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    env = {name: "secret" for name in refs}
+    config = load_config(None, {"MIRROR_CONFIG": str(config_file)} | env | service_links(
+        kinds["Service"]))  # fmt: skip
+    shared = config.shared
+    assert shared is not None and shared.database_env is not None
+    assert not refs[shared.database_env].get("optional")
+    assert refs["AWS_ACCESS_KEY_ID"]["optional"] and refs["AWS_SECRET_ACCESS_KEY"]["optional"]
+    assert env.keys() - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= (
+        environment_names() | {shared.database_env}
+    )
+    monkeypatch.setenv(shared.database_env, "postgresql://mirror@db:5432/mirror")
+    assert shared.dsn() == "postgresql://mirror@db:5432/mirror"
+    assert (shared.endpoint_url, shared.redirect) == (None, False)  # AWS S3
+    # Each replica's own cache fits its volume.
+    assert str(config.storage.path) == mounts["cache"] == "/var/lib/mirror"
+    assert config.storage.max_size < quantity(volumes["cache"]["emptyDir"]["sizeLimit"])
+    assert (config.log.format, config.listen.port) == ("json", 5000)
+
+
+def test_kubectl_renders_the_fleet_kustomization() -> None:
+    """kubectl's own kustomize, where kubectl is installed (CI's Debian has none)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "kubernetes" / "fleet")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(doc["kind"] for doc in rendered) == sorted(
+        kind for kind in fleet_kubernetes() if kind != "Kustomization"
+    )
+    assert {doc["metadata"].get("namespace", "mirror") for doc in rendered} == {"mirror"}
+
+
 class Balancer(ServerProcess):
     """nginx with the shipped deploy/fleet/nginx.conf, its replicas and port swapped for
     loopback ones and its files kept under `workdir`."""
@@ -559,3 +647,24 @@ def metric(url: str, name: str) -> float:
         text = resp.read().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == name)  # fmt: skip
+
+
+async def test_the_kubernetes_fleet_config_starts_a_sharing_replica(
+    registry: RegistryProcess,
+    start_mirror_process: StartMirrorProcess,
+    moto_s3: S3Endpoint,
+    s3_bucket_name: str,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The ConfigMap's config with the Deployment's variables (and the endpoint of an S3
+    store here, where the shipped one means AWS): the replica reaches both and is ready."""
+    kinds = fleet_kubernetes()
+    text = kinds["ConfigMap"]["data"]["mirror.yaml"]
+    config = shipped_fleet_config(text, tmp_path, 0, registry.url, s3_bucket_name, moto_s3)
+    replica_environment(monkeypatch, tmp_path, config, database_url, moto_s3)
+    for name, value in service_links(kinds["Service"]).items():
+        monkeypatch.setenv(name, value)
+    replica = await asyncio.to_thread(start_mirror_process, "--config", str(config))
+    await wait_sharing(replica.url, replica.log)
