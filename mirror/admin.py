@@ -9,6 +9,11 @@ keeps serving that reader (POSIX), so no client gets a short body.
 With `--json` each prints the facts of its text as one JSON document on stdout (`warm`:
 one JSON object per line, per image and a summary): sizes in bytes, times in seconds
 since the epoch (null for never).
+
+In fleet mode (`shared:` in the config) `du`, `ls`, `gc` and `verify` go on to the shared
+tier once the local cache is done: its part of the text follows, and in JSON it is the
+`shared` key (`ls`: `{"local": [...], "shared": [...]}`), null when the shared database or
+bucket cannot be reached, which is one line on stderr naming it, and exit status 1.
 """
 
 from __future__ import annotations
@@ -18,47 +23,73 @@ import asyncio
 import contextlib
 import json
 import math
+import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import aiohttp
 
-from mirror.config import Config
+from mirror.config import Config, SharedConfig
 from mirror.errors import ConfigError, DigestInvalid, RegistryError
 from mirror.eviction import Evictor, pinned_images
+from mirror.metrics import Metrics
 from mirror.reference import MANIFEST_TYPES, Digest, parse_digest, parse_image_reference
 from mirror.routing import Router
+from mirror.shared.bucket import Bucket, BucketError, BucketUnavailable, ObjectMissing
+from mirror.shared.database import DatabaseUnavailable, SharedIndex
+from mirror.shared.eviction import SharedEvictor
 from mirror.storage.blobs import BlobStore
 from mirror.storage.budget import Budget
 from mirror.storage.images import Skipped, content_of
-from mirror.storage.index import INDEX_FILE, Index
+from mirror.storage.index import INDEX_FILE, Index, TaggedImage
 
 Command = Callable[[Config, argparse.Namespace], Coroutine[object, object, int]]
+T = TypeVar("T")
+# A shared part's JSON document and exit status.
+Outcome = tuple[dict[str, object], int]
+
+# Objects of the bucket `mirror verify` reads at once: one stream is far from what a bucket
+# can send, and each hashes in this process's one thread.
+VERIFY_READS = 8
 
 
 async def disk_usage(config: Config, args: argparse.Namespace) -> int:
-    """`mirror du`: the budget, bytes used, blob count, the oldest last use."""
+    """`mirror du`: the budget, bytes used, blob count, the oldest last use; in fleet mode,
+    the shared tier's bytes and blobs against its budget."""
+    fleet = _fleet(config)
     async with _storage(config) as cache:
         usage = await cache.index.usage()
         used = await cache.budget.used()
     storage = config.storage
-    if args.json:
-        _print_json({
-            "storage": str(storage.path),
-            "max_size": storage.max_size,
-            "high_watermark": storage.high_watermark,
-            "low_watermark": storage.low_watermark,
-            "max_age": storage.max_age,
-            "used": used,
-            "blobs": usage.blobs,
-            "blob_bytes": usage.bytes,
-            "oldest_use": usage.oldest_access or None,
-        })  # fmt: skip
+    local: dict[str, object] = {
+        "storage": str(storage.path),
+        "max_size": storage.max_size,
+        "high_watermark": storage.high_watermark,
+        "low_watermark": storage.low_watermark,
+        "max_age": storage.max_age,
+        "used": used,
+        "blobs": usage.blobs,
+        "blob_bytes": usage.bytes,
+        "oldest_use": usage.oldest_access or None,
+    }
+    if not args.json:
+        _print_disk_usage(config, usage.blobs, usage.bytes, usage.oldest_access, used)
+    if fleet is None:
+        if args.json:
+            _print_json(local)
         return 0
+    shared = await _shared_part(fleet, lambda tier: _shared_usage(tier, args))
+    return _finish(args, local, shared, 0)
+
+
+def _print_disk_usage(
+    config: Config, blobs: int, blob_bytes: int, oldest_access: float | None, used: int
+) -> None:
+    storage = config.storage
     print(f"storage     {storage.path}")
     print(
         f"budget      {_size(storage.max_size)}; eviction from "
@@ -66,68 +97,203 @@ async def disk_usage(config: Config, args: argparse.Namespace) -> int:
         + (f", and after {_age(storage.max_age)} unused" if storage.max_age else "")
     )
     print(f"used        {_size(used)} ({used / storage.max_size:.1%} of the budget)")
-    print(f"blobs       {usage.blobs} ({_size(usage.bytes)})")
-    oldest = "-" if usage.oldest_access is None else _when(usage.oldest_access)
+    print(f"blobs       {blobs} ({_size(blob_bytes)})")
+    oldest = "-" if oldest_access is None else _when(oldest_access)
     print(f"oldest use  {oldest}")
-    return 0
+
+
+async def _shared_usage(tier: _Shared, args: argparse.Namespace) -> Outcome:
+    usage = await tier.index.usage()
+    budget = tier.config.max_size
+    if not args.json:
+        print(f"shared      bucket {tier.config.bucket}/{tier.config.prefix}, "
+              f"budget {_size(budget)}")  # fmt: skip
+        print(f"shared use  {_size(usage.bytes)} ({_share(usage.bytes, budget)} of the budget)"
+              f" in {usage.blobs} blobs")  # fmt: skip
+    return {"bucket": tier.config.bucket, "prefix": tier.config.prefix, "max_size": budget,
+            "used": usage.bytes, "blobs": usage.blobs}, 0  # fmt: skip
 
 
 async def collect_garbage(config: Config, args: argparse.Namespace) -> int:
-    """`mirror gc`: one eviction pass now, down to the low watermark, and max_age."""
+    """`mirror gc`: one eviction pass now, down to the low watermark, and max_age; in fleet
+    mode, the shared tier's orphans recorded and one shared eviction pass, if no other
+    replica leads."""
+    fleet = _fleet(config)
     async with _storage(config) as cache:
         evicted = await cache.evictor.run_pass(force=True)
+        # The shared pass keeps the pins as this cache knows them, as a serving replica does.
+        pinned = await cache.evictor.pinned() if fleet is not None else set()
+    local: dict[str, object] = {}
+    status = 0
     if evicted.failure is not None:
         print(f"mirror: eviction pass failed: {evicted.failure}", file=sys.stderr)
-        return 1
-    if args.json:
-        _print_json({
+        status = 1
+    else:
+        local = {
             "evicted_blobs": evicted.blobs,
             "evicted_bytes": evicted.bytes,
             "used": evicted.used,
             "max_size": config.storage.max_size,
-        })  # fmt: skip
-        return 0
-    print(
-        f"evicted {evicted.blobs} blobs ({_size(evicted.bytes)}); "
-        f"{_size(evicted.used)} of {_size(config.storage.max_size)} used"
+        }
+        if not args.json:
+            print(
+                f"evicted {evicted.blobs} blobs ({_size(evicted.bytes)}); "
+                f"{_size(evicted.used)} of {_size(config.storage.max_size)} used"
+            )
+    if fleet is None:
+        if args.json and not status:
+            _print_json(local)
+        return status
+    shared = await _shared_part(fleet, lambda tier: _shared_gc(tier, pinned, args), bucket=True)
+    return _finish(args, local, shared, status)
+
+
+async def _shared_gc(tier: _Shared, pinned: set[str], args: argparse.Namespace) -> Outcome:
+    # Orphans first: the pass then counts those recorded against the budget.
+    recorded, deleted = await _record_orphans(tier, args)
+    leading = await tier.index.lead()
+    budget = tier.config.max_size
+    facts: dict[str, object] = {"leader": leading, "marked": 0, "deleted": 0,
+                                "deleted_bytes": 0, "orphans_recorded": recorded,
+                                "orphans_deleted": deleted}  # fmt: skip
+    if not leading:
+        used = (await tier.index.usage()).bytes
+        if not args.json:
+            print(f"shared: another replica leads the shared tier's eviction: no pass run here; "
+                  f"{_size(used)} of {_size(budget)} used")  # fmt: skip
+        return facts | {"used": used, "max_size": budget}, 0
+    evictor = SharedEvictor(
+        tier.index, tier.bucket, budget, tier.config.presign_ttl, _const(pinned), Metrics()
     )
-    return 0
+    evicted = await evictor.run_pass()
+    if evicted.failure is not None:
+        print(f"mirror: shared eviction pass failed: {evicted.failure}", file=sys.stderr)
+        return facts | {"used": None, "max_size": budget}, 1
+    if not args.json:
+        print(f"shared: marked {evicted.marked} blobs for eviction; deleted {evicted.deleted} "
+              f"objects marked earlier ({_size(evicted.bytes)}); {_size(evicted.used)} of "
+              f"{_size(budget)} used")  # fmt: skip
+    return facts | {"marked": evicted.marked, "deleted": evicted.deleted,
+                    "deleted_bytes": evicted.bytes, "used": evicted.used,
+                    "max_size": budget}, 0  # fmt: skip
+
+
+async def _record_orphans(tier: _Shared, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Objects with no row (an upload whose row write failed) recorded if their bytes are
+    their digest's, else deleted: what was recorded, what deleted.
+
+    Recorded rather than deleted once old enough: a row written for verified bytes is
+    right whenever it is written, so this needs no age, no clock of the bucket's, and
+    races no replica writing the same row; deleting could take an object from under a
+    row a replica writes just then. Keys are listed before rows: an object the evictor
+    deletes in between has lost its row too, and is then not found when read."""
+    keys = await _listed(tier.bucket)
+    rows = {row.digest for row in await tier.index.blobs()}
+    recorded: list[str] = []
+    deleted: list[str] = []
+    for digest in keys:
+        if str(digest) in rows:
+            continue
+        outcome = await _record_orphan(tier, digest)
+        if outcome is None:
+            continue
+        (recorded if outcome else deleted).append(str(digest))
+        if not args.json:
+            what = "recorded" if outcome else "not its digest's bytes, deleted"
+            print(f"shared: orphan {what}: {digest}")
+    return recorded, deleted
+
+
+async def _record_orphan(tier: _Shared, digest: Digest) -> bool | None:
+    """True: recorded; False: its bytes were wrong, deleted; None: gone meanwhile."""
+    intact = await _intact(tier.bucket, digest)
+    if intact is None:
+        return None
+    if not intact:
+        await _discard(tier, digest)
+        return False
+    kept = await tier.bucket.head(digest)
+    if kept is None:
+        return None
+    # Private: which upstream it came through is not known, and a public fetch of it
+    # makes it public.
+    await tier.index.add_blob(str(digest), kept.size, kept.media_type, True)
+    return True
 
 
 async def list_images(config: Config, args: argparse.Namespace) -> int:
-    """`mirror ls [REPO]`: cached tags with their size (what of them is cached) and last use."""
+    """`mirror ls [REPO]`: cached tags with their size (what of them is cached) and last use;
+    in fleet mode, the shared tier's tags and whether it holds their manifests. Exit 1 for
+    a REPO no tier has a tag of."""
+    fleet = _fleet(config)
     async with _storage(config) as cache:
         index, store = cache.index, cache.store
         blobs = await index.blobs()
         rows = []
         skipped = Skipped()
         for image in await index.tagged():
-            if args.repository and args.repository not in (
-                image.repository,
-                image.repository.removeprefix("library/"),
-            ):
+            if not _chosen(args.repository, image.repository):
                 continue
             content = await content_of(index, store, [image.digest], skipped)
             cached = [blobs[d] for d in content if d in blobs]
             size = sum(s for s, _ in cached)
             last = max((used for _, used in cached), default=0.0)
             rows.append((image, size, last))
-    if args.json:
-        _print_json([
-            {"upstream": image.upstream, "repository": image.repository, "tag": image.tag,
-             "digest": image.digest, "size": size, "last_use": last or None}
-            for image, size, last in rows
-        ])  # fmt: skip
+    local = [
+        {"upstream": image.upstream, "repository": image.repository, "tag": image.tag,
+         "digest": image.digest, "size": size, "last_use": last or None}
+        for image, size, last in rows
+    ]  # fmt: skip
+    if not args.json:
+        _print_images(rows, args.repository)
+    if fleet is None:
+        if args.json:
+            _print_json(local)
         return 1 if args.repository and not rows else 0
+    shared = await _shared_part(fleet, lambda tier: _shared_tags(tier, args))
+    if args.json:
+        _print_json({"local": local, "shared": shared})
+    if shared is None:
+        return 1
+    return 1 if args.repository and not rows and not shared else 0
+
+
+def _chosen(wanted: str | None, repository: str) -> bool:
+    return not wanted or wanted in (repository, repository.removeprefix("library/"))
+
+
+def _print_images(rows: list[tuple[TaggedImage, int, float]], repository: str | None) -> None:
     if not rows:
-        print("no cached images" + (f" of {args.repository}" if args.repository else ""))
-        return 1 if args.repository else 0
+        print("no cached images" + (f" of {repository}" if repository else ""))
+        return
     print(f"{'UPSTREAM':<12} {'IMAGE':<48} {'DIGEST':<19} {'SIZE':>10}  LAST USE")
     for image, size, last in rows:
         name = f"{image.repository}:{image.tag}"
         print(f"{image.upstream:<12} {name:<48} {image.digest[:19]:<19} {_size(size):>10}  "
               f"{_when(last)}")  # fmt: skip
-    return 0
+
+
+async def _shared_tags(tier: _Shared, args: argparse.Namespace) -> list[dict[str, object]]:
+    """The shared tags, each with whether the tier holds its manifest (a row not marked
+    for eviction: what a replica would find)."""
+    kept = {row.digest for row in await tier.index.blobs() if row.marked_at is None}
+    tags = [tag for tag in await tier.index.tags() if _chosen(args.repository, tag.repository)]
+    if not args.json:
+        print(f"\nshared tier (bucket {tier.config.bucket}/{tier.config.prefix}):")
+        if not tags:
+            print("no shared tags" + (f" of {args.repository}" if args.repository else ""))
+        else:
+            print(f"{'UPSTREAM':<12} {'IMAGE':<48} {'DIGEST':<19} {'MANIFEST':<8}  CHECKED")
+        for tag in tags:
+            name = f"{tag.repository}:{tag.tag}"
+            held = "kept" if tag.digest in kept else "absent"
+            print(f"{tag.upstream:<12} {name:<48} {tag.digest[:19]:<19} {held:<8}  "
+                  f"{_when(tag.checked_at)}")  # fmt: skip
+    return [
+        {"upstream": tag.upstream, "repository": tag.repository, "tag": tag.tag,
+         "digest": tag.digest, "checked_at": tag.checked_at, "kept": tag.digest in kept}
+        for tag in tags
+    ]  # fmt: skip
 
 
 async def verify(config: Config, args: argparse.Namespace) -> int:
@@ -136,7 +302,11 @@ async def verify(config: Config, args: argparse.Namespace) -> int:
 
     A file gone since the listing is not corrupt: beside a running server, it was evicted
     meanwhile, and its row is gone too by the end of the walk. A row that stays has lost
-    its file some other way."""
+    its file some other way.
+
+    In fleet mode, then every object of the shared tier's bucket (or `--sample N` of them)
+    too, and the rows whose objects are missing."""
+    fleet = _fleet(config)
     async with _storage(config) as cache:
         index, store = cache.index, cache.store
         digests = sorted(await index.digests())
@@ -159,16 +329,80 @@ async def verify(config: Config, args: argparse.Namespace) -> int:
                 print(f"missing, forgotten: {text}")
         await index.remove_blobs(corrupt + missing)
     evicted = len(gone) - len(missing)
-    if args.json:
-        _print_json({"verified": len(digests) - len(gone), "corrupt": corrupt,
-                     "missing": missing, "evicted": evicted})  # fmt: skip
-        return 1 if corrupt or missing else 0
-    print(
-        f"verified {len(digests) - len(gone)} blobs: {len(corrupt)} corrupt"
-        + (f", {len(missing)} missing" if missing else "")
-        + (f"; {evicted} evicted while checking" if evicted else "")
+    status = 1 if corrupt or missing else 0
+    local: dict[str, object] = {"verified": len(digests) - len(gone), "corrupt": corrupt,
+                                "missing": missing, "evicted": evicted}  # fmt: skip
+    if not args.json:
+        print(
+            f"verified {len(digests) - len(gone)} blobs: {len(corrupt)} corrupt"
+            + (f", {len(missing)} missing" if missing else "")
+            + (f"; {evicted} evicted while checking" if evicted else "")
+        )
+    if fleet is None:
+        if args.json:
+            _print_json(local)
+        return status
+    shared = await _shared_part(fleet, lambda tier: _shared_verify(tier, args), bucket=True)
+    return _finish(args, local, shared, status)
+
+
+async def _shared_verify(tier: _Shared, args: argparse.Namespace) -> Outcome:
+    """Objects hashed, a corrupt one deleted with its row; rows with no object removed.
+
+    Rows are listed before keys: the evictor deletes an object before its row, which is
+    marked meanwhile, so a row not marked whose object is not listed after it has lost
+    that object some other way, unless it went or came back meanwhile (looked at again)."""
+    rows = [row.digest for row in await tier.index.blobs() if row.marked_at is None]
+    objects = await _listed(tier.bucket)
+    listed = {str(digest) for digest in objects}
+    missing = [d for d in rows if d not in listed and await _lost(tier, parse_digest(d))]
+    await tier.index.remove(missing)
+    if not args.json:
+        for text in missing:
+            print(f"shared: missing, forgotten: {text}")
+    chosen = (
+        objects if args.sample is None else random.sample(objects, min(args.sample, len(objects)))
     )
-    return 1 if corrupt or missing else 0
+    corrupt, gone = await _hash_all(tier, chosen, args)
+    if not args.json:
+        print(
+            f"shared: verified {len(chosen) - len(gone)} of {len(objects)} objects: "
+            f"{len(corrupt)} corrupt"
+            + (f", {len(missing)} missing" if missing else "")
+            + (f"; {len(gone)} evicted while checking" if gone else "")
+        )
+    facts: dict[str, object] = {"objects": len(objects), "verified": len(chosen) - len(gone),
+                                "corrupt": sorted(corrupt), "missing": missing,
+                                "evicted": len(gone)}  # fmt: skip
+    return facts, 1 if corrupt or missing else 0
+
+
+async def _lost(tier: _Shared, digest: Digest) -> bool:
+    """Whether a row, not marked, still names an object that is not there."""
+    row = await tier.index.blob(str(digest), "private")
+    return row is not None and await tier.bucket.head(digest) is None
+
+
+async def _hash_all(
+    tier: _Shared, objects: list[Digest], args: argparse.Namespace
+) -> tuple[list[str], list[str]]:
+    """`objects` hashed, VERIFY_READS at a time; the corrupt ones deleted with their rows.
+    The corrupt, and those gone (evicted) before they were read."""
+    corrupt: list[str] = []
+    gone: list[str] = []
+
+    async def check(digest: Digest) -> None:
+        intact = await _intact(tier.bucket, digest)
+        if intact is None:
+            gone.append(str(digest))
+        elif not intact:
+            await _discard(tier, digest)
+            corrupt.append(str(digest))
+            if not args.json:
+                print(f"shared: corrupt, removed: {digest}")
+
+    await _each(objects, check, VERIFY_READS)
+    return corrupt, gone
 
 
 async def remove_image(config: Config, args: argparse.Namespace) -> int:
@@ -399,8 +633,129 @@ async def _storage(config: Config) -> AsyncIterator[_Cache]:
         await index.close()
 
 
+@dataclass(frozen=True)
+class _Fleet:
+    """Fleet mode's settings, the DSN read (a missing variable is a config error before
+    anything is done)."""
+
+    config: SharedConfig
+    dsn: str
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """The shared tier opened for a command: its bucket is opened only if asked for."""
+
+    config: SharedConfig
+    index: SharedIndex
+    bucket: Bucket
+
+
+def _fleet(config: Config) -> _Fleet | None:
+    return None if config.shared is None else _Fleet(config.shared, config.shared.dsn())
+
+
+async def _shared_part(
+    fleet: _Fleet, part: Callable[[_Shared], Awaitable[T]], *, bucket: bool = False
+) -> T | None:
+    """`part`'s answer on the shared tier; None, once the line naming it is on stderr,
+    when its database or bucket cannot be reached or fails."""
+    try:
+        async with _opened(fleet, bucket) as tier:
+            return await part(tier)
+    except DatabaseUnavailable as exc:
+        print(f"mirror: shared.database unreachable: {exc}", file=sys.stderr)
+    except BucketUnavailable as exc:
+        print(f"mirror: shared.bucket unreachable: {exc}", file=sys.stderr)
+    except BucketError as exc:  # refused (credentials, permissions): no retry will help
+        print(f"mirror: shared.bucket: {exc}", file=sys.stderr)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _opened(fleet: _Fleet, with_bucket: bool) -> AsyncIterator[_Shared]:
+    config = fleet.config
+    index = SharedIndex(fleet.dsn)
+    bucket = Bucket(
+        config.bucket, prefix=config.prefix, endpoint_url=config.endpoint_url, region=config.region
+    )
+    try:
+        await index.open()
+        if with_bucket:
+            await bucket.open(create=False)  # a command that finds no bucket makes none
+        yield _Shared(config, index, bucket)
+    finally:
+        await index.close()  # which gives up the lead, if taken
+        await bucket.close()
+
+
+def _finish(
+    args: argparse.Namespace, local: dict[str, object], shared: Outcome | None, status: int
+) -> int:
+    """The JSON document, with the shared part's; the exit status of both."""
+    document, shared_status = (None, 1) if shared is None else shared
+    if args.json:
+        _print_json({**local, "shared": document})
+    return max(status, shared_status)
+
+
+async def _listed(bucket: Bucket) -> list[Digest]:
+    """The digest of every object in the bucket."""
+    pages = bucket.keys()  # a bucket's, not a dict's: the lint's advice does not apply
+    return [digest async for digest, _ in pages]
+
+
+async def _intact(bucket: Bucket, digest: Digest) -> bool | None:
+    """Whether the object's bytes hash to its digest; None if it is not there."""
+    try:
+        body = await bucket.read(digest)
+    except ObjectMissing:
+        return None
+    hasher = digest.hasher()
+    try:
+        async for chunk in body.chunks():
+            hasher.update(chunk)
+    finally:
+        body.close()
+    return hasher.hexdigest() == digest.hex
+
+
+async def _discard(tier: _Shared, digest: Digest) -> None:
+    """A corrupt object gone: its row first, so that no replica finds it meanwhile."""
+    await tier.index.remove([str(digest)])
+    await tier.bucket.delete(digest)
+
+
+async def _each(items: Iterable[T], work: Callable[[T], Awaitable[None]], at_once: int) -> None:
+    """`work` on every item, `at_once` at a time; the first failure raised, the rest of
+    the work cancelled."""
+    todo = iter(items)
+
+    async def worker() -> None:
+        for item in todo:
+            await work(item)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(at_once):
+                group.create_task(worker())
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+
+
+def _const(value: set[str]) -> Callable[[], Awaitable[set[str]]]:
+    async def constant() -> set[str]:
+        return value
+
+    return constant
+
+
 def _print_json(document: object) -> None:
     print(json.dumps(document), flush=True)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "-"
 
 
 def _size(n: float) -> str:

@@ -170,7 +170,11 @@ def _parser() -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", help="list cached images: tags, size, last use")
     ls.add_argument("repository", nargs="?", help="only this repository")
     _admin_flags(ls)
-    _admin_flags(commands.add_parser("verify", help="re-hash every blob, remove corrupt ones"))
+    verify = commands.add_parser("verify", help="re-hash every blob, remove corrupt ones")
+    verify.add_argument(
+        "--sample", type=_count, metavar="N", help="of the shared tier, hash N objects at random"
+    )
+    _admin_flags(verify)
     rm = commands.add_parser("rm", help="remove an image from the cache")
     rm.add_argument("image", help="e.g. docker.io/library/alpine:3.20")
     _admin_flags(rm)
@@ -186,6 +190,12 @@ def _admin_flags(
 ) -> None:
     _storage_flags(command)
     command.add_argument("--json", action="store_true", help=json_help)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a number of objects: {text!r}")
+    return int(text)
 
 
 def _storage_flags(command: argparse.ArgumentParser) -> None:

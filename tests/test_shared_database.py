@@ -21,6 +21,7 @@ from mirror.shared.database import (
     SharedBlob,
     SharedIndex,
     SharedTag,
+    SharedTagged,
     SharedUsage,
 )
 
@@ -296,6 +297,25 @@ async def test_a_tag_never_goes_back_in_time(index: SharedIndex) -> None:
     assert await index.tag("hub", "library/alpine", "latest") == SharedTag(B, LIST, 200.0)
     await index.set_tag("hub", "library/alpine", "latest", B, LIST, 300.0)
     assert await index.tag("hub", "library/alpine", "latest") == SharedTag(B, LIST, 300.0)
+
+
+async def test_tags_and_blobs_list_every_row_in_order(index: SharedIndex) -> None:
+    assert (await index.tags(), await index.blobs()) == ([], [])
+    await index.set_tag("hub", "library/busybox", "latest", C, LIST, 300.0)
+    await index.set_tag("hub", "library/alpine", "latest", A, MANIFEST, 100.0)
+    await index.set_tag("ecr", "library/alpine", "latest", B, None, 200.0)
+    assert await index.tags() == [
+        SharedTagged("ecr", "library/alpine", "latest", B, 200.0),
+        SharedTagged("hub", "library/alpine", "latest", A, 100.0),
+        SharedTagged("hub", "library/busybox", "latest", C, 300.0),
+    ]
+    await index.add_blob(B, 2, None, True)
+    await index.add_blob(A, 1, MANIFEST, False)
+    await index.mark([B], 10.0)  # its object is still in the bucket: listed too
+    assert await index.blobs() == [
+        SharedBlob(A, 1, MANIFEST, False, None),
+        SharedBlob(B, 2, None, True, 10.0),
+    ]
 
 
 # --------------------------------------------------------------------------- leader

@@ -111,6 +111,17 @@ class SharedTag:
 
 
 @dataclass(frozen=True)
+class SharedTagged:
+    """A tag as `tags()` lists it."""
+
+    upstream: str
+    repository: str
+    tag: str
+    digest: str
+    checked_at: float
+
+
+@dataclass(frozen=True)
 class SharedUsage:
     bytes: int
     blobs: int
@@ -241,6 +252,28 @@ class SharedIndex:
                 checked_at,
             )
         )
+
+    async def tags(self) -> list[SharedTagged]:
+        """Every tag, by upstream, repository and tag."""
+        rows = await self._run(
+            lambda db: db.fetch(
+                "SELECT upstream, repository, tag, digest, checked_at FROM tags"
+                " ORDER BY upstream, repository, tag"
+            )
+        )
+        return [
+            SharedTagged(
+                row["upstream"], row["repository"], row["tag"], row["digest"], row["checked_at"]
+            )
+            for row in rows
+        ]
+
+    async def blobs(self) -> list[SharedBlob]:
+        """Every row, marked ones too (their objects are still in the bucket), by digest."""
+        rows = await self._run(
+            lambda db: db.fetch(f"SELECT {_BLOB_COLUMNS} FROM blobs ORDER BY digest")
+        )
+        return [_blob(row) for row in rows]
 
     async def usage(self) -> SharedUsage:
         """The blobs not marked for eviction: what counts against the shared budget."""
