@@ -20,6 +20,7 @@ from mirror.config import (
     Config,
     Limits,
     Listen,
+    SharedConfig,
     config_from_dict,
     environment_names,
     key_variables,
@@ -414,8 +415,10 @@ def test_each_variable_sets_its_key(
 
 def test_every_scalar_key_has_a_variable_and_no_list_has_one(tmp_path: Path) -> None:
     names = key_variables()
-    assert {name for name, *_ in EVERY_VARIABLE} | {"MIRROR_AUTH__HTPASSWD", "MIRROR_TLS__CERT",
-                                                   "MIRROR_TLS__KEY"} == names.keys()  # fmt: skip
+    files = {"MIRROR_AUTH__HTPASSWD", "MIRROR_TLS__CERT", "MIRROR_TLS__KEY"}
+    dsn = {"MIRROR_SHARED__DATABASE"}  # the other way than SHARED_VARIABLES's database_env
+    every = {name for name, *_ in EVERY_VARIABLE} | files | SHARED_VARIABLES.keys() | dsn
+    assert every == names.keys()
     assert names["MIRROR_LIMITS__HEADER_TIMEOUT"] == ("limits", "header_timeout")
     assert not any("UPSTREAMS" in name or "PINS" in name for name in names)
     assert environment_names() == names.keys() | {"MIRROR_CONFIG", "MIRROR_UPSTREAM"}
@@ -431,6 +434,79 @@ def test_every_scalar_key_has_a_variable_and_no_list_has_one(tmp_path: Path) -> 
     file = tmp_path / "m.yaml"
     file.write_text("\n".join(lines) + "\n")
     assert load_config(file) == load_config(None, text) != Config()
+
+
+SHARED_VARIABLES = {
+    "MIRROR_SHARED__BUCKET": "cache-bucket",
+    "MIRROR_SHARED__MAX_SIZE": "2GiB",
+    "MIRROR_SHARED__DATABASE_ENV": "MIRROR_TEST_DSN",
+    "MIRROR_SHARED__ENDPOINT_URL": "http://127.0.0.1:7480",
+    "MIRROR_SHARED__REGION": "eu-west-1",
+    "MIRROR_SHARED__PREFIX": "fleet",
+    "MIRROR_SHARED__REDIRECT": "true",
+    "MIRROR_SHARED__PRESIGN_TTL": "5m",
+    "MIRROR_SHARED__EVICTION_INTERVAL": "10s",
+}
+
+
+def test_the_shared_block_from_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIRROR_TEST_DSN", "postgresql://m@db/mirror")
+    shared = load_config(None, {**SHARED_VARIABLES, "MIRROR_TEST_DSN": "x"}).shared
+    assert shared == SharedConfig(
+        bucket="cache-bucket",
+        max_size=2 * 1024**3,
+        database_env="MIRROR_TEST_DSN",
+        endpoint_url="http://127.0.0.1:7480",
+        region="eu-west-1",
+        prefix="fleet/",
+        redirect=True,
+        presign_ttl=300.0,
+        eviction_interval=10.0,
+    )
+    assert shared.dsn() == "postgresql://m@db/mirror"
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"MIRROR_SHARED__BUCKET": "cache-bucket"})
+    assert (caught.value.key, caught.value.problem) == (
+        "shared.max_size",
+        "is required in fleet mode",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {**SHARED_VARIABLES, "MIRROR_SHARED__DATABASE": "mysql://x"})
+    assert caught.value.key == "MIRROR_SHARED__DATABASE"
+
+
+_SHARED = {"bucket": "abc", "max_size": 1, "database": "postgresql://d"}
+
+
+@pytest.mark.parametrize(
+    ("shared", "key", "problem"),
+    [
+        ({"max_size": "1GiB", "database": "postgresql://d"}, "shared.bucket", "is required"),
+        ({**_SHARED, "bucket": "Bad_Name"}, "shared.bucket", "not a valid bucket name"),
+        ({"bucket": "abc", "max_size": 1}, "shared.database", "exactly one of"),
+        ({**_SHARED, "database_env": "X"}, "shared.database", "exactly one of"),
+        ({**_SHARED, "database": "http://d"}, "shared.database", "postgresql://"),
+        ({**_SHARED, "max_size": "lots"}, "shared.max_size", ""),
+        ({**_SHARED, "redirect": "yes"}, "shared.redirect", "true or false"),
+        ({**_SHARED, "endpoint_url": "rgw:7480"}, "shared.endpoint_url", "http(s) URL"),
+        ({**_SHARED, "eviction_interval": 0}, "shared.eviction_interval", "more than 0"),
+        ({**_SHARED, "colour": 1}, "shared.colour", "unknown key"),
+    ],
+)
+def test_a_bad_shared_block_names_its_key(
+    shared: dict[str, object], key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"shared": shared})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+def test_a_database_password_stays_out_of_the_config_repr() -> None:
+    dsn = "postgresql://mirror:s3cret@db/mirror"
+    config = config_from_dict({"shared": {"bucket": "abc", "max_size": 1, "database": dsn}})
+    assert "s3cret" not in repr(config)
+    assert config.shared is not None and config.shared.dsn() == dsn
 
 
 def test_the_file_paths_from_variables(tmp_path: Path) -> None:
@@ -603,5 +679,6 @@ def test_documented_config_names_each_keys_variable() -> None:
     text = (REPO / "config" / "mirror.yaml").read_text()
     named = set(re.findall(r"MIRROR_[A-Z_]+", text))
     assert environment_names() <= named
-    # Beside them, only the examples of an upstream's password_env.
-    assert named - environment_names() == {"MIRROR_HUB_TOKEN", "MIRROR_GHCR_TOKEN"}
+    # Beside them, only the examples of an upstream's password_env and of database_env.
+    examples = {"MIRROR_HUB_TOKEN", "MIRROR_GHCR_TOKEN", "MIRROR_DATABASE_URL"}
+    assert named - environment_names() == examples
