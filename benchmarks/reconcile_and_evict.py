@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from mirror.storage.budget import Budget
 from mirror.config import StorageConfig
 from mirror.eviction import Evictor
 from mirror.reference import digest_of, parse_digest
 from mirror.storage.blobs import BlobStore
+from mirror.storage.budget import Budget
 from mirror.storage.index import Index
 from mirror.storage.reconcile import reconcile
 
