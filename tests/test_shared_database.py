@@ -16,10 +16,13 @@ from engines import Postgres
 
 from mirror.shared.bucket import BucketUnavailable
 from mirror.shared.database import (
+    LEASE_CHANNEL,
     MIGRATIONS,
     DatabaseUnavailable,
+    Lease,
     SharedBlob,
     SharedIndex,
+    SharedQuota,
     SharedTag,
     SharedTagged,
     SharedUsage,
@@ -347,6 +350,270 @@ async def test_a_lost_leader_connection_ends_the_lead(
         assert ended.split() == ["t"]
         assert await second.lead() is True
         assert await first.lead() is False
+
+
+# --------------------------------------------------------------------------- leases
+
+KEY = f"blob:{A}"
+FIRST = "http://10.0.0.1:5000"
+SECOND = "http://10.0.0.2:5000"
+LONG = 30.0  # a lease no test outlives
+EXPIRING = 0.5
+# How soon a waiter must wake once the end of its lease is committed.
+PROMPTLY = 0.5
+
+
+async def expired(replica: SharedIndex, key: str, holder: str) -> Lease:
+    """The lease on `key`, taken by `holder` as soon as the current one has expired."""
+    deadline = time.monotonic() + EXPIRING + SLACK
+    while not (lease := await replica.take_lease(key, holder, LONG)).ours:
+        assert time.monotonic() < deadline, f"{key} still held by {lease.holder}"
+        await asyncio.sleep(0.05)
+    return lease
+
+
+async def listening(replica: SharedIndex, key: str) -> None:
+    """Have `replica`'s listener connected (a wait on a held key that times out)."""
+    assert await replica.wait_released(key, 0.05) is False
+
+
+async def test_one_replica_takes_a_fresh_lease(database_url: str) -> None:
+    async with opened(database_url) as first, opened(database_url) as second:
+        before = time.time()
+        takes = await asyncio.gather(
+            *(first.take_lease(KEY, FIRST, LONG) for _ in range(4)),
+            *(second.take_lease(KEY, SECOND, LONG) for _ in range(4)),
+        )
+        taken = [lease for lease in takes if lease.ours]
+        assert len(taken) == 1
+        lease = taken[0]
+        assert lease.key == KEY and lease.holder in (FIRST, SECOND)
+        assert before + LONG - SLACK < lease.expires_at < time.time() + LONG + SLACK
+        # Everyone else learns the holder, its token and its expiry.
+        assert {replace_ours(other) for other in takes} == {lease}
+        # Asked again by its holder: still its lease, under the same token ("already yours").
+        again = await first.take_lease(KEY, lease.holder, LONG)
+        assert again == Lease(KEY, lease.holder, lease.token, lease.expires_at, False)
+        other = await second.take_lease(f"blob:{B}", SECOND, LONG)
+        assert other.ours and other.token != lease.token
+
+
+def replace_ours(lease: Lease) -> Lease:
+    return Lease(lease.key, lease.holder, lease.token, lease.expires_at, True)
+
+
+async def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced(
+    database_url: str,
+) -> None:
+    async with opened(database_url) as first, opened(database_url) as second:
+        old = await first.take_lease(KEY, FIRST, EXPIRING)
+        assert old.ours
+        assert not (await second.take_lease(KEY, SECOND, LONG)).ours
+        new = await expired(second, KEY, SECOND)
+        assert new.holder == SECOND and new.token > old.token
+
+        assert await first.renew_lease(KEY, old.token, LONG) is False
+        await first.release_lease(KEY, old.token)
+        # Its bytes are verified: the row is written, but the lease stays the new holder's.
+        assert await first.complete_blob(KEY, old.token, A, 5, None, False) is False
+        assert await second.blob(A, "public") == SharedBlob(A, 5, None, False, None)
+        held = await first.take_lease(KEY, FIRST, LONG)
+        assert (held.holder, held.token, held.ours) == (SECOND, new.token, False)
+        assert await second.renew_lease(KEY, new.token, LONG) is True
+
+        await second.release_lease(KEY, new.token)
+        assert await first.renew_lease(KEY, new.token, LONG) is False  # gone
+        third = await first.take_lease(KEY, FIRST, LONG)
+        assert third.ours and third.token > new.token
+
+
+async def test_a_lease_renewed_in_time_is_kept(database_url: str) -> None:
+    async with opened(database_url) as first, opened(database_url) as second:
+        lease = await first.take_lease(KEY, FIRST, EXPIRING)
+        for _ in range(3):
+            await asyncio.sleep(EXPIRING / 2)
+            assert await first.renew_lease(KEY, lease.token, EXPIRING) is True
+            assert not (await second.take_lease(KEY, SECOND, LONG)).ours
+
+
+async def test_complete_blob_writes_the_row_frees_the_lease_and_wakes_the_waiters(
+    database_url: str,
+) -> None:
+    async with opened(database_url) as holder, opened(database_url) as peer:
+        lease = await holder.take_lease(KEY, FIRST, LONG)
+        await listening(peer, KEY)
+        woken: list[float] = []
+        seen: list[SharedBlob | None] = []
+
+        async def waiter() -> bool:
+            released = await peer.wait_released(KEY, TIMEOUT)
+            woken.append(time.monotonic())
+            seen.append(await peer.blob(A, "authenticated"))  # came with the lease's end
+            return released
+
+        waiters = [asyncio.create_task(waiter()) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in waiters)
+
+        assert await holder.complete_blob(KEY, lease.token, A, 9, MANIFEST, True) is True
+        completed = time.monotonic()
+        async with asyncio.timeout(TIMEOUT):
+            assert await asyncio.gather(*waiters) == [True, True, True]
+        assert max(woken) - completed < PROMPTLY
+        assert seen == [SharedBlob(A, 9, MANIFEST, True, None)] * 3
+        taken = await peer.take_lease(KEY, SECOND, LONG)
+        assert taken.ours and taken.token > lease.token
+
+
+async def test_release_wakes_the_waiters_only_under_the_current_token(
+    database_url: str,
+) -> None:
+    async with opened(database_url) as holder, opened(database_url) as peer:
+        lease = await holder.take_lease(KEY, FIRST, LONG)
+        other = await holder.take_lease(f"blob:{B}", FIRST, LONG)
+        await listening(peer, KEY)
+        waiting = asyncio.create_task(peer.wait_released(KEY, TIMEOUT))
+        await holder.release_lease(KEY, lease.token + 1000)  # not its token: nothing
+        await holder.release_lease(f"blob:{B}", other.token)  # another key's end
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+
+        await holder.release_lease(KEY, lease.token)
+        released = time.monotonic()
+        async with asyncio.timeout(TIMEOUT):
+            assert await waiting is True
+        assert time.monotonic() - released < PROMPTLY
+
+
+async def test_a_waiter_without_a_notification_returns_false_at_its_timeout(
+    index: SharedIndex,
+) -> None:
+    await index.take_lease(KEY, FIRST, LONG)
+    for timeout in (SHORT, 0.0):
+        started = time.monotonic()
+        assert await index.wait_released(KEY, timeout) is False
+        assert timeout <= time.monotonic() - started < timeout + SLACK
+
+
+async def test_a_wait_for_a_lease_already_ended_returns_at_once(index: SharedIndex) -> None:
+    lease = await index.take_lease(KEY, FIRST, EXPIRING)
+    assert await index.wait_released(f"blob:{B}", TIMEOUT) is True  # never taken
+    await index.release_lease(KEY, lease.token)  # before the wait began
+    started = time.monotonic()
+    assert await index.wait_released(KEY, TIMEOUT) is True
+    await index.take_lease(KEY, FIRST, 0.1)
+    await asyncio.sleep(0.2)
+    assert await index.wait_released(KEY, TIMEOUT) is True  # expired: free to take over
+    assert time.monotonic() - started < PROMPTLY + 0.2
+
+
+async def notify(dsn: str, payload: str) -> None:
+    """A notification on the leases' channel, as another replica would send it."""
+    db = await asyncpg.connect(dsn, timeout=TIMEOUT)
+    try:
+        await db.execute("SELECT pg_notify($1, $2)", LEASE_CHANNEL, payload)
+    finally:
+        await db.close()
+
+
+async def test_a_notification_wakes_the_waiters_of_its_key(
+    database_url: str, index: SharedIndex
+) -> None:
+    await index.take_lease(KEY, FIRST, LONG)
+    await listening(index, KEY)
+    waiting = asyncio.create_task(index.wait_released(KEY, TIMEOUT))
+    await asyncio.sleep(0)  # registered: the listener is up already
+    await notify(database_url, KEY)
+    async with asyncio.timeout(PROMPTLY):
+        assert await waiting is True
+
+
+async def test_a_long_key_is_announced_by_its_hash(database_url: str) -> None:
+    key = "tag:registry-1.docker.io/" + "a/" * 5000 + ":latest"
+    async with opened(database_url) as holder, opened(database_url) as peer:
+        lease = await holder.take_lease(key, FIRST, LONG)
+        await listening(peer, key)
+        waiting = asyncio.create_task(peer.wait_released(key, TIMEOUT))
+        await holder.release_lease(key, lease.token)
+        async with asyncio.timeout(PROMPTLY):
+            assert await waiting is True
+
+
+async def test_closing_ends_the_waits(database_url: str) -> None:
+    shared = SharedIndex(database_url, timeout=TIMEOUT)
+    await shared.open()
+    await shared.take_lease(KEY, FIRST, LONG)
+    await listening(shared, KEY)
+    waiting = asyncio.create_task(shared.wait_released(KEY, LONG))
+    await asyncio.sleep(0)
+    await shared.close()
+    async with asyncio.timeout(PROMPTLY):
+        assert await waiting is False
+    assert await shared.wait_released(KEY, LONG) is False
+
+
+async def test_expired_leases_are_dropped(database_url: str) -> None:
+    async with opened(database_url) as leader:
+        await leader.take_lease(KEY, FIRST, 0.1)
+        await leader.take_lease(f"blob:{B}", FIRST, LONG)
+        await asyncio.sleep(0.2)
+        assert await leader.drop_expired_leases(60.0) == 0  # not expired for that long
+        assert await leader.drop_expired_leases(0.0) == 1
+        assert await leader.drop_expired_leases(0.0) == 0
+        assert not (await leader.take_lease(f"blob:{B}", SECOND, LONG)).ours
+        assert (await leader.take_lease(KEY, SECOND, LONG)).ours
+
+
+async def test_waits_time_out_while_postgres_is_down_then_the_listener_reconnects(
+    postgres: Postgres, database_url: str
+) -> None:
+    async with opened(database_url) as holder, opened(database_url, SHORT) as peer:
+        lease = await holder.take_lease(KEY, FIRST, LONG)
+        await listening(peer, KEY)
+        postgres.stop()
+        try:
+            for timeout in (SHORT, SHORT):
+                started = time.monotonic()
+                assert await peer.wait_released(KEY, timeout) is False
+                assert time.monotonic() - started < timeout + SLACK
+            with pytest.raises(DatabaseUnavailable):
+                await holder.take_lease(KEY, SECOND, LONG)
+        finally:
+            postgres.start()
+        await listening(peer, KEY)  # reconnected: the lease is still held
+        waiting = asyncio.create_task(peer.wait_released(KEY, TIMEOUT))
+        await asyncio.sleep(0)
+        await notify(database_url, KEY)  # only a notification can wake it
+        async with asyncio.timeout(PROMPTLY):
+            assert await waiting is True
+        waiting = asyncio.create_task(peer.wait_released(KEY, TIMEOUT))
+        await asyncio.sleep(0)
+        await holder.release_lease(KEY, lease.token)
+        async with asyncio.timeout(PROMPTLY):
+            assert await waiting is True
+
+
+# --------------------------------------------------------------------------- quota
+
+
+async def test_the_quota_last_seen_is_shared(database_url: str) -> None:
+    async with opened(database_url) as first, opened(database_url) as second:
+        assert await first.quota("hub") is None
+        before = time.time()
+        await first.set_quota("hub", 76, 100, 21600, None)
+        seen = await second.quota("hub")
+        assert seen is not None
+        assert seen == SharedQuota(76, 100, 21600, None, seen.observed_at)
+        assert before - SLACK < seen.observed_at < time.time() + SLACK
+
+        await second.set_quota("hub", 0, 100, 21600, before + 60)
+        await first.set_quota("ecr", None, None, None, None)
+        latest = await first.quota("hub")
+        assert latest is not None
+        assert latest == SharedQuota(0, 100, 21600, before + 60, latest.observed_at)
+        assert latest.observed_at >= seen.observed_at
+        ecr = await second.quota("ecr")
+        assert ecr is not None and ecr == SharedQuota(None, None, None, None, ecr.observed_at)
 
 
 # --------------------------------------------------------------------------- failures

@@ -1,4 +1,5 @@
-"""The PostgreSQL index of the shared tier: what the bucket holds, the tags, the leader.
+"""The PostgreSQL index of the shared tier: what the bucket holds, the tags, the leader,
+the leases on upstream fetches and the Hub quota.
 
 Many replicas share one database. Each holds a small pool; the schema is created or
 migrated at open, one replica at a time (an advisory lock held for the migration's
@@ -7,11 +8,16 @@ database is a `DatabaseUnavailable`: the caller then serves from its local tier 
 A connection that fails or is cut off mid-call is dropped, not reset (a reset would wait
 on a server that may not answer); the pool connects afresh on the next call, so a
 restarted server needs no reopening.
+
+A lease names the one replica that fetches a key from the upstream for the whole fleet.
+Its end (release, or completion with the blob's row) is announced by NOTIFY on one
+channel; each index listens on one connection of its own for all of its waiters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -66,7 +72,36 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (upstream, repository, tag)
     );
     """,
+    """
+    -- Who fetches a key from the upstream for the fleet: one row per key, reused by the
+    -- next taker once expired; the leader drops rows long expired.
+    CREATE TABLE leases (
+        key         text PRIMARY KEY,
+        holder      text NOT NULL,          -- the holding replica's advertised URL
+        token       bigint NOT NULL,        -- fencing token, from lease_tokens
+        expires_at  timestamptz NOT NULL    -- on the database's clock, the only one trusted
+    );
+    CREATE INDEX leases_expiry ON leases (expires_at);
+    -- One sequence for every key: no token is ever handed out twice, so a holder that
+    -- lost its lease can never pass for the one that took it since.
+    CREATE SEQUENCE lease_tokens;
+
+    -- Docker Hub's pull quota per upstream, as a replica last saw it.
+    CREATE TABLE quotas (
+        upstream      text PRIMARY KEY,
+        remaining     integer,
+        quota_limit   integer,
+        quota_window  integer,              -- seconds
+        blocked_until double precision,     -- Unix time
+        observed_at   double precision NOT NULL
+    );
+    """,
 )
+
+# Every lease's end is announced on this channel, its payload the key (see _payload).
+LEASE_CHANNEL = "mirror_leases"
+# Longer keys are announced by their hash: PostgreSQL refuses payloads of 8000 bytes.
+PAYLOAD_MAX = 1000
 
 # Raised by a database that cannot be reached or fails; everything else is a bug.
 _FAILURES = (
@@ -88,6 +123,35 @@ _LOST = (
 )
 
 _BLOB_COLUMNS = "digest, size, media_type, private, marked_at"
+_LEASE_COLUMNS = "key, holder, token, extract(epoch FROM expires_at)::float8 AS expires_at"
+
+# A blob now in the bucket ($1 digest, $2 size, $3 media type, $4 private, $5 now). The
+# first media type recorded stays (it belongs to the content); fetched once through a
+# public upstream, it is public for good; and it is wanted again, so no longer marked.
+_ADD_BLOB = (
+    "INSERT INTO blobs (digest, size, media_type, private, created, last_access)"
+    " VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (digest) DO UPDATE SET"
+    " media_type = coalesce(blobs.media_type, excluded.media_type),"
+    " private = blobs.private AND excluded.private,"
+    " last_access = greatest(blobs.last_access, excluded.last_access),"
+    " marked_at = NULL"
+)
+# $1 key, $2 holder, $3 ttl in seconds: the lease, unless another holds it unexpired.
+# The token of a taking over is drawn once the old row is locked: greater than its token.
+_TAKE_LEASE = (
+    "INSERT INTO leases AS held (key, holder, token, expires_at)"
+    " VALUES ($1, $2, nextval('lease_tokens'), now() + $3::float8 * interval '1 second')"
+    " ON CONFLICT (key) DO UPDATE SET holder = excluded.holder,"
+    " token = nextval('lease_tokens'), expires_at = excluded.expires_at"
+    " WHERE held.expires_at < now()"
+    f" RETURNING {_LEASE_COLUMNS}"
+)
+# $1 key, $2 token: the lease ended if still that token, and then only announced ($3
+# channel, $4 payload), at commit. A row when it was ended.
+_END_LEASE = (
+    "WITH ended AS (DELETE FROM leases WHERE key = $1 AND token = $2 RETURNING key)"
+    " SELECT pg_notify($3, $4) FROM ended"
+)
 
 
 class DatabaseUnavailable(MirrorError):
@@ -127,6 +191,34 @@ class SharedUsage:
     blobs: int
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Who fetches `key` from the upstream for the fleet.
+
+    `ours` is True only for the call that took it, with a new token. A replica asking
+    again for a lease it still holds gets `ours` False with its own `holder` and the
+    current token: `holder` equal to the asker's URL is how "already yours" reads (an
+    earlier call of this replica took it, or a retried call whose answer was lost).
+    """
+
+    key: str  # "blob:sha256:…", "tag:<upstream>/<repo>:<tag>", "manifest:sha256:…"
+    holder: str  # the holding replica's advertised URL: peers stream from it
+    token: int  # fencing token: greater at each taking of the key, never handed out twice
+    expires_at: float  # Unix time, on the database's clock
+    ours: bool
+
+
+@dataclass(frozen=True)
+class SharedQuota:
+    """An upstream's pull quota as a replica last saw it (Docker Hub's headers)."""
+
+    remaining: int | None
+    limit: int | None
+    window: int | None  # seconds
+    blocked_until: float | None  # Unix time
+    observed_at: float  # Unix time, on the database's clock
+
+
 class SharedIndex:
     def __init__(self, dsn: str, *, timeout: float = 5.0) -> None:
         self._dsn = dsn
@@ -138,6 +230,11 @@ class SharedIndex:
         # pool's, whose reset on release unlocks every advisory lock.
         self._leader: asyncpg.Connection[asyncpg.Record] | None = None
         self._leading = asyncio.Lock()
+        # Notifications arrive on a connection of their own, for every waiter; a waiter
+        # waits on a future under its key's payload.
+        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self._listening = asyncio.Lock()
+        self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
 
     async def open(self) -> None:
         """Connect and bring the schema up to date. May be called again after a failure;
@@ -148,6 +245,7 @@ class SharedIndex:
     async def close(self) -> None:
         self._closed = True
         await self.resign()
+        await self._stop_listening()
         async with self._opening:  # a pool being created now is closed too, not leaked
             pool, self._pool = self._pool, None
         if pool is None:
@@ -176,21 +274,7 @@ class SharedIndex:
         content); fetched once through a public upstream, it is public for good; and it is
         wanted again, so no longer marked for eviction."""
         now = time.time()
-        await self._run(
-            lambda db: db.execute(
-                "INSERT INTO blobs (digest, size, media_type, private, created, last_access)"
-                " VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (digest) DO UPDATE SET"
-                " media_type = coalesce(blobs.media_type, excluded.media_type),"
-                " private = blobs.private AND excluded.private,"
-                " last_access = greatest(blobs.last_access, excluded.last_access),"
-                " marked_at = NULL",
-                digest,
-                size,
-                media_type,
-                private,
-                now,
-            )
-        )
+        await self._run(lambda db: db.execute(_ADD_BLOB, digest, size, media_type, private, now))
 
     async def touch(self, accessed: Mapping[str, float]) -> None:
         """Record last accesses (Unix times); a time never moves back."""
@@ -362,6 +446,227 @@ class SharedIndex:
 
         return await self._run(removal)
 
+    # ---- leases
+
+    async def take_lease(self, key: str, holder: str, ttl: float) -> Lease:
+        """The lease on `key` for `ttl` seconds: taken by `holder` (`ours`) if no one holds
+        it or its holder let it expire, else the current holder's."""
+
+        async def taking(db: Connection) -> Lease:
+            while True:
+                row = await db.fetchrow(_TAKE_LEASE, key, holder, ttl)
+                if row is not None:
+                    return _lease(row, ours=True)
+                row = await db.fetchrow(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE key = $1", key)
+                if row is not None:
+                    return _lease(row, ours=False)
+                # Ended between the two statements: free again (the timeout bounds this).
+
+        return await self._run(taking)
+
+    async def renew_lease(self, key: str, token: int, ttl: float) -> bool:
+        """Extend the lease to `ttl` seconds from now; False if it was lost (taken over
+        under another token, or gone). Renewed in time, an expired lease is still ours."""
+        renewed = await self._run(
+            lambda db: db.fetchval(
+                "UPDATE leases SET expires_at = now() + $3::float8 * interval '1 second'"
+                " WHERE key = $1 AND token = $2 RETURNING true",
+                key,
+                token,
+                ttl,
+            )
+        )
+        return bool(renewed)
+
+    async def release_lease(self, key: str, token: int) -> None:
+        """End the lease, if still `token`, and announce it to the waiters."""
+        await self._run(
+            lambda db: db.fetchrow(_END_LEASE, key, token, LEASE_CHANNEL, _payload(key))
+        )
+
+    async def complete_blob(
+        self,
+        key: str,
+        token: int,
+        digest: str,
+        size: int,
+        media_type: str | None,
+        private: bool,
+    ) -> bool:
+        """The fetch under the lease succeeded: in one transaction, the blob's row (as
+        `add_blob`) and the lease's end; whether the lease was still `token`.
+
+        Its bytes are verified and in the bucket, so the row is written even when the lease
+        was lost, and the waiters are told in either case: what they wait for is there."""
+        payload = _payload(key)
+        now = time.time()
+
+        async def completion(db: Connection) -> bool:
+            async with db.transaction():
+                await db.execute(_ADD_BLOB, digest, size, media_type, private, now)
+                ended = await db.fetchrow(_END_LEASE, key, token, LEASE_CHANNEL, payload)
+                if ended is None:
+                    await db.execute("SELECT pg_notify($1, $2)", LEASE_CHANNEL, payload)
+            return ended is not None
+
+        return await self._run(completion)
+
+    async def drop_expired_leases(self, older_than: float) -> int:
+        """Forget leases expired more than `older_than` seconds ago; how many. (A lease
+        taken over reuses its row: only keys no one asked for since pile up.)"""
+        dropped: int = await self._run(
+            lambda db: db.fetchval(
+                "WITH dropped AS (DELETE FROM leases"
+                " WHERE expires_at < now() - $1::float8 * interval '1 second' RETURNING key)"
+                " SELECT count(*) FROM dropped",
+                older_than,
+            )
+        )
+        return dropped
+
+    async def wait_released(
+        self,
+        key: str,
+        timeout: float,  # noqa: ASYNC109 - its end is an answer (False), not an error
+    ) -> bool:
+        """Wait until the lease on `key` ends, at most `timeout` seconds: True when its end
+        was announced, or when, once listening, no unexpired lease on `key` is left (it
+        ended before the wait began); False at the timeout. Never raises for an unreachable
+        database: the wait then times out (another waiter may reconnect the listener, and
+        its notifications reach this one too)."""
+        if self._closed:
+            return False
+        payload = _payload(key)
+        released: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(payload, set())
+        waiters.add(released)
+        try:
+            async with asyncio.timeout(timeout):
+                if await self._listening_while_free(key):
+                    return True
+                return await released
+        except TimeoutError:
+            return False
+        finally:
+            waiters.discard(released)
+            if not waiters and self._waiters.get(payload) is waiters:
+                del self._waiters[payload]
+
+    async def _listening_while_free(self, key: str) -> bool:
+        """Listen (connecting the listener if it is not); then whether `key` has no
+        unexpired lease. False, as if held, when the database cannot be reached."""
+        try:
+            async with self._listening:
+                for attempt in (1, 2):
+                    listener = await self._listener_connection()
+                    try:
+                        held = await listener.fetchval(
+                            "SELECT EXISTS (SELECT FROM leases"
+                            " WHERE key = $1 AND expires_at >= now())",
+                            key,
+                            timeout=self._timeout,
+                        )
+                        return not held
+                    except _LOST:
+                        self._drop_listener()
+                        if attempt == 2:
+                            raise
+                    except BaseException:
+                        self._drop_listener()  # cut off mid-query: in an unknown state
+                        raise
+        except _FAILURES as exc:
+            log.info("shared index: cannot listen for leases (%s)", _describe(exc))
+        return False
+
+    async def _listener_connection(self) -> asyncpg.Connection[asyncpg.Record]:
+        if self._closed:
+            raise asyncpg.InterfaceError("shared index is closed")
+        if self._listener is None or self._listener.is_closed():
+            self._drop_listener()
+            listener = await self._connect()
+            try:
+                await listener.add_listener(LEASE_CHANNEL, self._notified)
+            except BaseException:
+                listener.terminate()
+                raise
+            self._listener = listener
+        return self._listener
+
+    def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
+        for released in self._waiters.pop(str(payload), ()):
+            if not released.done():
+                released.set_result(True)
+
+    def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.terminate()
+
+    async def _stop_listening(self) -> None:
+        """Close the listener (once a connection under way is made) and end every wait."""
+        async with self._listening:
+            listener, self._listener = self._listener, None
+        waiters, self._waiters = self._waiters, {}
+        for released in (future for futures in waiters.values() for future in futures):
+            if not released.done():
+                released.set_result(False)
+        if listener is None:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                await listener.close()
+        except _FAILURES:
+            listener.terminate()
+
+    # ---- Hub quota
+
+    async def set_quota(
+        self,
+        upstream: str,
+        remaining: int | None,
+        limit: int | None,
+        window: int | None,
+        blocked_until: float | None,
+    ) -> None:
+        """The upstream's quota as seen just now; a write older than the recorded one (by
+        the database's clock) loses."""
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO quotas (upstream, remaining, quota_limit, quota_window,"
+                " blocked_until, observed_at)"
+                " VALUES ($1, $2, $3, $4, $5, extract(epoch FROM now()))"
+                " ON CONFLICT (upstream) DO UPDATE SET remaining = excluded.remaining,"
+                " quota_limit = excluded.quota_limit, quota_window = excluded.quota_window,"
+                " blocked_until = excluded.blocked_until, observed_at = excluded.observed_at"
+                " WHERE quotas.observed_at <= excluded.observed_at",
+                upstream,
+                remaining,
+                limit,
+                window,
+                blocked_until,
+            )
+        )
+
+    async def quota(self, upstream: str) -> SharedQuota | None:
+        row = await self._run(
+            lambda db: db.fetchrow(
+                "SELECT remaining, quota_limit, quota_window, blocked_until, observed_at"
+                " FROM quotas WHERE upstream = $1",
+                upstream,
+            )
+        )
+        if row is None:
+            return None
+        return SharedQuota(
+            row["remaining"],
+            row["quota_limit"],
+            row["quota_window"],
+            row["blocked_until"],
+            row["observed_at"],
+        )
+
+    # ---- leader
+
     async def lead(self) -> bool:
         """Whether this replica leads (holds the leader lock) now, taking the lock if it is
         free. The lock lasts as long as its connection: once that is lost, this is False
@@ -524,6 +829,19 @@ def _blob(row: asyncpg.Record) -> SharedBlob:
     return SharedBlob(
         row["digest"], row["size"], row["media_type"], row["private"], row["marked_at"]
     )
+
+
+def _lease(row: asyncpg.Record, *, ours: bool) -> Lease:
+    return Lease(row["key"], row["holder"], row["token"], row["expires_at"], ours)
+
+
+def _payload(key: str) -> str:
+    """What announces the end of `key`'s lease: the key, or a hash of a key too long for a
+    payload (no key starts with "hashed:")."""
+    encoded = key.encode()
+    if len(encoded) <= PAYLOAD_MAX:
+        return key
+    return "hashed:sha256:" + hashlib.sha256(encoded).hexdigest()
 
 
 def _describe(exc: BaseException) -> str:
