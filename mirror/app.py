@@ -27,7 +27,7 @@ from mirror.storage.index import INDEX_FILE, Index
 from mirror.storage.lock import storage_locked
 from mirror.storage.reconcile import reconcile
 from mirror.upstream.client import Upstream, upstream_session
-from mirror.web import ops, registry, status, worker
+from mirror.web import ops, peer, registry, status, worker
 from mirror.web.handoff import Sender
 from mirror.web.middleware import (
     ACTIVITY,
@@ -48,6 +48,7 @@ def make_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     app.cleanup_ctx.append(_one_server_per_storage)
     app.cleanup_ctx.append(_storage_and_upstream)
     registry.add_routes(app)
+    peer.add_routes(app, config.shared)
     ops.add_routes(app)
     if config.status_page:
         status.add_routes(app, config.workers)

@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import socket
 import ssl
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field, replace
@@ -61,7 +62,8 @@ _SECTION_KEYS: Mapping[str, frozenset[str]] = {
                          "keepalive_timeout"}),
     "shared": frozenset({"bucket", "endpoint_url", "region", "prefix", "database",
                          "database_env", "max_size", "redirect", "presign_ttl",
-                         "eviction_interval"}),
+                         "eviction_interval", "peer_secret", "peer_secret_env",
+                         "advertise_url", "lease_ttl"}),
 }  # fmt: skip
 # Lists of entries, which no single variable can hold.
 _LIST_KEYS = frozenset({"upstreams", "pins"})
@@ -211,6 +213,16 @@ class SharedConfig:
     # How often the leader counts the shared tier against max_size: it may be over by what
     # the replicas upload meanwhile.
     eviction_interval: float = 30.0
+    # The fleet's secret, which a replica streaming a blob from another (the one
+    # downloading it) presents; or the variable holding it. Neither: peer requests are
+    # refused, and each replica fetches alone.
+    peer_secret: str | None = field(default=None, repr=False)
+    peer_secret_env: str | None = None
+    # Where the other replicas reach this one (its peer route).
+    advertise_url: str = field(default_factory=lambda: default_advertise_url(Listen(), False))
+    # How long a replica's claim on downloading a blob for the fleet lasts without renewal:
+    # a replica that died is replaced after this long.
+    lease_ttl: float = 30.0
 
     def dsn(self) -> str:
         """The database's DSN, read from its variable at start."""
@@ -223,6 +235,17 @@ class SharedConfig:
                 "shared.database_env", f"environment variable {self.database_env} is not set"
             )
         return _dsn(value, self.database_env)
+
+    def fleet_secret(self) -> str | None:
+        """The secret of peer requests, read from its variable at start; None: none given."""
+        if self.peer_secret_env is None:
+            return self.peer_secret
+        value = os.environ.get(self.peer_secret_env)
+        if not value:
+            raise ConfigError(
+                "shared.peer_secret_env", f"environment variable {self.peer_secret_env} is not set"
+            )
+        return _peer_secret(value, "shared.peer_secret_env")
 
 
 @dataclass(frozen=True)
@@ -410,8 +433,9 @@ def _check_variables(env: Mapping[str, str], config: Config) -> None:
     """A MIRROR_* variable nothing reads is a mistake (a typo would otherwise be lost)."""
     known = environment_names() | _OTHER_VARIABLES
     known |= {u.auth.password_env for u in config.upstreams if u.auth.password_env}
-    if config.shared is not None and config.shared.database_env:
-        known |= {config.shared.database_env}
+    if config.shared is not None:
+        named = (config.shared.database_env, config.shared.peer_secret_env)
+        known |= {name for name in named if name}
     for name in sorted(env):
         if name.startswith(ENV_PREFIX) and name not in known and not _service_link(name, env):
             close = difflib.get_close_matches(name, sorted(environment_names()), n=1)
@@ -434,8 +458,9 @@ def config_from_dict(data: object) -> Config:
     auth = _client_auth(root.get("auth", {}))
     _check_access(upstreams, auth)
     tls = _tls(root["tls"]) if "tls" in root else None
+    listen = parse_listen(root["listen"]) if "listen" in root else defaults.listen
     return Config(
-        listen=parse_listen(root["listen"]) if "listen" in root else defaults.listen,
+        listen=listen,
         storage=_storage(root.get("storage", {})),
         upstreams=upstreams,
         pins=_pins(root.get("pins", []), upstreams),
@@ -445,11 +470,12 @@ def config_from_dict(data: object) -> Config:
         limits=_limits(root.get("limits", {})),
         workers=_workers(root.get("workers", 1), "workers", tls),
         status_page=_status_page(root.get("status_page", True)),
-        shared=_shared(root["shared"]) if "shared" in root else None,
+        shared=_shared(root["shared"], listen, tls is not None) if "shared" in root else None,
     )
 
 
-def _shared(data: object) -> SharedConfig:
+def _shared(data: object, listen: Listen, tls: bool) -> SharedConfig:
+    """`listen` and `tls`: where this replica answers, the default of advertise_url."""
     raw = _mapping(data, "shared", _SECTION_KEYS["shared"])
     for name in ("bucket", "max_size"):
         if name not in raw:
@@ -483,7 +509,49 @@ def _shared(data: object) -> SharedConfig:
         redirect=redirect,
         presign_ttl=parse_duration(raw.get("presign_ttl", 900), "shared.presign_ttl"),
         eviction_interval=_eviction_interval(raw.get("eviction_interval", 30)),
+        peer_secret=_peer_secret_in(raw),
+        peer_secret_env=_typed(raw, "peer_secret_env", "shared", str, None),
+        advertise_url=_advertise_url(raw, listen, tls),
+        lease_ttl=_lease_ttl(raw.get("lease_ttl", 30)),
     )
+
+
+def _peer_secret_in(raw: Mapping[str, Any]) -> str | None:
+    secret = _typed(raw, "peer_secret", "shared", str, None)
+    if secret is not None and "peer_secret_env" in raw:
+        raise ConfigError("shared.peer_secret", "give at most one of peer_secret, peer_secret_env")
+    return None if secret is None else _peer_secret(secret, "shared.peer_secret")
+
+
+def _advertise_url(raw: Mapping[str, Any], listen: Listen, tls: bool) -> str:
+    if "advertise_url" in raw:
+        return parse_url(raw["advertise_url"], "shared.advertise_url")
+    default = default_advertise_url(listen, tls)
+    try:
+        return parse_url(default, "shared.advertise_url")
+    except ConfigError:
+        raise ConfigError(
+            "shared.advertise_url", f"this host's name makes no valid URL ({default!r}): give one"
+        ) from None
+
+
+def _lease_ttl(value: object) -> float:
+    ttl = parse_duration(value, "shared.lease_ttl")
+    if ttl <= 0:
+        raise ConfigError("shared.lease_ttl", "must be more than 0")
+    return ttl
+
+
+def default_advertise_url(listen: Listen, tls: bool) -> str:
+    """This machine's name and the port it listens on: what other replicas reach it at."""
+    return f"{'https' if tls else 'http'}://{socket.gethostname().lower()}:{listen.port}"
+
+
+def _peer_secret(value: str, key: str) -> str:
+    """Sent as a Bearer token: visible ASCII only (never repeated in the error)."""
+    if not value or not all("!" <= c <= "~" for c in value):
+        raise ConfigError(key, "must be non-empty printable ASCII, without spaces")
+    return value
 
 
 def _eviction_interval(value: object) -> float:
@@ -611,7 +679,7 @@ def with_overrides(
         count = int(workers) if workers.isdigit() else workers
         config = replace(config, workers=_workers(count, "--workers", config.tls))
     if listen is not None:
-        config = replace(config, listen=parse_listen(listen, "--listen"))
+        config = _relistened(config, parse_listen(listen, "--listen"))
     if storage is not None:
         config = replace(config, storage=replace(config.storage, path=Path(storage)))
     if max_size is not None:
@@ -620,6 +688,15 @@ def with_overrides(
     if upstream is not None:
         config = replace(config, upstreams=(_sole_upstream(upstream, "--upstream"),))
     return config
+
+
+def _relistened(config: Config, listen: Listen) -> Config:
+    """On another port: the default advertise_url follows it (a URL given stays)."""
+    shared = config.shared
+    tls = config.tls is not None
+    if shared is not None and shared.advertise_url == default_advertise_url(config.listen, tls):
+        shared = replace(shared, advertise_url=default_advertise_url(listen, tls))
+    return replace(config, listen=listen, shared=shared)
 
 
 def _sole_upstream(text: str, key: str) -> UpstreamConfig:

@@ -99,6 +99,15 @@ class LoginRequired(RegistryError):
     code, status = "UNAUTHORIZED", 401
 
 
+class PeerUnauthorized(RegistryError):
+    """A request on the peer route (fleet mode) without the fleet's secret."""
+
+    code, status = "UNAUTHORIZED", 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="mirror-fleet"'}
+
+
 class Denied(RegistryError):
     code, status = "DENIED", 403
 

@@ -173,6 +173,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.peer_requests = Counter(
+            "mirror_peer_requests_total",
+            "Requests of other replicas (fleet mode) for a blob this one has or is downloading,"
+            " by result: served, refused (no or wrong fleet secret), absent (neither here).",
+            ["result"],
+            registry=r,
+        )
         # Series with fixed label values exist from the start, so a dashboard shows 0 and
         # rate() has a beginning, rather than no data.
         for kind in ("manifest", "blob"):
@@ -184,6 +191,8 @@ class Metrics:
             self.evictions.labels(reason)
         for result in ("unchanged", "moved", "failed"):
             self.pin_refreshes.labels(result)
+        for result in ("served", "refused", "absent"):
+            self.peer_requests.labels(result)
 
     def exposition(self) -> bytes:
         """The text format, of every process when they share values."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -416,7 +417,8 @@ def test_each_variable_sets_its_key(
 def test_every_scalar_key_has_a_variable_and_no_list_has_one(tmp_path: Path) -> None:
     names = key_variables()
     files = {"MIRROR_AUTH__HTPASSWD", "MIRROR_TLS__CERT", "MIRROR_TLS__KEY"}
-    dsn = {"MIRROR_SHARED__DATABASE"}  # the other way than SHARED_VARIABLES's database_env
+    # The other ways than SHARED_VARIABLES's database_env and peer_secret_env.
+    dsn = {"MIRROR_SHARED__DATABASE", "MIRROR_SHARED__PEER_SECRET"}
     every = {name for name, *_ in EVERY_VARIABLE} | files | SHARED_VARIABLES.keys() | dsn
     assert every == names.keys()
     assert names["MIRROR_LIMITS__HEADER_TIMEOUT"] == ("limits", "header_timeout")
@@ -446,12 +448,17 @@ SHARED_VARIABLES = {
     "MIRROR_SHARED__REDIRECT": "true",
     "MIRROR_SHARED__PRESIGN_TTL": "5m",
     "MIRROR_SHARED__EVICTION_INTERVAL": "10s",
+    "MIRROR_SHARED__PEER_SECRET_ENV": "MIRROR_TEST_PEER_SECRET",
+    "MIRROR_SHARED__ADVERTISE_URL": "http://replica-1.fleet:5000/",
+    "MIRROR_SHARED__LEASE_TTL": "1m",
 }
 
 
 def test_the_shared_block_from_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MIRROR_TEST_DSN", "postgresql://m@db/mirror")
-    shared = load_config(None, {**SHARED_VARIABLES, "MIRROR_TEST_DSN": "x"}).shared
+    monkeypatch.setenv("MIRROR_TEST_PEER_SECRET", "fleet-s3cret")
+    named = {"MIRROR_TEST_DSN": "x", "MIRROR_TEST_PEER_SECRET": "x"}
+    shared = load_config(None, {**SHARED_VARIABLES, **named}).shared
     assert shared == SharedConfig(
         bucket="cache-bucket",
         max_size=2 * 1024**3,
@@ -462,8 +469,12 @@ def test_the_shared_block_from_variables(monkeypatch: pytest.MonkeyPatch) -> Non
         redirect=True,
         presign_ttl=300.0,
         eviction_interval=10.0,
+        peer_secret_env="MIRROR_TEST_PEER_SECRET",
+        advertise_url="http://replica-1.fleet:5000",
+        lease_ttl=60.0,
     )
     assert shared.dsn() == "postgresql://m@db/mirror"
+    assert shared.fleet_secret() == "fleet-s3cret"
     with pytest.raises(ConfigError) as caught:
         load_config(None, {"MIRROR_SHARED__BUCKET": "cache-bucket"})
     assert (caught.value.key, caught.value.problem) == (
@@ -491,6 +502,14 @@ _SHARED = {"bucket": "abc", "max_size": 1, "database": "postgresql://d"}
         ({**_SHARED, "endpoint_url": "rgw:7480"}, "shared.endpoint_url", "http(s) URL"),
         ({**_SHARED, "eviction_interval": 0}, "shared.eviction_interval", "more than 0"),
         ({**_SHARED, "colour": 1}, "shared.colour", "unknown key"),
+        ({**_SHARED, "peer_secret": "a", "peer_secret_env": "X"}, "shared.peer_secret", "at most"),
+        ({**_SHARED, "peer_secret": ""}, "shared.peer_secret", "non-empty printable ASCII"),
+        ({**_SHARED, "peer_secret": "a b"}, "shared.peer_secret", "without spaces"),
+        ({**_SHARED, "peer_secret": 42}, "shared.peer_secret", "must be a str"),
+        ({**_SHARED, "advertise_url": "replica:5000"}, "shared.advertise_url", "http(s) URL"),
+        ({**_SHARED, "advertise_url": "http://u:p@r"}, "shared.advertise_url", "credentials"),
+        ({**_SHARED, "lease_ttl": 0}, "shared.lease_ttl", "more than 0"),
+        ({**_SHARED, "lease_ttl": "soon"}, "shared.lease_ttl", "invalid duration"),
     ],
 )
 def test_a_bad_shared_block_names_its_key(
@@ -500,6 +519,51 @@ def test_a_bad_shared_block_names_its_key(
         config_from_dict({"shared": shared})
     assert caught.value.key == key
     assert problem in caught.value.problem
+
+
+def test_the_peer_keys_by_default_and_the_advertised_port_follows_listen() -> None:
+    config = config_from_dict({"shared": _SHARED, "listen": "127.0.0.1:6000"})
+    assert config.shared is not None
+    assert config.shared.fleet_secret() is None  # peer requests refused
+    assert config.shared.lease_ttl == 30.0
+    host = socket.gethostname().lower()
+    assert config.shared.advertise_url == f"http://{host}:6000"
+    moved = with_overrides(config, listen="127.0.0.1:7000")
+    assert moved.shared is not None and moved.shared.advertise_url == f"http://{host}:7000"
+    given = config_from_dict({"shared": {**_SHARED, "advertise_url": "http://r1:5000"}})
+    kept = with_overrides(given, listen="127.0.0.1:7000")
+    assert kept.shared is not None and kept.shared.advertise_url == "http://r1:5000"
+
+
+def test_the_peer_secret_from_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = config_from_dict({"shared": {**_SHARED, "peer_secret_env": "MIRROR_PEER_SECRET"}})
+    assert shared.shared is not None
+    monkeypatch.delenv("MIRROR_PEER_SECRET", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        shared.shared.fleet_secret()
+    assert caught.value.key == "shared.peer_secret_env"
+    assert "MIRROR_PEER_SECRET is not set" in caught.value.problem
+    monkeypatch.setenv("MIRROR_PEER_SECRET", "bad secret\n")
+    with pytest.raises(ConfigError) as caught:
+        shared.shared.fleet_secret()
+    assert caught.value.key == "shared.peer_secret_env" and "bad" not in caught.value.problem
+    monkeypatch.setenv("MIRROR_PEER_SECRET", "fleet-s3cret")
+    assert shared.shared.fleet_secret() == "fleet-s3cret"
+    # The variable it names is read, not an unknown MIRROR_* variable.
+    env = {
+        "MIRROR_SHARED__BUCKET": "abc",
+        "MIRROR_SHARED__MAX_SIZE": "1",
+        "MIRROR_SHARED__DATABASE": "postgresql://d",
+        "MIRROR_SHARED__PEER_SECRET_ENV": "MIRROR_PEER_SECRET",
+        "MIRROR_PEER_SECRET": "fleet-s3cret",
+    }
+    assert load_config(None, env).shared is not None
+
+
+def test_the_peer_secret_stays_out_of_the_config_repr() -> None:
+    config = config_from_dict({"shared": {**_SHARED, "peer_secret": "fleet-s3cret"}})
+    assert "fleet-s3cret" not in repr(config)
+    assert config.shared is not None and config.shared.fleet_secret() == "fleet-s3cret"
 
 
 def test_a_database_password_stays_out_of_the_config_repr() -> None:
@@ -679,6 +743,8 @@ def test_documented_config_names_each_keys_variable() -> None:
     text = (REPO / "config" / "mirror.yaml").read_text()
     named = set(re.findall(r"MIRROR_[A-Z_]+", text))
     assert environment_names() <= named
-    # Beside them, only the examples of an upstream's password_env and of database_env.
+    # Beside them, only the examples of an upstream's password_env, of database_env and
+    # of peer_secret_env.
     examples = {"MIRROR_HUB_TOKEN", "MIRROR_GHCR_TOKEN", "MIRROR_DATABASE_URL"}
+    examples |= {"MIRROR_PEER_SECRET"}
     assert named - environment_names() == examples

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 GROWTH_STEP = 1024 * 1024  # reserved at a time for a blob of undeclared length
 BLOB_TYPE = "application/octet-stream"  # a blob's bytes have no type of their own
+EVERY_ACCESS = "authenticated"  # the access that sees private blobs too
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,28 @@ class BlobProxy:
             async with self.join(route, digest, kept) as reader:
                 size = await reader.fetch.wait_started()
                 yield Download(reader, size, "shared" if kept else "miss")
+
+    @asynccontextmanager
+    async def for_peer(self, digest: Digest) -> AsyncIterator[CachedBlob | Download | None]:
+        """What another replica of the fleet gets, held until the answer is sent: the
+        cached blob, whatever its access (replicas are trusted alike), or a reader of its
+        download under way, from whatever source; None when neither is here. It never
+        starts a download: the replica asking would have started its own."""
+        cached = self.local(EVERY_ACCESS, digest)
+        if cached is not None:
+            with cached:
+                yield cached
+            return
+        fetch = self._running(digest)
+        if fetch is None:
+            yield None
+            return
+        async with fetch.open_reader() as reader:
+            yield Download(reader, await fetch.wait_started())
+
+    def _running(self, digest: Digest) -> Fetch | None:
+        """The download of `digest` under way, from any source (only one, nearly always)."""
+        return next((f for (_, d), f in self._fetches.items() if d == digest), None)
 
     async def _presigned(self, digest: Digest) -> str | None:
         try:

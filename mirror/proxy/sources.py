@@ -8,12 +8,16 @@ the blob's whole length, when known.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
-from mirror.errors import UpstreamCut
+import aiohttp
+
+from mirror.config import Timeouts
+from mirror.errors import UpstreamCut, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from mirror.reference import Digest
 from mirror.shared.bucket import BucketUnavailable, ObjectMissing
 from mirror.shared.tier import Stream, Tier, TierUnavailable
@@ -106,3 +110,111 @@ class _SharedBody:
                 yield chunk
         except BucketUnavailable as exc:
             raise UpstreamCut(f"the shared bucket's answer broke off: {exc}") from exc
+
+
+PEER_PATH = "/_mirror/peer/blobs/{digest}"  # a replica's peer route (web/peer.py)
+PEER_CHUNK = 256 * 1024  # bytes taken from a peer's answer at a time
+PEER_RETRIES = 2  # cuts of a peer's answer resumed from it, per download
+
+
+class PeerSource:
+    """The blob from another replica of the fleet, the one downloading it for the fleet:
+    its growing file streamed as it arrives, through that replica's peer route with the
+    fleet's secret. The bytes are verified here again, as any source's.
+
+    A peer that has neither the blob nor its download, refuses the secret, or cannot be
+    reached raises `UpstreamError` on opening (the caller then reads elsewhere); an answer
+    that breaks off raises `UpstreamCut`, to be resumed with a Range."""
+
+    name = "peer"
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        secret: str,
+        timeouts: Timeouts,
+        retries: int = PEER_RETRIES,
+    ) -> None:
+        """`url`: the peer's advertised URL; `timeouts` bound connecting, its answer's
+        headers (which wait for its own source to answer) and each read."""
+        self.session = session
+        self.url = url.rstrip("/")
+        self.secret = secret
+        self.first_byte = timeouts.first_byte
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.idle
+        )
+        self.retries = retries
+        self.patience = timeouts.idle
+        self.shared = False
+
+    @asynccontextmanager
+    async def body(self, digest: Digest, offset: int) -> AsyncIterator[Body]:
+        response = await self._get(digest, offset)
+        try:
+            yield _PeerBody(self._checked(response, digest), offset)
+        finally:
+            # Kept alive only once read to its end: the rest of a body left midway would
+            # be taken for the next answer on the connection.
+            if response.content.is_eof():
+                response.release()
+            else:
+                response.close()
+
+    async def _get(self, digest: Digest, offset: int) -> aiohttp.ClientResponse:
+        url = self.url + PEER_PATH.format(digest=digest)
+        headers = {"Authorization": f"Bearer {self.secret}"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            async with asyncio.timeout(self.first_byte):
+                return await self.session.get(
+                    url, headers=headers, allow_redirects=False, timeout=self.timeout
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"peer {self.url} did not answer for {digest} in time") from exc
+        except aiohttp.ClientError as exc:
+            # Not the exception's repr: it holds the request's headers, the secret among them.
+            raise UpstreamUnavailable(
+                f"peer {self.url} cannot be reached: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _checked(self, response: aiohttp.ClientResponse, digest: Digest) -> aiohttp.ClientResponse:
+        status = response.status
+        if status in (200, 206):
+            return response
+        response.close()
+        if status == 404:
+            raise UpstreamError(f"peer {self.url} has {digest} neither cached nor downloading")
+        if status == 401:
+            raise UpstreamError(f"peer {self.url} refused the fleet's secret")
+        raise UpstreamError(f"peer {self.url} answered {status} for {digest}")
+
+
+class _PeerBody:
+    def __init__(self, response: aiohttp.ClientResponse, offset: int) -> None:
+        self.response = response
+        self.start = 0
+        self.length: int | None = response.content_length
+        if response.status == 206:
+            self.start, self.length = _placed(response.headers.get("Content-Range", ""), offset)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.response.content.iter_chunked(PEER_CHUNK):
+                yield chunk
+        except TimeoutError as exc:
+            raise UpstreamCut("the peer stopped sending the blob") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamCut(f"the peer's answer broke off: {type(exc).__name__}") from exc
+
+
+def _placed(content_range: str, offset: int) -> tuple[int, int]:
+    """(first byte, whole length) of a peer's 206 to `Range: bytes=<offset>-`."""
+    unit, _, rest = content_range.partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, _ = span.partition("-")
+    if unit != "bytes" or first != str(offset) or not total.isdigit():
+        raise UpstreamError(f"a peer answered a range from {offset} with {rest or 'nothing'}")
+    return offset, int(total)
