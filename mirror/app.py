@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from mirror.access import Gate, read_htpasswd
 from mirror.activity import Activity
-from mirror.config import Config
+from mirror.config import Config, Timeouts
 from mirror.eviction import Evictor, pinned_images
 from mirror.metrics import Metrics
 from mirror.proxy.blobs import BlobProxy
 from mirror.proxy.health import Health
 from mirror.proxy.manifests import ManifestProxy
 from mirror.proxy.pins import Pins
+from mirror.proxy.sources import PeerSource, Source
 from mirror.routing import Router
 from mirror.shared.tier import tier_of
 from mirror.storage.blobs import BlobStore
@@ -100,7 +101,7 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
     cache = Cache(store, index)
     upstreams = {u.name: Upstream(u, session, metrics) for u in config.upstreams}
     tier = tier_of(config.shared, metrics, evictor.pinned)
-    blobs = BlobProxy(cache, budget, upstreams, metrics, tier)
+    blobs = BlobProxy(cache, budget, upstreams, metrics, tier, _peers(config, session))
     manifests = ManifestProxy(cache, index, budget, upstreams, metrics, tier)
     router = Router(config.upstreams)
     background: list[asyncio.Task[None]] = []
@@ -128,6 +129,15 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
             await upstream_client.close()
         await session.close()
         await index.close()
+
+
+def _peers(config: Config, session: ClientSession) -> Callable[[str], Source] | None:
+    """How this replica reads a blob from the one fetching it for the fleet; None (fetch
+    alone) without a fleet or without its secret."""
+    secret = config.shared.fleet_secret() if config.shared is not None else None
+    if secret is None:
+        return None
+    return lambda url: PeerSource(session, url, secret, Timeouts())
 
 
 async def _worker_storage(app: web.Application) -> AsyncIterator[None]:

@@ -163,9 +163,12 @@ def make_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> Callable[..., 
 class MirrorProcess:
     """`mirror serve` as a real subprocess, started from the console script."""
 
-    def __init__(self, args: list[str], log_path: Path, ca: Path | None = None) -> None:
-        """`ca`: the mirror serves HTTPS with a certificate this CA file vouches for."""
-        self.port = free_loopback_port()
+    def __init__(
+        self, args: list[str], log_path: Path, ca: Path | None = None, port: int | None = None
+    ) -> None:
+        """`ca`: the mirror serves HTTPS with a certificate this CA file vouches for;
+        `port`: the one to listen on (default: a free one)."""
+        self.port = port or free_loopback_port()
         self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
         self._ssl = ssl.create_default_context(cafile=ca) if ca else None
@@ -215,12 +218,12 @@ def _console_script() -> str:
 
 @pytest.fixture
 def start_mirror_process(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
-    """`start_mirror_process(*args, ca=None)` runs `mirror serve --listen 127.0.0.1:PORT *args`
-    (over HTTPS, with `ca` the CA file of the configured certificate)."""
+    """`start_mirror_process(*args, ca=None, port=None)` runs `mirror serve --listen
+    127.0.0.1:PORT *args` (over HTTPS, with `ca` the CA file of the configured certificate)."""
     started: list[MirrorProcess] = []
 
-    def start(*args: str, ca: Path | None = None) -> MirrorProcess:
-        process = MirrorProcess(list(args), tmp_path / f"mirror-{len(started)}.log", ca)
+    def start(*args: str, ca: Path | None = None, port: int | None = None) -> MirrorProcess:
+        process = MirrorProcess(list(args), tmp_path / f"mirror-{len(started)}.log", ca, port)
         started.append(process)
         return process
 

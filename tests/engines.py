@@ -739,3 +739,22 @@ def radosgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Radosgw]:
     """radosgw of a one-node Ceph cluster, for the whole session; `stop()`/`start()` the gateway."""
     with CephCluster(tmp_path_factory.mktemp("ceph")) as cluster:
         yield Radosgw.of(cluster)
+
+
+@pytest.fixture
+def aws_credentials(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Callable[[S3Endpoint], None]:
+    """The standard AWS chain of the replicas (subprocesses inherit it): the endpoint's
+    keys in the environment, and nothing else of the host's."""
+
+    def apply(endpoint: S3Endpoint) -> None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", endpoint.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", endpoint.secret_key)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", endpoint.region)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+    return apply

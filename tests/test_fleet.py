@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
-import json
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
-import yaml
 from conftest import write_htpasswd
 from containerd import ContainerdProcess
 from engines import Postgres, Radosgw, S3Endpoint, StallingProxy, s3_client
+from fleet import (
+    Fleet,
+    expected,
+    get_blob,
+    metric,
+    readyz,
+    wait_until,
+    wait_uploaded,
+)
 from podman import podman_pull_async, push_tar_image
-from prometheus_client.parser import text_string_to_metric_families
 from upstream_registry import (
-    PushedImage,
     RegistryProcess,
     dir_digests,
     push_image,
@@ -39,58 +41,6 @@ if TYPE_CHECKING:
     StartMirrorProcess = Callable[..., MirrorProcess]
 
 KIB = 1024
-
-
-@pytest.fixture
-def aws_credentials(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Callable[[S3Endpoint], None]:
-    """The standard AWS chain of the replicas (subprocesses inherit it): the endpoint's
-    keys in the environment, and nothing else of the host's."""
-
-    def apply(endpoint: S3Endpoint) -> None:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", endpoint.access_key)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", endpoint.secret_key)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", endpoint.region)
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-    return apply
-
-
-class Fleet:
-    """Replicas of one fleet: each with its own cache directory, all with one `shared:`."""
-
-    def __init__(
-        self,
-        start: StartMirrorProcess,
-        root: Path,
-        upstream: str,
-        shared: dict[str, Any],
-    ) -> None:
-        self.start = start
-        self.root = root
-        self.shared = shared
-        self.settings: dict[str, Any] = {"upstreams": [{"name": "up", "url": upstream}]}
-        self.replicas: list[MirrorProcess] = []
-
-    def config(self, n: int) -> Path:
-        path = self.root / f"replica{n}.yaml"
-        config = {
-            **self.settings,
-            "storage": {"path": str(self.root / f"cache{n}")},
-            "shared": self.shared,
-        }
-        path.write_text(yaml.safe_dump(config))
-        return path
-
-    async def add(self) -> MirrorProcess:
-        config = self.config(len(self.replicas))
-        replica = await asyncio.to_thread(self.start, "--config", str(config))
-        self.replicas.append(replica)
-        return replica
 
 
 @pytest.fixture
@@ -112,46 +62,6 @@ def moto_fleet(
         "max_size": "1GiB",
     }
     yield Fleet(start_mirror_process, tmp_path, registry.url, shared)
-
-
-def metric(replica: MirrorProcess, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"{replica.url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
-
-
-async def wait_uploaded(replica: MirrorProcess, count: int) -> None:
-    """Until `replica` has kept `count` objects in the shared tier (rows written)."""
-
-    def uploaded() -> bool:
-        return metric(replica, "mirror_shared_uploads_total") >= count
-
-    await wait_until(uploaded, f"{count} uploads kept\n{replica.log()}")
-
-
-async def wait_until(check: Callable[[], bool], what: str, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {within} s")
-        await asyncio.sleep(0.2)
-
-
-def readyz(replica: MirrorProcess) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"{replica.url}/readyz", timeout=5) as resp:
-            body: dict[str, Any] = json.loads(resp.read())
-    except urllib.error.HTTPError as error:
-        body = json.loads(error.read())
-    return body
-
-
-def expected(image: PushedImage) -> set[str]:
-    return image.blob_digests() | {image.manifest_digest}
 
 
 async def test_what_one_replica_fetched_the_others_serve_without_the_upstream(
@@ -211,20 +121,6 @@ async def test_without_its_database_a_replica_serves_alone_then_shares_again(
     await registry.settle()
     assert registry.requests() == [], replicas[1].log()
     assert "unreachable" in replicas[0].log() and "answers again" in replicas[0].log()
-
-
-def get_blob(
-    replica: MirrorProcess, name: str, digest: str, authorization: str | None = None
-) -> bytes | None:
-    """The body of a blob GET, or None when the answer is an error or is cut."""
-    request = urllib.request.Request(f"{replica.url}/v2/{name}/blobs/{digest}")
-    if authorization is not None:
-        request.add_header("Authorization", authorization)
-    try:
-        with urllib.request.urlopen(request, timeout=20) as resp:
-            return bytes(resp.read())
-    except (urllib.error.HTTPError, http.client.IncompleteRead, ConnectionError):
-        return None
 
 
 async def test_a_tampered_shared_object_is_never_served_and_is_fetched_again(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -30,11 +30,12 @@ from typing import BinaryIO
 from mirror.errors import RegistryError, UpstreamCut, UpstreamError
 from mirror.metrics import Metrics
 from mirror.proxy.fetch import BlobReader, Fetch
+from mirror.proxy.fleet import FleetSource
 from mirror.proxy.sinks import Span
 from mirror.proxy.sources import Body, SharedSource, Source, UpstreamSource
 from mirror.reference import Digest
 from mirror.routing import Route
-from mirror.shared.tier import Kept, Tier, TierUnavailable, Unshared
+from mirror.shared.tier import Kept, Tier, TierUnavailable, Unshared, blob_key
 from mirror.storage.blobs import DigestMismatch
 from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache
@@ -101,13 +102,17 @@ class BlobProxy:
         upstreams: Mapping[str, Upstream],
         metrics: Metrics | None = None,
         tier: Tier | None = None,
+        peers: Callable[[str], Source] | None = None,
     ) -> None:
         """`upstreams`: the clients by upstream name, for misses (none in a worker);
-        `tier`: what other replicas have kept, asked before the upstream."""
+        `tier`: what other replicas have kept, asked before the upstream; `peers(url)`: a
+        source reading from the replica at `url`, with which this replica follows the one
+        that fetches a blob for the fleet (none: it fetches alone)."""
         self.cache = cache
         self.budget = budget
         self.upstreams = upstreams
         self.tier = tier or Unshared()
+        self.peers = peers
         self.metrics = metrics or Metrics()
         self._fetches: dict[tuple[str, Digest], Fetch] = {}  # by source name and digest
         self._tasks: set[asyncio.Task[None]] = set()
@@ -183,6 +188,8 @@ class BlobProxy:
         source: Source = UpstreamSource(self.upstreams[route.upstream.name], route.repository)
         if kept is not None:
             source = SharedSource(self.tier, kept.size, source)
+        elif self.peers is not None:  # a fleet: one replica fetches, the others follow it
+            source = FleetSource(self.tier, source, self.peers, route.upstream.access)
         return self.download(source, digest, private=route.upstream.access == "authenticated")
 
     def download(self, source: Source, digest: Digest, private: bool) -> BlobReader:
@@ -241,12 +248,13 @@ class BlobProxy:
         self, key: tuple[str, Digest], fetch: Fetch, source: Source, private: bool
     ) -> None:
         error: RegistryError | None = None
+        sharing = False  # the shared tier keeps the blob from here: it ends any lease
         self.metrics.fetches_in_flight.inc()
         try:
             await self._receive(key, fetch, source)
             await fetch.check()
             if fetch.sink.keeps:
-                await self._keep(fetch, private, share=not source.shared)
+                sharing = await self._keep(fetch, private, share=not source.shared)
         except RegistryError as exc:
             error = exc
             if isinstance(exc, DigestMismatch):
@@ -269,21 +277,25 @@ class BlobProxy:
             fetch.writer.close()
             self.budget.release(fetch.reserved)
             self.metrics.fetches_in_flight.dec()
+            if not sharing:  # a lease this replica took for the fleet ends unfulfilled
+                await self.tier.release(blob_key(fetch.digest))
 
     def _forget(self, key: tuple[str, Digest], fetch: Fetch) -> None:
         """No new reader may join this download (it ended, or passes through)."""
         if self._fetches.get(key) is fetch:
             del self._fetches[key]
 
-    async def _keep(self, fetch: Fetch, private: bool, share: bool) -> None:
+    async def _keep(self, fetch: Fetch, private: bool, share: bool) -> bool:
         """Commit the verified file, and (`share`) keep it in the shared tier from there. A
         failure to store it leaves the readers' answers whole: the blob was served, only not
         cached."""
-        if await self.cache.commit_file(fetch.writer, private=private):
-            self._disk_full = False
-            if share:
-                path, size = self.cache.path(fetch.digest), fetch.written
-                self.tier.keep_file(fetch.digest, path, size, BLOB_TYPE, private)
+        if not await self.cache.commit_file(fetch.writer, private=private):
+            return False
+        self._disk_full = False
+        if share:
+            path, size = self.cache.path(fetch.digest), fetch.written
+            self.tier.keep_file(fetch.digest, path, size, BLOB_TYPE, private)
+        return share
 
     async def _receive(self, key: tuple[str, Digest], fetch: Fetch, source: Source) -> None:
         """The whole body into `fetch`, resuming after a cut `retries` times at most."""

@@ -41,7 +41,7 @@ from mirror.reference import (
 )
 from mirror.routing import Route
 from mirror.shared.database import SharedTag
-from mirror.shared.tier import Tier, Unshared
+from mirror.shared.tier import Tier, Unshared, blob_key
 from mirror.storage.blobs import DigestMismatch
 from mirror.storage.budget import Budget
 from mirror.storage.cache import Cache
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 LISTING_CACHE_ENTRIES = 1024
 LISTING_CACHE_BYTES = 32 * 1024 * 1024  # each of the listing caches, in memory
 MEMORY_BYTES = 16 * 1024 * 1024  # cached manifests also kept in memory, most recent first
+WAIT_FOR_HOLDER = 10.0  # seconds another replica's manifest work is waited for, at most
 MAX_TAG_PAGES = 100  # of an upstream that pages its tags/list; more is an upstream error
 _LINK = re.compile(r"\s*<([^>]*)>")
 T = TypeVar("T")
@@ -178,18 +179,54 @@ class ManifestProxy:
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
         # A request that found nothing may get here just after another's fetch stored it.
-        cached = await self.cached(upstream.config.access, digest)
-        if cached is None:
-            cached = await self._shared(upstream, digest)
-        if cached is not None:
-            return cached
-        remote = await upstream.get_manifest(repository, str(digest), accept)
-        assert remote.body is not None
+        async def kept() -> Manifest | None:
+            cached = await self.cached(upstream.config.access, digest)
+            return cached if cached is not None else await self._shared(upstream, digest)
+
+        async def fetch() -> Manifest:
+            remote = await upstream.get_manifest(repository, str(digest), accept)
+            assert remote.body is not None
+            try:
+                return await self._store(upstream, remote.body, remote.media_type, digest)
+            except DigestMismatch:
+                self.metrics.digest_mismatches.labels(upstream.name).inc()
+                raise
+
+        # The row of the manifest kept in the shared tier ends the lease.
+        return await kept() or await self._for_fleet(blob_key(digest), kept, fetch, row=True)
+
+    async def _for_fleet(
+        self,
+        key: str,
+        done: Callable[[], Awaitable[Manifest | None]],
+        work: Callable[[], Awaitable[Manifest]],
+        row: bool = False,
+    ) -> Manifest:
+        """`work`, done once for the fleet: by this replica when it takes the lease of
+        `key` (or fetches alone); else what the holder's work left (`done`), once its
+        lease ends, or this replica's own work when it left nothing in time. The lease
+        ends with the work, or (`row`) with the row the work has the shared tier write."""
+        lease = await self.tier.lease(key)
+        if lease is not None and not lease.ours:
+            await self.tier.wait_released(key, WAIT_FOR_HOLDER)
+        ours = lease is not None and lease.ours
+        if lease is not None:
+            # Done by the holder while this replica waited, or just before it took the
+            # lease (the holder's lease ends the moment its work is done).
+            found = await done()
+            if found is not None:
+                if ours:
+                    await self.tier.release(key)
+                return found
         try:
-            return await self._store(upstream, remote.body, remote.media_type, digest)
-        except DigestMismatch:
-            self.metrics.digest_mismatches.labels(upstream.name).inc()
+            manifest = await work()
+        except BaseException:
+            if ours:
+                await self.tier.release(key)
             raise
+        if ours and not row:
+            await self.tier.release(key)
+        return manifest
 
     def _fetched(self, key: Hashable, done: asyncio.Task[Manifest]) -> None:
         if self._fetches.get(key) is done:
@@ -219,12 +256,15 @@ class ManifestProxy:
         else:
             work = partial(self._revalidate, upstream, repository, tag, accept, cached)
 
+        async def fresh_now() -> Manifest | None:
+            # Another request's fetch (or another replica's) may have stored the tag since
+            # it was read above.
+            now, fresh = await self._tagged(upstream, repository, tag)
+            return now if now is not None and fresh and accepts(accept, now.media_type) else None
+
         async def unless_fresh_now() -> Manifest:
-            # Another request's fetch may have stored the tag since it was read above.
-            now, fresh_now = await self._tagged(upstream, repository, tag)
-            if now is not None and fresh_now and accepts(accept, now.media_type):
-                return now
-            return await work()
+            key = f"tag:{upstream.name}/{repository}:{tag}"
+            return await self._for_fleet(key, fresh_now, work)
 
         try:
             return await self._once((upstream.name, repository, tag, accept), unless_fresh_now)
@@ -435,7 +475,7 @@ class ManifestProxy:
         media_type = own_type or await self._recorded_type(digest) or sent_type
         private = upstream.config.access == "authenticated"
         if not shared:
-            self.tier.keep_bytes(digest, body, media_type, private)
+            await self.tier.keep_bytes(digest, body, media_type, private)
         if not await self.budget.reserve(len(body)):
             self.budget.passed_through(digest, len(body))
             return Manifest(body, media_type, digest)

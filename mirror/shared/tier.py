@@ -11,9 +11,10 @@ background from the verified file of the local cache, a few at a time; a replica
 mid-upload leaves a multipart upload nobody sees, never an object.
 
 Degraded, never down: when the database or the bucket fails, the replica goes on alone
-(its own cache, the upstream) and says so on /readyz. A part that failed is left alone for
-RETRY_AFTER before the next call tries it again, so requests meanwhile do not each wait for
-its timeout; the first failure is logged, and the recovery.
+(its own cache, the upstream) and says so on /readyz. Requests no longer call a part that
+failed (they would each wait for its timeout): a background probe tries it every
+RETRY_AFTER, and sharing resumes once it answers. The failure is logged once, and the
+recovery.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from typing import Protocol, TypeVar
 from mirror.config import SharedConfig
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
-from mirror.shared.bucket import Bucket, BucketBody, BucketUnavailable, ObjectMissing
-from mirror.shared.database import DatabaseUnavailable, SharedIndex, SharedTag
+from mirror.shared.bucket import Bucket, BucketBody, BucketError, ObjectMissing
+from mirror.shared.database import DatabaseUnavailable, Lease, SharedIndex, SharedTag
 from mirror.shared.eviction import SharedEvictor
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,11 @@ MAX_MANIFEST = 4 * 1024 * 1024  # bytes a manifest read from the bucket may have
 
 T = TypeVar("T")
 _PROBE = parse_digest("sha256:" + "0" * 64)  # a key nobody has: a HEAD of it costs nothing
+
+
+def blob_key(digest: Digest) -> str:
+    """The lease of a blob's fetch from the upstream."""
+    return f"blob:{digest}"
 
 
 async def _nothing_pinned() -> set[str]:
@@ -82,12 +88,17 @@ class Tier(Protocol):
     def keep_file(
         self, digest: Digest, path: Path, size: int, media_type: str, private: bool
     ) -> None: ...
-    def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None: ...
+    async def keep_bytes(
+        self, digest: Digest, body: bytes, media_type: str, private: bool
+    ) -> None: ...
     async def discard(self, digest: Digest, why: str) -> None: ...
     async def tag(self, upstream: str, repository: str, tag: str) -> SharedTag | None: ...
     async def set_tag(
         self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str | None
     ) -> None: ...
+    async def lease(self, key: str) -> Lease | None: ...
+    async def wait_released(self, key: str, seconds: float) -> bool: ...
+    async def release(self, key: str) -> None: ...
     def degraded(self) -> list[str]: ...
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -115,7 +126,7 @@ class Unshared:
     ) -> None:
         pass
 
-    def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None:
+    async def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None:
         pass
 
     async def discard(self, digest: Digest, why: str) -> None:
@@ -127,6 +138,15 @@ class Unshared:
     async def set_tag(
         self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str | None
     ) -> None:
+        pass
+
+    async def lease(self, key: str) -> Lease | None:
+        return None
+
+    async def wait_released(self, key: str, seconds: float) -> bool:
+        return False
+
+    async def release(self, key: str) -> None:
         pass
 
     def degraded(self) -> list[str]:
@@ -150,9 +170,13 @@ class _Part:
         failures: tuple[type[Exception], ...],
         probe: Callable[[], Awaitable[object]],
         metrics: Metrics,
+        answers: tuple[type[Exception], ...] = (),
     ) -> None:
+        """`failures` say the part cannot serve; `answers`, among them, are its answer
+        about one thing (an object missing), passed on as they are."""
         self.name = name
         self.failures = failures
+        self.answers = answers
         self.probe = probe
         self.metrics = metrics
         self.error: str | None = "not connected yet"  # None: it answers
@@ -164,6 +188,8 @@ class _Part:
             raise TierUnavailable(f"shared {self.name}: {self.error}")
         try:
             return await work()
+        except self.answers:
+            raise
         except self.failures as exc:
             self._failed(exc)
             raise TierUnavailable(f"shared {self.name}: {self.error}") from exc
@@ -228,12 +254,19 @@ class SharedTier:
         self._database = _Part(
             "database", (DatabaseUnavailable,), self._probe_database, self.metrics
         )
-        self._bucket = _Part("bucket", (BucketUnavailable,), self._probe_bucket, self.metrics)
+        # Any refusal of the bucket (unreachable, no bucket, no credentials) but a missing
+        # object leaves the replica alone, as the database's does.
+        self._bucket = _Part(
+            "bucket", (BucketError,), self._probe_bucket, self.metrics, (ObjectMissing,)
+        )
         self._opened: set[str] = set()
         self._uploads = asyncio.Semaphore(UPLOADS)
         self._uploading: set[Digest] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._accessed: dict[str, float] = {}
+        self._held: dict[str, tuple[Lease, asyncio.Task[None]]] = {}  # by key, heartbeating
+        self.holder = config.advertise_url or ""
+        self.lease_ttl = config.lease_ttl
 
     async def start(self) -> None:
         """Open what answers now; the rest is retried in the background."""
@@ -242,6 +275,8 @@ class SharedTier:
         self._spawn(self.evictor.run())
 
     async def close(self) -> None:
+        for key in list(self._held):
+            await self.release(key)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -249,7 +284,6 @@ class SharedTier:
                 await task
         with contextlib.suppress(TierUnavailable):
             await self._flush_touches()
-        await asyncio.gather(*self._tasks, return_exceptions=True)  # uploads (none left)
         await self.index.close()
         await self.bucket.close()
 
@@ -295,9 +329,14 @@ class SharedTier:
         upload = partial(self.bucket.put_file, digest, path, media_type)
         self._keep(digest, upload, size, media_type, private)
 
-    def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None:
+    async def keep_bytes(self, digest: Digest, body: bytes, media_type: str, private: bool) -> None:
+        """Uploaded and recorded before this returns: a manifest is small, and the replicas
+        waiting for this one's work (a tag's lease) look for it in the shared tier."""
+        if digest in self._uploading:
+            return
+        self._uploading.add(digest)
         upload = partial(self.bucket.put_bytes, digest, body, media_type)
-        self._keep(digest, upload, len(body), media_type, private)
+        await self._upload(digest, upload, len(body), media_type, private)
 
     async def discard(self, digest: Digest, why: str) -> None:
         """Gone from the shared tier, row and object, so that the next request fetches
@@ -322,6 +361,58 @@ class SharedTier:
             await self._database.call(
                 lambda: self.index.set_tag(upstream, repository, tag, str(digest), media_type, now)
             )
+
+    async def lease(self, key: str) -> Lease | None:
+        """`key`'s lease: this replica's (it then works for the fleet, and the lease is
+        renewed until released), another's (its holder), or None: fetch alone."""
+        if key in self._held:
+            return self._held[key][0]
+        try:
+            lease = await self._database.call(
+                lambda: self.index.take_lease(key, self.holder, self.lease_ttl)
+            )
+        except TierUnavailable:
+            return None
+        if lease.ours:
+            self._held[key] = (lease, asyncio.create_task(self._heartbeat(lease)))
+        return lease
+
+    async def wait_released(self, key: str, seconds: float) -> bool:
+        """Until the lease of `key` ends (True), or `seconds` pass."""
+        try:
+            return await self._database.call(lambda: self.index.wait_released(key, seconds))
+        except TierUnavailable:
+            await asyncio.sleep(seconds)
+            return False
+
+    async def release(self, key: str) -> None:
+        """This replica's lease of `key` ended without the work done (or the work needs
+        no row): another replica may take it at once."""
+        held = self._drop(key)
+        if held is not None:
+            with contextlib.suppress(TierUnavailable):
+                await self._database.call(lambda: self.index.release_lease(key, held.token))
+
+    def _drop(self, key: str) -> Lease | None:
+        held = self._held.pop(key, None)
+        if held is None:
+            return None
+        held[1].cancel()
+        return held[0]
+
+    async def _heartbeat(self, lease: Lease) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                renewed = await self._database.call(
+                    lambda: self.index.renew_lease(lease.key, lease.token, self.lease_ttl)
+                )
+            except TierUnavailable:
+                continue  # the lease may expire: another replica then fetches too
+            if not renewed:
+                log.warning("lease %s lost to another replica: its work is done twice", lease.key)
+                self._held.pop(lease.key, None)
+                return
 
     def degraded(self) -> list[str]:
         return [note for part in (self._database, self._bucket) if (note := part.note())]
@@ -350,9 +441,7 @@ class SharedTier:
         try:
             async with self._uploads:
                 uploaded = await self._bucket.call(upload)
-                await self._database.call(
-                    lambda: self.index.add_blob(str(digest), size, media_type, private)
-                )
+                await self._record(digest, size, media_type, private)
                 if (
                     not uploaded
                     and await self._bucket.call(lambda: self.bucket.head(digest)) is None
@@ -369,6 +458,22 @@ class SharedTier:
             log.exception("keeping %s in the shared tier failed", digest)
         finally:
             self._uploading.discard(digest)
+            await self.release(blob_key(digest))  # not kept: another replica may try
+
+    async def _record(self, digest: Digest, size: int, media_type: str, private: bool) -> None:
+        """The blob's row, and the end of this replica's lease of it in the same
+        transaction when it held one (waking the replicas waiting for it)."""
+        lease = self._drop(blob_key(digest))
+        if lease is None:
+            await self._database.call(
+                lambda: self.index.add_blob(str(digest), size, media_type, private)
+            )
+            return
+        await self._database.call(
+            lambda: self.index.complete_blob(
+                lease.key, lease.token, str(digest), size, media_type, private
+            )
+        )
 
     async def _probe_database(self) -> None:
         if "database" not in self._opened:

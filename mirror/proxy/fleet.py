@@ -1,0 +1,88 @@
+"""Where a blob that no replica of the fleet has kept yet comes from (fleet mode).
+
+A source like the others (sources.py), asked again at each start and at each resumption
+after a cut, so that it follows the fleet as it changes:
+
+1. the shared bucket, if a replica finished the blob meanwhile;
+2. the upstream, if this replica takes the blob's lease: it then fetches for the whole
+   fleet, and the lease ends when the verified blob is in the bucket (the tier completes
+   it with the blob's row);
+3. the replica holding the lease, streaming its download as it arrives (a peer request);
+4. when the holder cannot send it (it died, or its lease is about to end), the lease is
+   asked for again after a short wait: a dead holder's lease expires and this replica
+   takes it over, from the byte it has reached.
+
+Without the database (degraded), or after MAX_ROUNDS, the replica fetches alone: bytes
+are verified whatever their source, so falling back costs the fleet a fetch, never a
+wrong byte.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from mirror.errors import UpstreamError
+from mirror.proxy.sources import Body, SharedSource, Source
+from mirror.reference import Digest
+from mirror.shared.tier import Tier, blob_key
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 5  # of bucket, lease and peer, before fetching alone
+ROUND_WAIT = 1.0  # seconds waited for a holder's lease to end before asking again
+
+
+class FleetSource:
+    def __init__(
+        self, tier: Tier, upstream: Source, peer: Callable[[str], Source], access: str
+    ) -> None:
+        """`peer(url)`: a source reading from the replica advertised at `url`."""
+        self.tier = tier
+        self.upstream = upstream
+        self.peer = peer
+        self.access = access
+        self.name = upstream.name  # one download per upstream and digest, as without a fleet
+        self.retries = upstream.retries
+        self.patience = upstream.patience
+        self.shared = True  # until this replica fetches from the upstream: then it keeps it
+
+    @asynccontextmanager
+    async def body(self, digest: Digest, offset: int) -> AsyncIterator[Body]:
+        async with AsyncExitStack() as stack:
+            yield await self._open(stack, digest, offset)
+
+    async def _open(self, stack: AsyncExitStack, digest: Digest, offset: int) -> Body:
+        """The body from the first place that has it; errors of opening are handled here,
+        those of reading (a cut) go to the download, which asks again from its offset."""
+        key = blob_key(digest)
+        for _ in range(MAX_ROUNDS):
+            kept = await self.tier.find(digest, self.access)
+            if kept is not None:
+                return await self._from_bucket(stack, kept.size, digest, offset)
+            lease = await self.tier.lease(key)
+            if lease is None:
+                break
+            if lease.ours:
+                # The holder before may have finished between the lookup and the lease.
+                kept = await self.tier.find(digest, self.access)
+                if kept is None:
+                    break
+                await self.tier.release(key)
+                return await self._from_bucket(stack, kept.size, digest, offset)
+            try:
+                return await stack.enter_async_context(self.peer(lease.holder).body(digest, offset))
+            except UpstreamError as exc:
+                log.info("%s: holder %s cannot send it: %s", digest, lease.holder, exc)
+            await self.tier.wait_released(key, ROUND_WAIT)
+        self.shared = False
+        return await stack.enter_async_context(self.upstream.body(digest, offset))
+
+    async def _from_bucket(
+        self, stack: AsyncExitStack, size: int, digest: Digest, offset: int
+    ) -> Body:
+        bucket = SharedSource(self.tier, size, self.upstream)
+        body = await stack.enter_async_context(bucket.body(digest, offset))
+        self.shared = bucket.shared
+        return body
