@@ -99,8 +99,8 @@ async def _storage_and_upstream(app: web.Application) -> AsyncIterator[None]:
         budget, index, store, pinned_images(config), config.storage.max_age, metrics, app[ACTIVITY]
     )
     cache = Cache(store, index)
-    upstreams = {u.name: Upstream(u, session, metrics) for u in config.upstreams}
     tier = tier_of(config.shared, metrics, evictor.pinned)
+    upstreams = {u.name: Upstream(u, session, metrics, tier) for u in config.upstreams}
     blobs = BlobProxy(cache, budget, upstreams, metrics, tier, _peers(config, session))
     manifests = ManifestProxy(cache, index, budget, upstreams, metrics, tier)
     router = Router(config.upstreams)

@@ -180,6 +180,19 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.leases = Counter(
+            "mirror_fleet_leases_total",
+            "Leases of upstream work (fleet mode) this replica asked for, by outcome: taken"
+            " (it works for the fleet), followed (another replica holds it), taken_over (taken"
+            " after following a holder that could no longer send).",
+            ["outcome"],
+            registry=r,
+        )
+        self.peer_bytes = Counter(
+            "mirror_peer_bytes_total",
+            "Bytes this replica received from the replica fetching a blob for the fleet.",
+            registry=r,
+        )
         # Series with fixed label values exist from the start, so a dashboard shows 0 and
         # rate() has a beginning, rather than no data.
         for kind in ("manifest", "blob"):
@@ -193,6 +206,8 @@ class Metrics:
             self.pin_refreshes.labels(result)
         for result in ("served", "refused", "absent"):
             self.peer_requests.labels(result)
+        for outcome in ("taken", "followed", "taken_over"):
+            self.leases.labels(outcome)
 
     def exposition(self) -> bytes:
         """The text format, of every process when they share values."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
-from engines import S3Endpoint
+from engines import Postgres, S3Endpoint
 from fake_upstream import OCI_MANIFEST, FakeUpstream, manifest_bytes
 from fleet import Fleet, expected, metric, wait_until
 from upstream_registry import RegistryProcess, dir_digests, push_image, skopeo_copy_async
@@ -210,3 +210,60 @@ async def test_a_tag_is_fetched_and_revalidated_once_per_fleet(
     assert await get_manifests(urls) == [(200, body)] * 12
     assert fake_upstream.count("GET", "/manifests/") == 1
     assert fake_upstream.count("HEAD", "/manifests/") == heads + 1
+
+
+async def test_the_pull_quota_reserve_holds_for_the_fleet(
+    fleet: Callable[[str], Fleet], fake_upstream: FakeUpstream
+) -> None:
+    """Docker Hub counts pulls per address: once one replica has seen the quota at the
+    reserve, another that never asked Hub itself spends no pull either."""
+    fake_upstream.quota.remaining = 7
+    for tag in ("a", "b", "c"):
+        fake_upstream.manifests.put("team/app", tag, manifest_bytes(tag.encode()))
+    replicas = fleet(fake_upstream.url)
+    replicas.settings["upstreams"][0]["ratelimit_reserve"] = 5
+    first, second = [await replicas.add() for _ in range(2)]
+    base = "/v2/team/app/manifests/"
+    assert [s for s, _ in await get_manifests([first.url + base + "a"])] == [200]  # 6 left
+    assert [s for s, _ in await get_manifests([first.url + base + "b"])] == [200]  # 5: reserve
+    spent = fake_upstream.count("GET", "/manifests/")
+
+    answers = await get_manifests([second.url + base + "c"])
+    assert [status for status, _ in answers] == [429]
+    assert fake_upstream.count("GET", "/manifests/") == spent  # not a pull more
+    assert fake_upstream.quota.remaining == 5
+
+
+async def test_postgresql_restarted_mid_run_costs_no_client_more_than_a_retry(
+    fleet: Callable[[str], Fleet], fake_upstream: FakeUpstream, postgres: Postgres
+) -> None:
+    """Pulls through three replicas while PostgreSQL stops and starts again: every client
+    gets its blob exactly, at worst on its one retry."""
+    digests = [fake_upstream.blobs.put(os.urandom(512 * 1024)) for _ in range(18)]
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = 64 * 1024, 0.02  # 0.16 s each
+    replicas = fleet(fake_upstream.url)
+    three = [await replicas.add() for _ in range(3)]
+
+    async def pull_with_a_retry(n: int, digest: str) -> Pull:
+        await asyncio.sleep(0.15 * n)  # a stream of pulls, across the restart
+        urls = [f"{r.url}/v2/team/app/blobs/{digest}" for r in three]  # each replica
+        pulls = await pull_all(urls)
+        if any(p.digest != digest for p in pulls):
+            pulls = await pull_all(urls)
+        return next((p for p in pulls if p.digest != digest), pulls[0])
+
+    async def restart() -> None:
+        await asyncio.sleep(0.6)
+        await asyncio.to_thread(postgres.stop)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(postgres.start)
+
+    try:
+        results, _ = await asyncio.gather(
+            asyncio.gather(*(pull_with_a_retry(n, d) for n, d in enumerate(digests))),
+            restart(),
+        )
+    finally:
+        if not postgres.running:
+            postgres.start()
+    assert [p.digest for p in results] == digests, [p.error for p in results]

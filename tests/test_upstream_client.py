@@ -32,6 +32,7 @@ from mirror.errors import (
     Denied,
     ManifestUnknown,
     NameUnknown,
+    PeerUnauthorized,
     RegistryError,
     TooManyRequests,
     Unauthorized,
@@ -439,7 +440,9 @@ def registry_errors(kind: type[RegistryError] = RegistryError) -> list[type[Regi
     "kind", [k for k in registry_errors() if k.status == 401], ids=lambda k: k.__name__
 )
 def test_every_401_error_names_a_way_to_authenticate(kind: type[RegistryError]) -> None:
-    assert kind("x").headers()["WWW-Authenticate"] == 'Basic realm="mirror"'
+    # Replicas of a fleet present the fleet's secret as a Bearer token; clients log in.
+    way = 'Bearer realm="mirror-fleet"' if kind is PeerUnauthorized else 'Basic realm="mirror"'
+    assert kind("x").headers()["WWW-Authenticate"] == way
 
 
 @pytest.mark.parametrize(

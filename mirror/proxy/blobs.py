@@ -189,7 +189,8 @@ class BlobProxy:
         if kept is not None:
             source = SharedSource(self.tier, kept.size, source)
         elif self.peers is not None:  # a fleet: one replica fetches, the others follow it
-            source = FleetSource(self.tier, source, self.peers, route.upstream.access)
+            access = route.upstream.access
+            source = FleetSource(self.tier, source, self.peers, access, self.metrics)
         return self.download(source, digest, private=route.upstream.access == "authenticated")
 
     def download(self, source: Source, digest: Digest, private: bool) -> BlobReader:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from mirror.errors import UpstreamError
+from mirror.metrics import Metrics
 from mirror.proxy.sources import Body, SharedSource, Source
 from mirror.reference import Digest
 from mirror.shared.tier import Tier, blob_key
@@ -36,10 +37,17 @@ ROUND_WAIT = 1.0  # seconds waited for a holder's lease to end before asking aga
 
 class FleetSource:
     def __init__(
-        self, tier: Tier, upstream: Source, peer: Callable[[str], Source], access: str
+        self,
+        tier: Tier,
+        upstream: Source,
+        peer: Callable[[str], Source],
+        access: str,
+        metrics: Metrics,
     ) -> None:
         """`peer(url)`: a source reading from the replica advertised at `url`."""
         self.tier = tier
+        self.metrics = metrics
+        self.followed = False  # a holder, at some round: taking the lease then takes it over
         self.upstream = upstream
         self.peer = peer
         self.access = access
@@ -68,11 +76,15 @@ class FleetSource:
                 # The holder before may have finished between the lookup and the lease.
                 kept = await self.tier.find(digest, self.access)
                 if kept is None:
+                    if self.followed:
+                        self.metrics.leases.labels("taken_over").inc()
                     break
                 await self.tier.release(key)
                 return await self._from_bucket(stack, kept.size, digest, offset)
+            self.followed = True
             try:
-                return await stack.enter_async_context(self.peer(lease.holder).body(digest, offset))
+                body = await stack.enter_async_context(self.peer(lease.holder).body(digest, offset))
+                return _Counted(body, self.metrics)
             except UpstreamError as exc:
                 log.info("%s: holder %s cannot send it: %s", digest, lease.holder, exc)
             await self.tier.wait_released(key, ROUND_WAIT)
@@ -86,3 +98,18 @@ class FleetSource:
         body = await stack.enter_async_context(bucket.body(digest, offset))
         self.shared = bucket.shared
         return body
+
+
+class _Counted:
+    """A peer's body, its bytes counted as they arrive."""
+
+    def __init__(self, body: Body, metrics: Metrics) -> None:
+        self.body = body
+        self.start = body.start
+        self.length = body.length
+        self.metrics = metrics
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.body.chunks():
+            self.metrics.peer_bytes.inc(len(chunk))
+            yield chunk

@@ -33,7 +33,13 @@ from mirror.config import SharedConfig
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.shared.bucket import Bucket, BucketBody, BucketError, ObjectMissing
-from mirror.shared.database import DatabaseUnavailable, Lease, SharedIndex, SharedTag
+from mirror.shared.database import (
+    DatabaseUnavailable,
+    Lease,
+    SharedIndex,
+    SharedQuota,
+    SharedTag,
+)
 from mirror.shared.eviction import SharedEvictor
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,15 @@ class Tier(Protocol):
         self, upstream: str, repository: str, tag: str, digest: Digest, media_type: str | None
     ) -> None: ...
     async def lease(self, key: str) -> Lease | None: ...
+    async def set_quota(
+        self,
+        upstream: str,
+        remaining: int | None,
+        limit: int | None,
+        window: int | None,
+        blocked_until: float | None,
+    ) -> None: ...
+    async def quota(self, upstream: str) -> SharedQuota | None: ...
     async def wait_released(self, key: str, seconds: float) -> bool: ...
     async def release(self, key: str) -> None: ...
     def degraded(self) -> list[str]: ...
@@ -141,6 +156,19 @@ class Unshared:
         pass
 
     async def lease(self, key: str) -> Lease | None:
+        return None
+
+    async def set_quota(
+        self,
+        upstream: str,
+        remaining: int | None,
+        limit: int | None,
+        window: int | None,
+        blocked_until: float | None,
+    ) -> None:
+        pass
+
+    async def quota(self, upstream: str) -> SharedQuota | None:
         return None
 
     async def wait_released(self, key: str, seconds: float) -> bool:
@@ -375,7 +403,30 @@ class SharedTier:
             return None
         if lease.ours:
             self._held[key] = (lease, asyncio.create_task(self._heartbeat(lease)))
+        self.metrics.leases.labels("taken" if lease.ours else "followed").inc()
         return lease
+
+    async def set_quota(
+        self,
+        upstream: str,
+        remaining: int | None,
+        limit: int | None,
+        window: int | None,
+        blocked_until: float | None,
+    ) -> None:
+        """An upstream's pull quota as this replica just saw it, for the fleet."""
+        with contextlib.suppress(TierUnavailable):
+            await self._database.call(
+                lambda: self.index.set_quota(upstream, remaining, limit, window, blocked_until)
+            )
+
+    async def quota(self, upstream: str) -> SharedQuota | None:
+        """The quota as the replica that saw it last saw it; None: not known (or no
+        database now)."""
+        try:
+            return await self._database.call(lambda: self.index.quota(upstream))
+        except TierUnavailable:
+            return None
 
     async def wait_released(self, key: str, seconds: float) -> bool:
         """Until the lease of `key` ends (True), or `seconds` pass."""

@@ -43,7 +43,7 @@ from mirror.reference import Digest, parse_digest
 from mirror.routing import forwarded
 from mirror.upstream.auth import Authenticator, parse_challenge, read_at_most
 from mirror.upstream.credentials import credential_source
-from mirror.upstream.ratelimit import RateLimit
+from mirror.upstream.ratelimit import QuotaShare, RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,9 @@ class Upstream:
         config: UpstreamConfig,
         session: aiohttp.ClientSession,
         metrics: Metrics | None = None,
+        quota_share: QuotaShare | None = None,
     ) -> None:
+        """`quota_share`: where a fleet's replicas keep the quota they saw (fleet mode)."""
         self.config = config
         self.name = config.name
         self.url = URL(config.url)
@@ -176,12 +178,17 @@ class Upstream:
             self.timeout,
         )
         self.ratelimit = RateLimit(config.name, config.ratelimit_reserve)
+        self.quota_share = quota_share
+        self._publishing: set[asyncio.Task[None]] = set()
         self.failing = False
         self.last_error: tuple[float, str] | None = None  # (Unix time, message), for /status
         self._slots = asyncio.Semaphore(config.max_fetches)
         self._queued = 0
 
     async def close(self) -> None:
+        for task in list(self._publishing):
+            task.cancel()
+        await asyncio.gather(*self._publishing, return_exceptions=True)
         if self.credentials is not None:
             await self.credentials.close()
 
@@ -217,6 +224,10 @@ class Upstream:
             return UpstreamManifest(None, _media_type(resp), _content_digest(resp))
 
     async def _check_quota(self, repository: str, reference: str, accept: tuple[str, ...]) -> None:
+        if self.quota_share is not None:
+            seen = await self.quota_share.quota(self.name)
+            if seen is not None:
+                self.ratelimit.adopt(seen)
         if self.ratelimit.worth_probing:
             # A HEAD costs no pull and brings fresh quota headers.
             with contextlib.suppress(RegistryError):
@@ -228,6 +239,20 @@ class Upstream:
                 " only cached images are served",
                 str(self.ratelimit.retry_after),
             )
+
+    def _publish_quota(self) -> None:
+        """What this replica just saw of the quota, for the others (in the background: the
+        answer does not wait for it)."""
+        rate = self.ratelimit
+        if self.quota_share is None:
+            return
+        task = asyncio.create_task(
+            self.quota_share.set_quota(
+                self.name, rate.remaining, rate.limit, rate.window, rate.blocked_until()
+            )
+        )
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def head_blob(self, repository: str, digest: Digest) -> int | None:
         """The blob's length, as the upstream declares it."""
@@ -282,7 +307,10 @@ class Upstream:
                 response = await self._send_retrying(method, url, repository, headers)
                 try:
                     if kind == "manifest" or response.status == 429:
+                        seen_before = self.ratelimit.observed_wall
                         self.ratelimit.observe(response.headers, response.status)
+                        if self.ratelimit.observed_wall != seen_before:
+                            self._publish_quota()
                     self._raise_for_status(response, kind, f"{method} {path}")
                     self._answering()
                     yield response

@@ -5,6 +5,10 @@ Hub sends `ratelimit-limit: 100;w=21600`, `ratelimit-remaining: 76;w=21600` and
 spends a pull. Once `remaining` is at the configured reserve, or Hub answered 429, no
 counted GET is made until the window has passed, or until a HEAD (which costs nothing)
 shows the quota is back. Any registry that sends these headers is treated the same.
+
+Replicas of a fleet behind one address share one quota: each publishes what it saw, and
+adopts what another saw later before it spends a pull (`QuotaShare`), so the reserve holds
+for the fleet, not for each replica.
 """
 
 from __future__ import annotations
@@ -14,12 +18,42 @@ import math
 import re
 import time
 from collections.abc import Mapping
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 60.0  # when a 429 says nothing of when to come back
 PROBE_INTERVAL = 60.0  # how often a blocked upstream is asked (by HEAD) if quota is back
 _VALUE = re.compile(r"\s*(\d+)\s*(?:;\s*w\s*=\s*(\d+))?")
+
+
+class SeenQuota(Protocol):
+    """An upstream's quota as a replica saw it, in Unix time."""
+
+    @property
+    def remaining(self) -> int | None: ...
+    @property
+    def limit(self) -> int | None: ...
+    @property
+    def window(self) -> int | None: ...
+    @property
+    def blocked_until(self) -> float | None: ...
+    @property
+    def observed_at(self) -> float: ...
+
+
+class QuotaShare(Protocol):
+    """Where the replicas of a fleet keep the last quota any of them saw."""
+
+    async def set_quota(
+        self,
+        upstream: str,
+        remaining: int | None,
+        limit: int | None,
+        window: int | None,
+        blocked_until: float | None,
+    ) -> None: ...
+    async def quota(self, upstream: str) -> SeenQuota | None: ...
 
 
 class RateLimit:
@@ -31,6 +65,7 @@ class RateLimit:
         self.window: int | None = None
         self.source: str | None = None
         self.observed_at = -math.inf  # monotonic
+        self.observed_wall = -math.inf  # the same moment in Unix time, to compare with peers'
         self._blocked_until = -math.inf  # monotonic
 
     @property
@@ -58,8 +93,8 @@ class RateLimit:
         if remaining is not None:
             self.window = remaining[1] or self.window
             self._record(remaining[0])
-        if remaining is not None or limit is not None:
-            self.observed_at = now
+        if remaining is not None or limit is not None or status == 429:
+            self.observed_at, self.observed_wall = now, time.time()
         if status == 429:
             retry = _seconds(headers.get("Retry-After"))
             self.remaining = 0 if remaining is None else self.remaining
@@ -69,6 +104,27 @@ class RateLimit:
                 self._unblock()
             else:
                 self._block(now, self.window or DEFAULT_BLOCK)
+
+    def blocked_until(self) -> float | None:
+        """When counted pulls may be made again, in Unix time; None: they may now."""
+        left = self._blocked_until - time.monotonic()
+        return time.time() + left if left > 0 else None
+
+    def adopt(self, seen: SeenQuota) -> None:
+        """What another replica saw, if it saw it after this one."""
+        if seen.observed_at <= self.observed_wall:
+            return
+        now, wall = time.monotonic(), time.time()
+        self.limit = seen.limit if seen.limit is not None else self.limit
+        self.window = seen.window or self.window
+        if seen.remaining is not None:
+            self._record(seen.remaining)
+        self.observed_wall = seen.observed_at
+        self.observed_at = now - max(wall - seen.observed_at, 0.0)
+        if seen.blocked_until is not None and seen.blocked_until > wall:
+            self._block(now, seen.blocked_until - wall)
+        elif seen.remaining is not None and seen.remaining > self.reserve:
+            self._unblock()
 
     def _record(self, remaining: int) -> None:
         previous, self.remaining = self.remaining, remaining
