@@ -138,6 +138,10 @@ class UpstreamError(RegistryError):
     code, status = "UPSTREAM_ERROR", 502
 
 
+class PeerRefused(UpstreamError):
+    """Another replica of the fleet refused this one's secret: it fetches alone."""
+
+
 class UpstreamUnavailable(UpstreamError):
     """The upstream could not be reached at all."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from engines import S3Endpoint
 from prometheus_client.parser import text_string_to_metric_families
 from upstream_registry import PushedImage, free_loopback_port
 
@@ -21,6 +22,17 @@ if TYPE_CHECKING:
     from conftest import MirrorProcess
 
     StartMirrorProcess = Callable[..., MirrorProcess]
+
+
+def shared_block(endpoint: S3Endpoint, bucket: str, database: str) -> dict[str, Any]:
+    """The `shared:` block of replicas of one fleet (a test adds to it)."""
+    return {
+        "bucket": bucket,
+        "endpoint_url": endpoint.url,
+        "region": endpoint.region,
+        "database": database,
+        "max_size": "1GiB",
+    }
 
 
 class Fleet:

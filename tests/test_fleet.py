@@ -19,6 +19,7 @@ from fleet import (
     get_blob,
     metric,
     readyz,
+    shared_block,
     wait_until,
     wait_uploaded,
 )
@@ -54,13 +55,7 @@ def moto_fleet(
     tmp_path: Path,
 ) -> Iterator[Fleet]:
     aws_credentials(moto_s3)
-    shared = {
-        "bucket": s3_bucket_name,
-        "endpoint_url": moto_s3.url,
-        "region": moto_s3.region,
-        "database": database_url,
-        "max_size": "1GiB",
-    }
+    shared = shared_block(moto_s3, s3_bucket_name, database_url)
     yield Fleet(start_mirror_process, tmp_path, registry.url, shared)
 
 
@@ -161,13 +156,7 @@ def rgw_fleet(
     tmp_path: Path,
 ) -> Iterator[Fleet]:
     aws_credentials(radosgw)
-    shared = {
-        "bucket": s3_bucket_name,
-        "endpoint_url": radosgw.url,
-        "region": radosgw.region,
-        "database": database_url,
-        "max_size": "1GiB",
-    }
+    shared = shared_block(radosgw, s3_bucket_name, database_url)
     yield Fleet(start_mirror_process, tmp_path, registry.url, shared)
 
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from engines import Postgres, S3Endpoint
 from fake_upstream import OCI_MANIFEST, FakeUpstream, manifest_bytes
-from fleet import Fleet, expected, metric, wait_until
+from fleet import Fleet, expected, metric, shared_block, wait_until
 from upstream_registry import RegistryProcess, dir_digests, push_image, skopeo_copy_async
 
 if TYPE_CHECKING:
@@ -41,15 +41,8 @@ def fleet(
 ) -> Iterator[Callable[[str], Fleet]]:
     """`fleet(upstream_url)`: replicas sharing one bucket and database, with the secret."""
     aws_credentials(moto_s3)
-    shared = {
-        "bucket": s3_bucket_name,
-        "endpoint_url": moto_s3.url,
-        "region": moto_s3.region,
-        "database": database_url,
-        "max_size": "1GiB",
-        "peer_secret": SECRET,
-        "lease_ttl": "3s",
-    }
+    shared = shared_block(moto_s3, s3_bucket_name, database_url)
+    shared.update(peer_secret=SECRET, lease_ttl="3s")
     yield lambda upstream: Fleet(start_mirror_process, tmp_path, upstream, shared)
 
 
@@ -267,3 +260,25 @@ async def test_postgresql_restarted_mid_run_costs_no_client_more_than_a_retry(
         if not postgres.running:
             postgres.start()
     assert [p.digest for p in results] == digests, [p.error for p in results]
+
+
+async def test_a_replica_with_another_secret_is_refused_and_fetches_alone(
+    fleet: Callable[[str], Fleet], fake_upstream: FakeUpstream
+) -> None:
+    digest = fake_upstream.blobs.put(os.urandom(4 * MIB))
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = 256 * 1024, 0.1  # about 1.6 s
+    replicas = fleet(fake_upstream.url)
+    holder = await replicas.add()
+    replicas.shared["peer_secret"] = "another-secret"
+    stranger = await replicas.add()
+    first = asyncio.create_task(pull_all([f"{holder.url}/v2/team/app/blobs/{digest}"]))
+    await asyncio.wait_for(fake_upstream.blobs.requested.wait(), 10)
+    await asyncio.sleep(0.3)  # the holder has the lease
+    started = time.monotonic()
+    [alone] = await pull_all([f"{stranger.url}/v2/team/app/blobs/{digest}"])
+    [held] = await first
+    assert alone.digest == held.digest == digest
+    assert alone.first_byte_at is not None and alone.first_byte_at - started < 3.0
+    assert fake_upstream.count("GET", f"/blobs/{digest}") == 2  # each its own
+    assert metric(holder, "mirror_peer_requests_total", result="refused") >= 1
+    assert "refused the fleet's secret" in stranger.log()

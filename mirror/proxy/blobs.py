@@ -187,7 +187,7 @@ class BlobProxy:
         tier when it has the blob (`kept`), else from the route's upstream."""
         source: Source = UpstreamSource(self.upstreams[route.upstream.name], route.repository)
         if kept is not None:
-            source = SharedSource(self.tier, kept.size, source)
+            source = SharedSource(self.tier, kept.size, source, self.metrics.shared_bytes)
         elif self.peers is not None:  # a fleet: one replica fetches, the others follow it
             access = route.upstream.access
             source = FleetSource(self.tier, source, self.peers, access, self.metrics)

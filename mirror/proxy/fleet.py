@@ -23,9 +23,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from mirror.errors import UpstreamError
+from mirror.errors import PeerRefused, UpstreamError
 from mirror.metrics import Metrics
-from mirror.proxy.sources import Body, SharedSource, Source
+from mirror.proxy.sources import Body, Counted, SharedSource, Source
 from mirror.reference import Digest
 from mirror.shared.tier import Tier, blob_key
 
@@ -84,7 +84,10 @@ class FleetSource:
             self.followed = True
             try:
                 body = await stack.enter_async_context(self.peer(lease.holder).body(digest, offset))
-                return _Counted(body, self.metrics)
+                return Counted(body, self.metrics.peer_bytes)
+            except PeerRefused as exc:  # the secrets differ: no round can mend that
+                log.info("%s: fetching alone: %s", digest, exc.message)
+                break
             except UpstreamError as exc:
                 log.info("%s: holder %s cannot send it: %s", digest, lease.holder, exc)
             await self.tier.wait_released(key, ROUND_WAIT)
@@ -94,22 +97,7 @@ class FleetSource:
     async def _from_bucket(
         self, stack: AsyncExitStack, size: int, digest: Digest, offset: int
     ) -> Body:
-        bucket = SharedSource(self.tier, size, self.upstream)
+        bucket = SharedSource(self.tier, size, self.upstream, self.metrics.shared_bytes)
         body = await stack.enter_async_context(bucket.body(digest, offset))
         self.shared = bucket.shared
         return body
-
-
-class _Counted:
-    """A peer's body, its bytes counted as they arrive."""
-
-    def __init__(self, body: Body, metrics: Metrics) -> None:
-        self.body = body
-        self.start = body.start
-        self.length = body.length
-        self.metrics = metrics
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.body.chunks():
-            self.metrics.peer_bytes.inc(len(chunk))
-            yield chunk

@@ -15,9 +15,16 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import aiohttp
+from prometheus_client import Counter
 
 from mirror.config import Timeouts
-from mirror.errors import UpstreamCut, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from mirror.errors import (
+    PeerRefused,
+    UpstreamCut,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from mirror.reference import Digest
 from mirror.shared.bucket import BucketUnavailable, ObjectMissing
 from mirror.shared.tier import Stream, Tier, TierUnavailable
@@ -67,10 +74,12 @@ class SharedSource:
 
     name = "shared"
 
-    def __init__(self, tier: Tier, size: int, upstream: Source) -> None:
+    def __init__(self, tier: Tier, size: int, upstream: Source, counter: Counter) -> None:
+        """`counter`: of the bytes read from the bucket."""
         self.tier = tier
         self.size = size
         self.upstream = upstream
+        self.counter = counter
         self.retries = upstream.retries
         self.patience = upstream.patience
         self.shared = True  # until the upstream sends any of it
@@ -84,7 +93,7 @@ class SharedSource:
                 yield body
             return
         try:
-            yield _SharedBody(stream, self.size)
+            yield Counted(_SharedBody(stream, self.size), self.counter)
         finally:
             stream.close()
 
@@ -110,6 +119,21 @@ class _SharedBody:
                 yield chunk
         except BucketUnavailable as exc:
             raise UpstreamCut(f"the shared bucket's answer broke off: {exc}") from exc
+
+
+class Counted:
+    """A body whose bytes are counted as they arrive (from the bucket, from a peer)."""
+
+    def __init__(self, body: Body, counter: Counter) -> None:
+        self.body = body
+        self.start = body.start
+        self.length = body.length
+        self.counter = counter
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.body.chunks():
+            self.counter.inc(len(chunk))
+            yield chunk
 
 
 PEER_PATH = "/_mirror/peer/blobs/{digest}"  # a replica's peer route (web/peer.py)
@@ -188,7 +212,7 @@ class PeerSource:
         if status == 404:
             raise UpstreamError(f"peer {self.url} has {digest} neither cached nor downloading")
         if status == 401:
-            raise UpstreamError(f"peer {self.url} refused the fleet's secret")
+            raise PeerRefused(f"peer {self.url} refused the fleet's secret")
         raise UpstreamError(f"peer {self.url} answered {status} for {digest}")
 
 

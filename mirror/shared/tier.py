@@ -32,7 +32,7 @@ from typing import Protocol, TypeVar
 from mirror.config import SharedConfig
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
-from mirror.shared.bucket import Bucket, BucketBody, BucketError, ObjectMissing
+from mirror.shared.bucket import Bucket, BucketError, ObjectMissing
 from mirror.shared.database import (
     DatabaseUnavailable,
     Lease,
@@ -330,8 +330,7 @@ class SharedTier:
         return Kept(row.size, row.media_type)
 
     async def read(self, digest: Digest, start: int) -> Stream:
-        body = await self._bucket.call(lambda: self.bucket.read(digest, start))
-        return _Counted(body, self.metrics)
+        return await self._bucket.call(lambda: self.bucket.read(digest, start))
 
     async def manifest(self, digest: Digest, access: str) -> tuple[bytes, str | None] | None:
         """A manifest's bytes as the bucket has them (the caller verifies them)."""
@@ -343,6 +342,7 @@ class SharedTier:
         except (TierUnavailable, ObjectMissing) as exc:
             log.debug("shared manifest %s not read: %s", digest, exc)
             return None
+        self.metrics.shared_bytes.inc(len(body))
         return body, kept.media_type
 
     async def presigned(self, digest: Digest) -> str:
@@ -563,24 +563,6 @@ class SharedTier:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-class _Counted:
-    """A bucket's body, its bytes counted as they arrive."""
-
-    def __init__(self, body: BucketBody, metrics: Metrics) -> None:
-        self.body = body
-        self.start = body.start
-        self.length = body.length
-        self.metrics = metrics
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.body.chunks():
-            self.metrics.shared_bytes.inc(len(chunk))
-            yield chunk
-
-    def close(self) -> None:
-        self.body.close()
 
 
 async def _read_all(reading: Awaitable[Stream]) -> bytes:
