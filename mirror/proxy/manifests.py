@@ -193,7 +193,7 @@ class ManifestProxy:
                 raise
 
         # The row of the manifest kept in the shared tier ends the lease.
-        return await kept() or await self._for_fleet(blob_key(digest), kept, fetch, row=True)
+        return await self._for_fleet(blob_key(digest), kept, fetch, row=True)
 
     async def _for_fleet(
         self,
@@ -206,6 +206,9 @@ class ManifestProxy:
         `key` (or fetches alone); else what the holder's work left (`done`), once its
         lease ends, or this replica's own work when it left nothing in time. The lease
         ends with the work, or (`row`) with the row the work has the shared tier write."""
+        found = await done()
+        if found is not None:
+            return found
         lease = await self.tier.lease(key)
         if lease is not None and not lease.ours:
             await self.tier.wait_released(key, WAIT_FOR_HOLDER)
