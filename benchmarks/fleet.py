@@ -1,14 +1,24 @@
 """Fleet mode in one run: what several replicas cost the upstream, and how fast a shared hit is.
 
-Three `mirror serve` replicas share a tier (`shared:`): a bucket in radosgw (a one-node
-Ceph cluster; moto's S3 server, with a printed note, when Ceph cannot start) indexed in a
-real PostgreSQL. Their upstream is a real docker-registry on loopback. Three parts:
+`mirror serve` replicas share a tier (`shared:`): a bucket in radosgw (a one-node Ceph
+cluster; moto's S3 server, with a printed note, when Ceph cannot start) indexed in a real
+PostgreSQL. Their upstream is a real docker-registry on loopback. The parts:
 
+- `leases` (fleet mode part 2, the first section of the table): N = 1, 2, 3 fresh
+  replicas with the fleet's secret (each round and N: a fresh bucket prefix and
+  database), 8 clients per replica pulling one cold image at the same moment (the
+  manifest by tag, then all its blobs at once, every body hashed). Upstream bytes / image
+  bytes (the goal: 1.00 for every N), wall time as a ratio to N = 1's, and the slowest
+  first body byte.
+- `proxy`: the established alternative on the same kind of image: distribution's proxy
+  (`docker-registry` with `proxy: remoteurl:`), three replicas on one storage directory,
+  8 clients per replica: the same figures, its wall as a ratio to the mirror's N = 1.
 1. `sequential`: a cold image (5 layers, 64 MiB in all; `--mib`) pulled with `skopeo copy`
    through each replica in turn, each once the fleet has kept what the previous one
    fetched. Upstream bytes / image bytes: the goal is 1.00, three separate mirrors 3.00.
-2. `concurrent`: another cold image pulled through the three replicas at the same
-   moment. The same ratio: the "before" figure of fleet mode's part 2 (leases).
+2. `concurrent`: another cold image pulled with skopeo through three replicas without
+   the fleet's secret (no leases: part 1) at the same moment. The same ratio: the
+   "before" of the leases part.
 3. `shared hit`: a blob (`--mib` MiB) replica A fetched, GET through a fresh replica
    (an L2 hit, streamed from the bucket into its L1) and through a fresh replica with
    `redirect: true` (a 307 to a presigned URL, followed); the reference is an L1 hit on
@@ -18,8 +28,8 @@ Upstream bytes come from the replicas' `mirror_upstream_bytes_total` (summed), c
 against the bytes of the GETs in the docker-registry's access log.
 
     python benchmarks/fleet.py               # 3 rounds of each part, 64 MiB
-    python benchmarks/fleet.py --quick       # under 2 minutes: 1 round of parts 1 and 2
-    python benchmarks/fleet.py --mib 256 --rounds 5
+    python benchmarks/fleet.py --quick       # 1 round of all but the shared hits
+    python benchmarks/fleet.py --parts leases,proxy --mib 256 --rounds 5
 
 Needs docker-registry and skopeo, PostgreSQL 15 and Ceph (`apt-get install -y
 docker-registry skopeo postgresql ceph-mon ceph-osd ceph-common radosgw`) and the project
@@ -36,7 +46,10 @@ import functools
 import hashlib
 import http.client
 import json
+import multiprocessing
 import os
+import queue
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -45,12 +58,14 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -62,7 +77,21 @@ from moto_ecr import DEFAULT_REGION, DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KE
 from prometheus_client.parser import text_string_to_metric_families
 from run import isolate_from_proxies, machine, progress, tool_versions
 from server_process import ServerError
-from upstream_registry import PushedImage, dir_digests, push_image, skopeo_copy
+from upstream_registry import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    PushedImage,
+    dir_digests,
+    free_loopback_port,
+    push_image,
+    skopeo_copy,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Barrier
 
 MiB = 1 << 20
 REPLICAS = 3
@@ -71,6 +100,11 @@ GET_TIMEOUT = 300.0  # seconds one GET may take, whatever the size
 UPLOAD_WAIT = 120.0  # seconds the fleet may take to keep what one pull fetched
 COPY_TIMEOUT = 600.0  # seconds one skopeo copy may take
 SETTLE = 0.5  # seconds between a step and the next measurement
+FLEET_SIZES = (1, 2, 3)  # replicas of the leases part
+CROWD_TIMEOUT = 300.0  # seconds one crowd of clients may take, whatever the size
+READY_TIMEOUT = 60.0  # seconds the client processes may take to be ready
+MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+PARTS = ("leases", "proxy", "sequential", "concurrent", "hits")
 INSTALL = (
     "apt-get install -y docker-registry skopeo postgresql ceph-mon ceph-osd ceph-common radosgw"
 )
@@ -80,8 +114,9 @@ INSTALL = (
 class Settings:
     mib: int  # the image of parts 1 and 2 (all layers) and the blob of part 3
     layers: int
-    rounds: int  # of parts 1 and 2
+    rounds: int  # of parts 1 and 2, leases and proxy
     hit_rounds: int  # of part 3
+    clients: int = 8  # per replica, in the leases and proxy parts
 
 
 FULL = Settings(mib=64, layers=5, rounds=3, hit_rounds=3)
@@ -113,6 +148,8 @@ class Report:
     figures: dict[str, Figure] = field(default_factory=dict)
     details: dict[str, list[Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    goals: list[dict[str, Any]] = field(default_factory=list)  # text, measured, met
+    notes: list[str] = field(default_factory=list)  # what a contender did wrong
 
     def define(self, key: str, label: str, unit: str, **kwargs: Any) -> None:
         self.figures.setdefault(key, Figure(label, unit, **kwargs))
@@ -151,6 +188,8 @@ class Report:
         return {
             "meta": self.meta,
             "figures": figures,
+            "goals": self.goals,
+            "notes": self.notes,
             "details": self.details,
             "failures": self.failures,
         }
@@ -232,15 +271,19 @@ class Fleet:
         n, self._serial = self._serial, self._serial + 1
         home = self.work / f"replica{n}"
         home.mkdir(parents=True)
+        port = free_loopback_port()
+        # Peers reach each other on loopback: the default names the host, which may not.
+        advertise = f"http://127.0.0.1:{port}"
         config = {
             "storage": {"path": str(home / "cache"), "max_size": "4GiB"},
             "upstreams": [
                 {"name": "upstream", "url": self.upstream_url, "default": True, "tag_ttl": "5m"}
             ],
-            "shared": {**self.shared, "redirect": redirect},
+            "shared": {**self.shared, "redirect": redirect, "advertise_url": advertise},
         }
         (home / "mirror.yaml").write_text(json.dumps(config, indent=2))  # YAML reads JSON
-        replica = MirrorProcess(["--config", str(home / "mirror.yaml")], home / "mirror.log")
+        config_path = str(home / "mirror.yaml")
+        replica = MirrorProcess(["--config", config_path], home / "mirror.log", port=port)
         self.replicas.append(replica)
         return replica
 
@@ -356,6 +399,165 @@ def image_bytes(image: PushedImage) -> int:
     return len(image.manifest_bytes) + config + sum(image.layer_sizes)
 
 
+@dataclass(frozen=True)
+class Pull:
+    """One client's pull of an image: the manifest by tag, then all its blobs at once."""
+
+    host: str
+    ended: float  # time.monotonic(): one clock for every process of this machine
+    first_bytes: list[float]  # per GET (the manifest's first), seconds to its first body byte
+    size: int  # body bytes received, every one hashed
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Crowd:
+    """Clients released together: seconds until the last was done, and each one's pull."""
+
+    wall: float
+    pulls: list[Pull]
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{p.host}: {p.error}" for p in self.pulls if p.error is not None]
+
+    @property
+    def whole(self) -> list[Pull]:
+        """The pulls that got the whole image."""
+        return [p for p in self.pulls if p.error is None]
+
+    @property
+    def slowest_first_byte(self) -> float:
+        return max(s for p in self.whole for s in p.first_bytes)
+
+
+def crowd(hosts: list[str], image: PushedImage, clients: int) -> Crowd:
+    """`clients` clients per host pull `image` at the same moment. The clients of one host
+    run in a process of their own (as if on a node of their own; one Python thread could
+    not hash the bodies of 24 clients as fast as they arrive), released together by a
+    barrier; the wall ends with the last client's last body byte. Bounded: READY_TIMEOUT
+    for the processes to be ready, CROWD_TIMEOUT for the pulls."""
+    context = multiprocessing.get_context("fork")  # nothing to pickle; no re-import
+    barrier = context.Barrier(len(hosts) + 1, timeout=READY_TIMEOUT)
+    results: Queue[list[Pull]] = context.Queue()
+    processes = [
+        context.Process(
+            target=_clients_of,
+            args=(host, image.name, image.tag or "", image.manifest_digest, clients),
+            kwargs={"barrier": barrier, "results": results},
+            daemon=True,
+        )
+        for host in hosts
+    ]
+    for process in processes:
+        process.start()
+    try:
+        barrier.wait()
+        began = time.monotonic()
+        pulls: list[Pull] = []
+        for _ in processes:
+            pulls += _next_result(results, processes, began + CROWD_TIMEOUT + 10)
+    finally:
+        for process in processes:  # only the processes started here
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=10)
+        results.close()
+    return Crowd(max(p.ended for p in pulls) - began, pulls)
+
+
+def _next_result(
+    results: Queue[list[Pull]], processes: Sequence[multiprocessing.process.BaseProcess], by: float
+) -> list[Pull]:
+    while time.monotonic() < by:
+        with contextlib.suppress(queue.Empty):
+            return results.get(timeout=0.5)
+        if all(p.exitcode is not None for p in processes) and results.empty():
+            raise RuntimeError("a client process ended without its results")
+    raise RuntimeError(f"clients still running after {CROWD_TIMEOUT} s")
+
+
+def _clients_of(
+    host: str,
+    name: str,
+    tag: str,
+    manifest_digest: str,
+    clients: int,
+    *,
+    barrier: Barrier,
+    results: Queue[list[Pull]],
+) -> None:
+    """In a client process: wait for the others, then the pulls of `clients` clients."""
+    try:
+        barrier.wait()
+        pulls = asyncio.run(_pulls(host, name, tag, manifest_digest, clients))
+    except BaseException as error:  # the parent learns it, not a lost traceback
+        failed = f"{type(error).__name__}: {error}"
+        pulls = [Pull(host, time.monotonic(), [], 0, failed) for _ in range(clients)]
+    results.put(list(pulls))
+
+
+async def _pulls(host: str, name: str, tag: str, manifest_digest: str, clients: int) -> list[Pull]:
+    pulls = (_pull(host, name, tag, manifest_digest) for _ in range(clients))
+    return list(await asyncio.wait_for(asyncio.gather(*pulls), CROWD_TIMEOUT))
+
+
+async def _pull(host: str, name: str, tag: str, manifest_digest: str) -> Pull:
+    """One client, with connections of its own: the manifest by tag (checked against its
+    digest), then every blob it names at once, each body hashed and checked."""
+    first_bytes: list[float] = []
+    size = 0
+    timeout = aiohttp.ClientTimeout(total=GET_TIMEOUT, sock_read=60)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+            base = f"http://{host}/v2/{name}"
+            headers = {"Accept": MANIFEST_ACCEPT}
+            got = await _get(session, f"{base}/manifests/{tag}", manifest_digest, headers)
+            first_bytes.append(got.first_byte)
+            size += got.size
+            manifest = json.loads(got.body)
+            digests = [manifest["config"]["digest"], *(d["digest"] for d in manifest["layers"])]
+            gets = [_get(session, f"{base}/blobs/{d}", d, None) for d in digests]
+            for blob in await asyncio.gather(*gets):
+                first_bytes.append(blob.first_byte)
+                size += blob.size
+    except (TimeoutError, aiohttp.ClientError, RuntimeError, ValueError, KeyError) as error:
+        return Pull(host, time.monotonic(), first_bytes, size, f"{type(error).__name__}: {error}")
+    return Pull(host, time.monotonic(), first_bytes, size)
+
+
+@dataclass(frozen=True)
+class Body:
+    first_byte: float  # seconds from sending the GET to its first body byte
+    size: int
+    body: bytes  # a manifest's bytes; b"" for a blob (hashed, not kept)
+
+
+async def _get(
+    session: aiohttp.ClientSession, url: str, digest: str, headers: dict[str, str] | None
+) -> Body:
+    """A GET whose body must hash to `digest`; a manifest's (`headers` given) is kept."""
+    hasher = hashlib.sha256()
+    began = time.monotonic()
+    first: float | None = None
+    kept = bytearray()
+    size = 0
+    async with session.get(url, headers=headers) as response:
+        if response.status != 200:
+            raise RuntimeError(f"GET {url}: {response.status} {(await response.read())[:200]!r}")
+        async for chunk in response.content.iter_chunked(CHUNK):
+            if first is None:
+                first = time.monotonic() - began
+            hasher.update(chunk)
+            size += len(chunk)
+            if headers is not None:  # a manifest: its bytes are read
+                kept += chunk
+    if "sha256:" + hasher.hexdigest() != digest:
+        raise RuntimeError(f"GET {url}: body hashes to sha256:{hasher.hexdigest()}")
+    return Body(first if first is not None else time.monotonic() - began, size, bytes(kept))
+
+
 # --------------------------------------------------------------------------- parts
 
 
@@ -366,6 +568,8 @@ class Bench:
     upstream: BenchRegistry
     fleet: Fleet
     report: Report
+    postgres: Postgres
+    secret: str  # the leases part's fleet secret (peer_secret)
     serial: int = 0
 
     def scratch(self) -> Path:
@@ -384,7 +588,8 @@ class Bench:
         self, key: str, image: PushedImage, replicas: list[MirrorProcess]
     ) -> Iterator[None]:
         """Upstream bytes / image bytes of what runs inside: from the replicas' metric (the
-        figure), and from the registry's access log (the cross-check)."""
+        figure), and from the registry's access log (the cross-check; the only figure for
+        a contender without the metric: no `replicas`)."""
         self.upstream.quiesce(quiet=0.1)
         self.upstream.reset_counts()
         before = [metrics(r).get("mirror_upstream_bytes_total", 0.0) for r in replicas]
@@ -397,7 +602,8 @@ class Bench:
         logged = sum(r.size for r in gets if r.status == 200)
         blob_gets = sum(1 for r in gets if "/blobs/" in r.path)
         size = image_bytes(image)
-        self.report.add(f"{key}.ratio", sum(per_replica) / size)
+        if replicas:
+            self.report.add(f"{key}.ratio", sum(per_replica) / size)
         self.report.add(f"{key}.logged_ratio", logged / size)
         self.report.add(f"{key}.blob_gets", blob_gets)
         seen = [f"{r.method} {r.path.split('/')[-2]} {r.status}" for r in requests]
@@ -410,9 +616,10 @@ class Bench:
                 "registry_requests": seen,
             },
         )
+        metered = f"{sum(per_replica) / size:.2f} (metric), " if replicas else ""
         progress(
-            f"{key}: upstream bytes / image bytes {sum(per_replica) / size:.2f} (metric), "
-            f"{logged / size:.2f} (registry log), {blob_gets} upstream blob GETs"
+            f"{key}: upstream bytes / image bytes {metered}{logged / size:.2f} (registry log), "
+            f"{blob_gets} upstream blob GETs"
         )
 
     def objects(self, image: PushedImage) -> int:
@@ -445,6 +652,117 @@ class Bench:
             # Uploads still running would weigh on the next measurement: wait them out.
             self.fleet.wait_kept(replicas, kept, self.objects(image))
         self.report.add("concurrent.wall", wall)
+
+    def leases(self, round_: int, size: int) -> None:
+        """`size` fresh replicas with the fleet's secret, on a fresh bucket prefix and a
+        fresh database, each asked by `clients` clients for one cold image at once."""
+        tag = f"n{size}-r{round_}"
+        image = self.push(f"fleet-bench/leases-{tag}", self.layer_sizes())
+        database = f"fleet_leases_{size}_{round_}"
+        shared = {
+            **self.fleet.shared,
+            "prefix": f"leases-{tag}",
+            "database": self.postgres.create_database(database),
+            "peer_secret": self.secret,
+        }
+        fleet = Fleet(self.work / f"leases-{tag}", self.upstream.url, shared)
+        key = f"leases.n{size}"
+        try:
+            replicas = [fleet.start() for _ in range(size)]
+            time.sleep(SETTLE)
+            with self.upstream_cost(key, image, replicas):
+                got = crowd([r.host for r in replicas], image, self.settings.clients)
+                if got.errors:
+                    raise RuntimeError(
+                        f"{len(got.errors)} of {len(got.pulls)} clients failed: {got.errors[0]}"
+                    )
+                # The uploads to the bucket end the leases: wait them out, then count.
+                fleet.wait_kept(replicas, 0, self.objects(image))
+            peer = fleet.total(replicas, "mirror_peer_bytes_total")
+            served = sum(
+                metrics(r, result="served").get("mirror_peer_requests_total", 0.0) for r in replicas
+            )
+            leases = {
+                outcome: sum(
+                    metrics(r, outcome=outcome).get("mirror_fleet_leases_total", 0.0)
+                    for r in replicas
+                )
+                for outcome in ("taken", "followed", "taken_over")
+            }
+        finally:
+            fleet.close()
+            with contextlib.suppress(ServerError, OSError, subprocess.SubprocessError):
+                self.postgres.drop_database(database)
+        self.record_crowd(key, got, size)
+        self.report.detail(
+            f"{key}.fleet",
+            {"peer_bytes": peer, "peer_requests_served": served, "leases": leases},
+        )
+        progress(
+            f"  peer bytes / image bytes {peer / image_bytes(image):.2f}, "
+            f"peer requests served {served:g}, leases {leases}"
+        )
+
+    def proxy(self, round_: int) -> None:
+        """distribution's proxy: REPLICAS docker-registry processes with `proxy:
+        remoteurl:` on one fresh storage directory, `clients` clients each."""
+        image = self.push(f"fleet-bench/proxy-r{round_}", self.layer_sizes())
+        root = self.work / f"proxy-r{round_}"
+        replicas: list[BenchRegistry] = []
+        try:
+            for n in range(REPLICAS):
+                replica = BenchRegistry(
+                    root / f"replica{n}",
+                    storage_dir=root / "storage",
+                    extra_config={"proxy": {"remoteurl": self.upstream.url}},
+                )
+                replicas.append(replica)
+                replica.start()
+            time.sleep(SETTLE)
+            with self.upstream_cost("proxy", image, []):
+                got = crowd([r.host for r in replicas], image, self.settings.clients)
+        finally:
+            for replica in replicas:
+                replica.stop()
+            shutil.rmtree(root, ignore_errors=True)
+        # Failed clients are its answer under this load, not a failed measurement: counted,
+        # and the other figures taken over the clients that got the whole image.
+        self.report.add("proxy.failed_clients", len(got.errors))
+        if got.errors:
+            self.report.detail("proxy.errors", got.errors)
+            self.report.notes.append(
+                f"distribution proxy, round {round_ + 1}: {len(got.errors)} of "
+                f"{len(got.pulls)} clients failed: {got.errors[0]}"
+            )
+        if not got.whole:
+            raise RuntimeError(f"no client got the whole image: {got.errors[0]}")
+        self.record_crowd("proxy", got, REPLICAS)
+
+    def record_crowd(self, key: str, got: Crowd, replicas: int) -> None:
+        """The crowd's figures, over the clients that got the whole image (all of them, but
+        for a contender whose failed clients are counted apart)."""
+        delivered = sum(p.size for p in got.whole)
+        self.report.add(f"{key}.wall", got.wall)
+        self.report.add(f"{key}.mbps", delivered / got.wall / 1e6)
+        self.report.add(f"{key}.first_byte", got.slowest_first_byte)
+        manifests = max(p.first_bytes[0] for p in got.whole)
+        blobs = max(s for p in got.whole for s in p.first_bytes[1:])
+        self.report.detail(
+            f"{key}.clients",
+            {
+                "wall": got.wall,
+                "slowest_first_byte_per_client": [max(p.first_bytes) for p in got.whole],
+                "slowest_manifest_first_byte": manifests,
+                "slowest_blob_first_byte": blobs,
+                "bytes_per_client": [p.size for p in got.whole],
+                "failed_clients": len(got.errors),
+            },
+        )
+        progress(
+            f"  {key}: {replicas} x {self.settings.clients} clients, wall {got.wall:.2f} s "
+            f"({delivered / got.wall / 1e6:.0f} MB/s to the clients in all); slowest first "
+            f"body byte {manifests * 1000:.1f} ms (manifests), {blobs * 1000:.1f} ms (blobs)"
+        )
 
     def shared_hits(self) -> None:
         blob = self.push("fleet-bench/blob", [self.settings.mib * MiB])
@@ -544,9 +862,90 @@ def at_once(jobs: list[Callable[[], None]]) -> float:
 # --------------------------------------------------------------------------- the run
 
 
+def define_crowds(report: Report, s: Settings, blobs: int) -> None:
+    """The leases part (the table's first section) and distribution's proxy."""
+    clients = f"{s.clients} clients per replica at once"
+    for size in FLEET_SIZES:
+        key, part = f"leases.n{size}", f"leases, {size} replica{'s' if size > 1 else ''}"
+        before = "without leases" if size > 1 else ""
+        note = f"goal 1.00; {before}: up to {size}.00" if before else "goal 1.00"
+        report.define(f"{key}.ratio", f"{part}: upstream bytes / image bytes", "", note=note)
+        report.define(
+            f"{key}.logged_ratio",
+            f"{part}: registry GET bytes / image bytes (cross-check)",
+            "",
+            note=note,
+        )
+        report.define(
+            f"{key}.blob_gets",
+            f"{part}: upstream blob GETs",
+            "requests",
+            note=f"{blobs} blobs in the image",
+            digits=0,
+        )
+        report.define(
+            f"{key}.wall",
+            f"{part}: wall, {clients}",
+            "s",
+            reference="leases.n1.wall",
+        )
+        report.define(
+            f"{key}.mbps",
+            f"{part}: MB/s to all the clients",
+            "MB/s",
+            reference="leases.n1.mbps",
+            digits=0,
+        )
+        report.define(
+            f"{key}.first_byte",
+            f"{part}: slowest first body byte (of any client's GET)",
+            "s",
+            digits=4,
+        )
+    part = f"distribution proxy, {REPLICAS} replicas on one filesystem"
+    report.define(
+        "proxy.logged_ratio",
+        f"{part}: registry GET bytes / image bytes",
+        "",
+        note="the mirror's goal: 1.00",
+    )
+    report.define(
+        "proxy.blob_gets",
+        f"{part}: upstream blob GETs",
+        "requests",
+        note=f"{blobs} blobs in the image",
+        digits=0,
+    )
+    report.define(
+        "proxy.failed_clients",
+        f"{part}: clients that failed",
+        "clients",
+        note=f"of {REPLICAS * s.clients}",
+        digits=0,
+    )
+    report.define(
+        "proxy.wall",
+        f"{part}: wall, {clients}",
+        "s",
+        reference="leases.n1.wall",
+    )
+    report.define(
+        "proxy.mbps",
+        f"{part}: MB/s to all the clients",
+        "MB/s",
+        reference="leases.n1.mbps",
+        digits=0,
+    )
+    report.define("proxy.first_byte", f"{part}: slowest first body byte", "s", digits=4)
+
+
 def define(report: Report, s: Settings, blobs: int) -> None:
     goal = f"goal 1.00; {REPLICAS} separate mirrors: {REPLICAS}.00"
-    for key, part in (("sequential", "1. one after the other"), ("concurrent", "2. at once")):
+    parts = (
+        ("sequential", "1. one after the other"),
+        ("concurrent", "2. at once, without leases (part 1)"),
+    )
+    for key, part in parts:
         report.define(f"{key}.ratio", f"{part}: upstream bytes / image bytes", "", note=goal)
         report.define(
             f"{key}.logged_ratio",
@@ -568,7 +967,11 @@ def define(report: Report, s: Settings, blobs: int) -> None:
                 "s",
                 note="the window in which a pull elsewhere would fetch again",
             )
-    report.define("concurrent.wall", "2. at once: wall, until the last pull was done", "s")
+    report.define(
+        "concurrent.wall",
+        "2. at once, without leases (part 1): wall, until the last pull was done",
+        "s",
+    )
     what = {
         "l1": "3. L1 hit on replica A",
         "l2": "3. L2 hit on a fresh replica (bucket -> client and its L1)",
@@ -591,6 +994,27 @@ def define(report: Report, s: Settings, blobs: int) -> None:
             "s",
             reference=reference and f"{reference}.first_byte",
             digits=4,
+        )
+
+
+def judge(report: Report, blobs: int) -> None:
+    """The goal of fleet mode's part 2, per fleet size: every round's upstream bytes equal
+    the image's (the replicas' metric and the registry's log) in one GET per blob."""
+    for size in FLEET_SIZES:
+        key = f"leases.n{size}"
+        ratios = report.figures[f"{key}.ratio"].values
+        logged = report.figures[f"{key}.logged_ratio"].values
+        gets = report.figures[f"{key}.blob_gets"].values
+        if not ratios:
+            continue
+        met = all(round(r, 2) == 1.0 for r in ratios + logged) and all(g == blobs for g in gets)
+        report.goals.append(
+            {
+                "text": f"{size} replica(s): upstream bytes / image bytes 1.00 and {blobs} "
+                "upstream blob GETs, every round",
+                "measured": {"ratio": ratios, "logged_ratio": logged, "blob_gets": gets},
+                "met": met,
+            }
         )
 
 
@@ -623,7 +1047,9 @@ def measure(args: argparse.Namespace, work: Path) -> Report:
         "tools": tool_versions({t: shutil.which(t) for t in ("docker-registry", "skopeo")})
         | engine_versions(),
     }
-    define(report, settings, settings.layers + 1)  # and the config
+    blobs = settings.layers + 1  # and the config
+    define_crowds(report, settings, blobs)
+    define(report, settings, blobs)
     began = time.monotonic()
     with (
         s3_store(work, report) as s3,
@@ -639,16 +1065,31 @@ def measure(args: argparse.Namespace, work: Path) -> Report:
             "max_size": "16GiB",
         }
         fleet = Fleet(work, upstream.url, shared)
+        secret = secrets.token_urlsafe(24)
+        bench = Bench(work, settings, upstream, fleet, report, postgres, secret)
+        seconds = {"start": round(time.monotonic() - began, 1)}
         try:
-            for _ in range(REPLICAS):
-                fleet.start()
-            bench = Bench(work, settings, upstream, fleet, report)
-            seconds = {"start": round(time.monotonic() - began, 1)}
+            began = time.monotonic()
+            for round_ in range(settings.rounds):
+                # Round by round, each kind once: drift on the machine weighs on all alike.
+                if "leases" in args.parts:
+                    for size in FLEET_SIZES:
+                        progress(f"--- leases, {size} replicas, round {round_ + 1}")
+                        leases = functools.partial(bench.leases, round_, size)
+                        bench.attempt(f"leases.n{size}", leases)
+                if "proxy" in args.parts:
+                    progress(f"--- distribution proxy, round {round_ + 1}")
+                    bench.attempt("proxy", functools.partial(bench.proxy, round_))
+            seconds["leases and proxy"] = round(time.monotonic() - began, 1)
             parts: list[tuple[str, int, Callable[[int], None]]] = [
                 ("sequential", settings.rounds, bench.sequential),
                 ("concurrent", settings.rounds, bench.concurrent),
-                ("shared hit", 1, lambda _round: bench.shared_hits()),
+                ("hits", 1, lambda _round: bench.shared_hits()),
             ]
+            parts = [part for part in parts if part[0] in args.parts]
+            if parts:  # the three replicas of parts 1 to 3 (no fleet secret: no leases)
+                for _ in range(REPLICAS):
+                    fleet.start()
             for part, rounds, step in parts:
                 progress(f"--- {part}")
                 began = time.monotonic()
@@ -658,12 +1099,18 @@ def measure(args: argparse.Namespace, work: Path) -> Report:
             report.meta["phase_seconds"] = seconds
         finally:
             fleet.close()
+    judge(report, blobs)
     return report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 round of parts 1 and 2")
+    parser.add_argument("--quick", action="store_true", help="1 round of all but the hits")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"parts to run, comma-separated (default: all of {','.join(PARTS)})",
+    )
     parser.add_argument("--mib", type=int, help="image and blob size in MiB (64)")
     parser.add_argument("--rounds", type=int, help="rounds of every part (3; quick: 1 and 3)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "fleet-results.json")
@@ -673,6 +1120,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--mib must be at least 1")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown or not args.parts:
+        parser.error(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
     return args
 
 
@@ -700,11 +1151,18 @@ def main(argv: list[str] | None = None) -> int:
     report.meta["seconds"] = round(time.monotonic() - began, 1)
     s = report.meta["settings"]
     print(
-        f"\n{report.meta['mode']} run, {report.meta['seconds']} s; {REPLICAS} replicas, "
-        f"S3: {report.meta['s3']}; {s['mib']} MiB ({s['layers']} layers for the images); "
-        f"rounds: {s['rounds']} (parts 1, 2), {s['hit_rounds']} (shared hits); medians\n"
+        f"\n{report.meta['mode']} run, {report.meta['seconds']} s; S3: {report.meta['s3']}; "
+        f"{s['mib']} MiB ({s['layers']} layers for the images); {s['clients']} clients per "
+        f"replica (leases, proxy); rounds: {s['rounds']} (leases, proxy, parts 1, 2), "
+        f"{s['hit_rounds']} (shared hits); medians\n"
     )
     print("\n".join(report.markdown()))
+    if report.goals:
+        print("\nGoal of fleet mode part 2 (leases): each blob leaves the upstream once per fleet")
+    for goal in report.goals:
+        print(f"- {goal['text']}: {'met' if goal['met'] else 'NOT met'}")
+    for note in report.notes:
+        print(f"- note: {note}")
     for failure in report.failures:
         print(f"- failure: {failure}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
