@@ -8,9 +8,9 @@ after a cut, so that it follows the fleet as it changes:
    fleet, and the lease ends when the verified blob is in the bucket (the tier completes
    it with the blob's row);
 3. the replica holding the lease, streaming its download as it arrives (a peer request);
-4. when the holder cannot send it (it died, or its lease is about to end), the lease is
-   asked for again after a short wait: a dead holder's lease expires and this replica
-   takes it over, from the byte it has reached.
+4. when the holder does not answer (it died), the lease is asked for again once it has
+   expired unrenewed: this replica takes it over, from the byte it has reached; when the
+   holder answers without the blob, again after a short wait.
 
 Without the database (degraded), or after MAX_ROUNDS, the replica fetches alone: bytes
 are verified whatever their source, so falling back costs the fleet a fetch, never a
@@ -20,10 +20,11 @@ wrong byte.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from mirror.errors import PeerRefused, UpstreamError
+from mirror.errors import PeerRefused, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.proxy.sources import Body, Counted, SharedSource, Source
 from mirror.reference import Digest
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 5  # of bucket, lease and peer, before fetching alone
 ROUND_WAIT = 1.0  # seconds waited for a holder's lease to end before asking again
+MAX_WAIT = 120.0  # seconds waited, at most, for the lease of a holder that does not answer
 
 
 class FleetSource:
@@ -88,7 +90,13 @@ class FleetSource:
             except PeerRefused as exc:  # the secrets differ: no round can mend that
                 log.info("%s: fetching alone: %s", digest, exc.message)
                 break
-            except UpstreamError as exc:
+            except (UpstreamUnavailable, UpstreamTimeout) as exc:
+                # Gone, most likely: its lease ends unrenewed, and is taken over then.
+                log.info("%s: holder %s does not answer: %s", digest, lease.holder, exc)
+                until_expiry = max(lease.expires_at - time.time(), 0.0)
+                await self.tier.wait_released(key, min(until_expiry, MAX_WAIT) + ROUND_WAIT)
+                continue
+            except UpstreamError as exc:  # alive, but without the blob: not for long
                 log.info("%s: holder %s cannot send it: %s", digest, lease.holder, exc)
             await self.tier.wait_released(key, ROUND_WAIT)
         self.shared = False
