@@ -4,6 +4,7 @@ compose, Kubernetes, systemd, and the client snippets, the latter used by real c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -19,10 +20,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import pytest
 import yaml
 from containerd import ContainerdProcess
 from engines import S3Endpoint
+from fake_upstream import FakeUpstream
 from podman import podman_image_digest, podman_rmi, push_tar_image, run_podman
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import ServerProcess
@@ -347,6 +350,7 @@ def test_compose_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
     for source in sources:
         assert (DEPLOY / source).exists() if source[0] == "." else source in compose["volumes"]
     caches = set()
+    secrets: set[str | None] = set()
     for name in REPLICAS:
         replica = services[name]
         assert replica["build"] == ".."
@@ -363,10 +367,21 @@ def test_compose_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
         assert str(config.storage.path) == "/var/lib/mirror"
         shared = config.shared
         assert shared is not None and shared.database_env is not None
-        assert env.keys() <= environment_names() | {shared.database_env} | {
+        assert shared.peer_secret_env is not None
+        assert env.keys() <= environment_names() | {
+            shared.database_env,
+            shared.peer_secret_env,
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
         }
+        # Each replica is reached by its peers at its service's name, on the port it
+        # listens on and nginx and Prometheus reach it at.
+        assert shared.advertise_url == f"http://{name}:{config.listen.port}"
+        assert config.listen.port == 5000
+        # One fleet secret, the same for every replica (else peer requests are refused).
+        monkeypatch.setenv(shared.peer_secret_env, env[shared.peer_secret_env])
+        secrets.add(shared.fleet_secret())
+        assert shared.lease_ttl == 30
         # The DSN names the compose database, with its user, password and database.
         monkeypatch.setenv(shared.database_env, env[shared.database_env])
         dsn = urllib.parse.urlsplit(shared.dsn())
@@ -390,6 +405,8 @@ def test_compose_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
         assert f"arn:aws:s3:::{shared.bucket}/*" in script
         assert not shared.redirect  # minio:9000 is a name only compose's network knows
     assert len(caches) == len(REPLICAS)  # a cache volume each
+    [fleet_secret] = secrets
+    assert fleet_secret and fleet_secret != env["AWS_SECRET_ACCESS_KEY"]
     balancer = services["balancer"]
     assert balancer["ports"] == ["5000:5000"]
     assert "./fleet/nginx.conf:/etc/nginx/nginx.conf:ro" in balancer["volumes"]
@@ -424,6 +441,30 @@ def quantity(text: str) -> int:
     return int(match[1]) << 10 * ("", "Ki", "Mi", "Gi", "Ti").index(match[2] or "")
 
 
+def pod_environment(
+    container: dict[str, Any], secrets: dict[tuple[str, str], str], pod_ip: str
+) -> dict[str, str]:
+    """A container's `env` as the kubelet makes it: each secretKeyRef's value from
+    `secrets` ((name, key): value; an optional one absent is left out), `status.podIP` as
+    `pod_ip`, and `$(NAME)` in a value replaced by a variable defined above it."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        source = entry.get("valueFrom", {})
+        if "value" in entry:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), entry["value"])
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            if (ref["name"], ref["key"]) not in secrets:
+                assert ref.get("optional"), ref
+                continue
+            value = secrets[(ref["name"], ref["key"])]
+        else:
+            assert source["fieldRef"]["fieldPath"] == "status.podIP", entry
+            value = pod_ip
+        env[entry["name"]] = value
+    return env
+
+
 def test_kubernetes_fleet_manifests(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     kinds = fleet_kubernetes()
     kustomization = kinds.pop("Kustomization")
@@ -456,20 +497,37 @@ def test_kubernetes_fleet_manifests(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert mounts["config"] == "/etc/mirror"
     config_file = tmp_path / "mirror.yaml"
     config_file.write_text(config_map["data"]["mirror.yaml"])
-    # Every variable from a Secret: the DSN the config names, and the bucket's keys.
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    env = {name: "secret" for name in refs}
+    # From Secrets: the DSN the config names, the bucket's keys and the fleet secret; the
+    # pod's IP from the downward API, and the advertised URL made of it.
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})}  # fmt: skip
+    values = {(ref["name"], ref["key"]): f"value-of-{ref['key']}" for ref in refs.values()}
+    env = pod_environment(container, values, "10.244.1.7")
     config = load_config(None, {"MIRROR_CONFIG": str(config_file)} | env | service_links(
         kinds["Service"]))  # fmt: skip
     shared = config.shared
     assert shared is not None and shared.database_env is not None
+    assert shared.peer_secret_env is not None
     assert not refs[shared.database_env].get("optional")
+    assert not refs[shared.peer_secret_env].get("optional")
     assert refs["AWS_ACCESS_KEY_ID"]["optional"] and refs["AWS_SECRET_ACCESS_KEY"]["optional"]
-    assert env.keys() - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= (
-        environment_names() | {shared.database_env}
+    assert env.keys() - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POD_IP"} <= (
+        environment_names() | {shared.database_env, shared.peer_secret_env}
     )
     monkeypatch.setenv(shared.database_env, "postgresql://mirror@db:5432/mirror")
     assert shared.dsn() == "postgresql://mirror@db:5432/mirror"
+    monkeypatch.setenv(shared.peer_secret_env, env[shared.peer_secret_env])
+    assert shared.fleet_secret() == values[(refs[shared.peer_secret_env]["name"], "secret")]
+    # Each pod is reached by its peers at its own IP, on the port it listens on.
+    assert shared.advertise_url == f"http://10.244.1.7:{config.listen.port}"
+    assert config.listen.port == container["ports"][0]["containerPort"]
+    # Each Secret the Deployment reads, with its keys, is created by a command of the
+    # kustomization's comment.
+    comment = (directory / "kustomization.yaml").read_text().replace("\\\n#", "")
+    for secret in {ref["name"] for ref in refs.values()}:
+        [command] = re.findall(rf"kubectl -n mirror create secret generic {secret} .*", comment)
+        keys = {ref["key"] for ref in refs.values() if ref["name"] == secret}
+        assert keys == set(re.findall(r"--from-literal=(\w+)=", command)), command
     assert (shared.endpoint_url, shared.redirect) == (None, False)  # AWS S3
     # Each replica's own cache fits its volume.
     assert str(config.storage.path) == mounts["cache"] == "/var/lib/mirror"
@@ -575,6 +633,43 @@ def replica_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
+def compose_replica_environment(name: str, port: int) -> dict[str, str]:
+    """The fleet part of compose's environment of replica `name`: the fleet secret as
+    compose passes it, and the replica's advertise_url with its service's name and port
+    replaced by loopback and `port`, where it listens here."""
+    env = fleet_environment(fleet_compose()["services"][name])
+    assert env["MIRROR_SHARED__ADVERTISE_URL"] == f"http://{name}:5000"
+    return {"MIRROR_PEER_SECRET": env["MIRROR_PEER_SECRET"],
+            "MIRROR_SHARED__ADVERTISE_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+
+
+async def start_compose_replicas(
+    start_mirror_process: StartMirrorProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    upstream: str,
+    bucket: str,
+    s3: S3Endpoint,
+    database_url: str,
+) -> list[MirrorProcess]:
+    """The three replicas of compose-fleet.yaml, with deploy/fleet/mirror.yaml and each
+    its environment, on loopback: sharing (database and bucket reached), each reached by
+    the others at its advertise_url."""
+    shipped = (FLEET / "mirror.yaml").read_text()
+    replicas = []
+    for n, name in enumerate(REPLICAS):
+        config = shipped_fleet_config(shipped, tmp_path, n, upstream, bucket, s3)
+        replica_environment(monkeypatch, tmp_path, config, database_url, s3)
+        port = free_loopback_port()
+        for variable, value in compose_replica_environment(name, port).items():
+            monkeypatch.setenv(variable, value)
+        start = start_mirror_process
+        replicas.append(await asyncio.to_thread(start, "--config", str(config), port=port))
+    for replica in replicas:
+        await wait_sharing(replica.url, replica.log)
+    return replicas
+
+
 def readyz(url: str) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
@@ -607,14 +702,9 @@ async def test_the_compose_fleet_behind_its_nginx(
     it whole, and each blob leaves the upstream once (nginx routes a blob by its digest);
     with one replica gone, the image is still served, from the shared tier."""
     image = await push_image(registry.url, "fleet/app", "v1", [200 * 1024, 50 * 1024, 3 * 1024])
-    shipped = (FLEET / "mirror.yaml").read_text()
-    replicas = []
-    for n in range(len(REPLICAS)):
-        config = shipped_fleet_config(shipped, tmp_path, n, registry.url, s3_bucket_name, moto_s3)
-        replica_environment(monkeypatch, tmp_path, config, database_url, moto_s3)
-        replicas.append(await asyncio.to_thread(start_mirror_process, "--config", str(config)))
-    for replica in replicas:
-        await wait_sharing(replica.url, replica.log)
+    replicas = await start_compose_replicas(start_mirror_process, monkeypatch, tmp_path,
+                                            registry.url, s3_bucket_name, moto_s3,
+                                            database_url)  # fmt: skip
     balancer = Balancer(tmp_path / "nginx", [r.host for r in replicas])
     await asyncio.to_thread(balancer.start)
     try:
@@ -628,6 +718,9 @@ async def test_the_compose_fleet_behind_its_nginx(
             assert dir_digests(tmp_path / f"pull{n}") == wanted
         await registry.settle()
         assert registry.blob_gets(image.name) == len(image.blob_digests())
+        # The replicas share one fleet secret: none refuses another's peer request.
+        assert sum(metric(r.url, "mirror_peer_requests_total", result="refused")
+                   for r in replicas) == 0  # fmt: skip
 
         def uploaded() -> float:
             return sum(metric(r.url, "mirror_shared_uploads_total") for r in replicas)
@@ -647,11 +740,56 @@ async def test_the_compose_fleet_behind_its_nginx(
         await asyncio.to_thread(balancer.stop)
 
 
-def metric(url: str, name: str) -> float:
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples `name` with `labels` that the mirror at `url` serves."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name)  # fmt: skip
+               if s.name == name and labels.items() <= s.labels.items())  # fmt: skip
+
+
+async def test_the_compose_fleet_replicas_stream_from_the_one_fetching(
+    fake_upstream: FakeUpstream,
+    start_mirror_process: StartMirrorProcess,
+    moto_s3: S3Endpoint,
+    s3_bucket_name: str,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The compose replicas asked for one cold blob at once, each directly (not through
+    nginx, which would send them all to one): it leaves the upstream once, and the two
+    replicas not fetching stream it from the one that is, at the advertise_url compose
+    gives it, with compose's fleet secret."""
+    blob = os.urandom(8 * 1024 * 1024)
+    digest = fake_upstream.blobs.put(blob)
+    fake_upstream.blobs.piece, fake_upstream.blobs.pause = 256 * 1024, 0.05  # about 1.6 s
+    replicas = await start_compose_replicas(start_mirror_process, monkeypatch, tmp_path,
+                                            fake_upstream.url, s3_bucket_name, moto_s3,
+                                            database_url)  # fmt: skip
+
+    async def pull(session: aiohttp.ClientSession, url: str) -> str:
+        hashed = hashlib.sha256()
+        async with session.get(f"{url}/v2/team/app/blobs/{digest}") as resp:
+            assert resp.status == 200
+            async for chunk in resp.content.iter_chunked(1024 * 1024):
+                hashed.update(chunk)
+        return f"sha256:{hashed.hexdigest()}"
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        pulled = await asyncio.gather(*(pull(session, r.url) for r in replicas))
+
+    assert pulled == [digest] * 3
+    assert fake_upstream.count("GET", f"/blobs/{digest}") == 1
+
+    def total(name: str, **labels: str) -> float:
+        return sum(metric(r.url, name, **labels) for r in replicas)
+
+    assert total("mirror_fleet_leases_total", outcome="taken") >= 1
+    assert total("mirror_fleet_leases_total", outcome="followed") >= 2
+    assert total("mirror_peer_requests_total", result="served") >= 2
+    assert total("mirror_peer_requests_total", result="refused") == 0
+    assert total("mirror_peer_bytes_total") >= 2 * len(blob)
 
 
 async def test_the_kubernetes_fleet_config_starts_a_sharing_replica(
@@ -664,12 +802,41 @@ async def test_the_kubernetes_fleet_config_starts_a_sharing_replica(
     tmp_path: Path,
 ) -> None:
     """The ConfigMap's config with the Deployment's variables (and the endpoint of an S3
-    store here, where the shipped one means AWS): the replica reaches both and is ready."""
+    store here, where the shipped one means AWS; the pod's IP on loopback): the replica
+    reaches both and is ready, and its peer route answers the fleet secret from the
+    Secret, and only it."""
     kinds = fleet_kubernetes()
     text = kinds["ConfigMap"]["data"]["mirror.yaml"]
     config = shipped_fleet_config(text, tmp_path, 0, registry.url, s3_bucket_name, moto_s3)
     replica_environment(monkeypatch, tmp_path, config, database_url, moto_s3)
     for name, value in service_links(kinds["Service"]).items():
         monkeypatch.setenv(name, value)
-    replica = await asyncio.to_thread(start_mirror_process, "--config", str(config))
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    secret = "fleet-secret-from-the-secret"
+    secrets = {("mirror-fleet-database", "url"): database_url,
+               ("mirror-fleet-bucket", "access_key_id"): moto_s3.access_key,
+               ("mirror-fleet-bucket", "secret_access_key"): moto_s3.secret_key,
+               ("mirror-fleet-peer", "secret"): secret}  # fmt: skip
+    env = pod_environment(container, secrets, "127.0.0.1")
+    port = free_loopback_port()
+    assert env["MIRROR_SHARED__ADVERTISE_URL"] == "http://127.0.0.1:5000"
+    env["MIRROR_SHARED__ADVERTISE_URL"] = f"http://127.0.0.1:{port}"  # where it listens here
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    replica = await asyncio.to_thread(start_mirror_process, "--config", str(config), port=port)
     await wait_sharing(replica.url, replica.log)
+    image = await push_image(registry.url, "fleet/k8s", "v1", [10 * 1024])
+    await skopeo_copy_async(f"{replica.host}/{image.reference}", tmp_path / "pulled")
+    layer = sorted(image.blob_digests())[0]
+    peer = f"{env['MIRROR_SHARED__ADVERTISE_URL']}/_mirror/peer/blobs/{layer}"
+
+    def status(token: str) -> int:
+        request = urllib.request.Request(peer, headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert await asyncio.to_thread(status, secret) == 200
+    assert await asyncio.to_thread(status, "wrong") == 401

@@ -40,12 +40,34 @@ def dashboard_exprs() -> list[str]:
     return [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
 
 
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels under the row `title`, up to the next row."""
+    panels: list[dict[str, Any]] = json.loads(DASHBOARD.read_text())["panels"]
+    start = next(i for i, p in enumerate(panels) if p["title"] == title and p["type"] == "row")
+    end = next((i for i, p in enumerate(panels) if i > start and p["type"] == "row"), None)
+    return panels[start + 1 : end]
+
+
 def fleet_exprs() -> list[str]:
-    """The queries of the panels under the row "Fleet (shared tier)" (the last row)."""
-    panels = json.loads(DASHBOARD.read_text())["panels"]
-    row = next(i for i, p in enumerate(panels) if p["title"] == "Fleet (shared tier)")
-    assert all(p["type"] != "row" for p in panels[row + 1 :])
-    return [t["expr"] for panel in panels[row + 1 :] for t in panel["targets"]]
+    """The queries of the panels under the row "Fleet (shared tier)"."""
+    return [t["expr"] for panel in row_panels("Fleet (shared tier)") for t in panel["targets"]]
+
+
+ONE_FETCH = "Fleet: one fetch per fleet"
+HEADLINE = "Upstream bytes per byte served (fleet)"
+# The headline figure, for the whole fleet: every replica's upstream bytes (of every
+# upstream) over every replica's bytes served (from any source).
+HEADLINE_EXPR = (
+    "sum(rate(mirror_upstream_bytes_total[{window}]))"
+    " / sum(rate(mirror_served_bytes_total[{window}]))"
+)
+
+
+def one_fetch_exprs() -> list[str]:
+    """The queries of the panels under the row "Fleet: one fetch per fleet" (the last
+    row), with Grafana's $__range as an hour."""
+    return [t["expr"].replace("$__range", "1h") for panel in row_panels(ONE_FETCH)
+            for t in panel["targets"]]  # fmt: skip
 
 
 def alert_exprs() -> list[str]:
@@ -107,7 +129,7 @@ def test_dashboard_shape() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     titles = {panel["title"] for panel in dashboard["panels"]}
     for wanted in ("Cache hit ratio", "Docker Hub quota headroom", "Disk use against budget",
-                   "Fleet (shared tier)", "Eviction leader"):  # fmt: skip
+                   "Fleet (shared tier)", "Eviction leader", ONE_FETCH, HEADLINE):  # fmt: skip
         assert wanted in titles
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
     # No panel hides another: their cells on the 24-column grid are distinct.
@@ -122,6 +144,20 @@ def test_dashboard_shape() -> None:
     # The fleet row shows the shared tier: each of its panels asks for a shared metric.
     for expr in fleet_exprs():
         assert "mirror_shared_" in expr or 'source="shared"' in expr, expr
+    # One fetch per fleet (the last row): the headline, a stat over the time range shown
+    # and a time series, then leases, peer bytes and peer requests.
+    panels = {panel["title"]: panel for panel in row_panels(ONE_FETCH)}
+    assert all(panel["type"] != "row" for panel in dashboard["panels"][-len(panels) :])
+    stat, series = panels[HEADLINE], panels[HEADLINE + ", over time"]
+    assert stat["type"] == "stat" and series["type"] == "timeseries"
+    assert [t["expr"] for t in stat["targets"]] == [HEADLINE_EXPR.format(window="$__range")]
+    assert stat["targets"][0]["instant"]
+    assert [t["expr"] for t in series["targets"]] == [HEADLINE_EXPR.format(window="5m")]
+    assert stat["fieldConfig"]["defaults"]["unit"] == series["fieldConfig"]["defaults"]["unit"]
+    rest = {name for title, panel in panels.items() if title not in (HEADLINE, series["title"])
+            for t in panel["targets"] for name in _NAME.findall(t["expr"])}  # fmt: skip
+    assert {"mirror_fleet_leases_total", "mirror_peer_bytes_total",
+            "mirror_peer_requests_total"} <= rest  # fmt: skip
 
 
 # Three replicas: a leads, b led before (its gauges stay where they were), c is a mirror
@@ -191,6 +227,79 @@ def test_promtool_fires_the_shared_tier_alerts_when_they_should(tmp_path: Path) 
     assert "SUCCESS" in result.stdout
 
 
+# Three replicas: a refuses peer requests from minute 1 on (another replica has another
+# fleet secret), b for three minutes (a rollout of a new secret), c never. a fetched from
+# two upstreams 150 bytes/s in all, while each replica served 200 bytes/s.
+_PEER_RULE_TESTS = """
+rule_files: [{alerts}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'mirror_peer_requests_total{{instance="a",result="refused"}}'
+        values: '0+1x40'
+      - series: 'mirror_peer_requests_total{{instance="a",result="served"}}'
+        values: '0+3x40'
+      - series: 'mirror_peer_requests_total{{instance="b",result="refused"}}'
+        values: '0 1 2 3 3x40'
+      - series: 'mirror_peer_requests_total{{instance="c",result="refused"}}'
+        values: '0x40'
+      - series: 'mirror_peer_requests_total{{instance="c",result="served"}}'
+        values: '0+5x40'
+      - series: 'mirror_upstream_bytes_total{{instance="a",upstream="docker-hub"}}'
+        values: '0+6000x40'
+      - series: 'mirror_upstream_bytes_total{{instance="a",upstream="ghcr"}}'
+        values: '0+3000x40'
+      - series: 'mirror_upstream_bytes_total{{instance="b",upstream="docker-hub"}}'
+        values: '0x40'
+      - series: 'mirror_served_bytes_total{{instance="a",source="upstream"}}'
+        values: '0+12000x40'
+      - series: 'mirror_served_bytes_total{{instance="b",source="cache"}}'
+        values: '0+12000x40'
+      - series: 'mirror_served_bytes_total{{instance="c",source="shared"}}'
+        values: '0+3000x40'
+      - series: 'mirror_served_bytes_total{{instance="c",source="cache"}}'
+        values: '0+9000x40'
+    alert_rule_test:
+      - {{eval_time: 10m, alertname: MirrorPeerRequestsRefused, exp_alerts: []}}
+      - eval_time: 12m
+        alertname: MirrorPeerRequestsRefused
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: a, result: refused}}
+            exp_annotations:
+              summary: 'mirror a refuses peer requests: a wrong or missing fleet secret'
+              description: >-
+                Peer requests refused for 10 minutes. The replica's log names each address
+                refused, and why ("peer request from ... refused"), once per address; give
+                every replica the same secret (shared.peer_secret, or peer_secret_env's
+                variable).
+    promql_expr_test:
+      - expr: {headline}
+        eval_time: 20m
+        exp_samples:
+          - labels: '{{}}'
+            value: 0.25
+"""
+
+
+def test_promtool_fires_the_peer_alert_and_computes_the_headline(tmp_path: Path) -> None:
+    """`promtool test rules`: MirrorPeerRequestsRefused fires after 10 minutes of refusals,
+    for the replica refusing, and not for a few minutes of them; the dashboard's headline
+    (its time series' query) is the fleet's upstream bytes, all upstreams and replicas,
+    over its bytes served, all sources and replicas."""
+    promtool = require("promtool")
+    [series] = [p for p in row_panels(ONE_FETCH) if p["title"] == HEADLINE + ", over time"]
+    [headline] = [t["expr"] for t in series["targets"]]
+    tests = tmp_path / "peer_alerts_test.yml"
+    tests.write_text(_PEER_RULE_TESTS.format(alerts=json.dumps(str(ALERTS)),
+                                             headline=json.dumps(headline)))  # fmt: skip
+    result = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
 def test_promtool_accepts_the_alert_rules() -> None:
     promtool = require("promtool")
     result = subprocess.run(
@@ -238,7 +347,7 @@ async def test_fleet_row_and_alerts_on_a_replica(
 ) -> None:
     """A fleet replica (moto, PostgreSQL) after a pull serves every shared metric the
     dashboard and the alerts name; a real Prometheus scraping it answers each query of the
-    fleet row, finds the replica leading, and, its database stopped, holds
+    fleet rows, finds the replica leading, and, its database stopped, holds
     MirrorSharedTierDegraded pending for part="database"."""
     for name, value in {"AWS_ACCESS_KEY_ID": moto_s3.access_key,
                         "AWS_SECRET_ACCESS_KEY": moto_s3.secret_key,
@@ -283,6 +392,8 @@ async def test_fleet_row_and_alerts_on_a_replica(
         for expr in fleet_exprs():  # each valid, and each with data, but for evictions
             if "evict" not in expr:
                 await answer(expr)
+        for expr in one_fetch_exprs():  # each valid, and each with data
+            await answer(expr)
         [leader] = await answer("mirror_shared_leader == 1")
         assert leader["metric"]["instance"] == replica.host
         postgres.stop()
