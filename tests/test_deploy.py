@@ -721,6 +721,11 @@ async def test_the_compose_fleet_behind_its_nginx(
         # The replicas share one fleet secret: none refuses another's peer request.
         assert sum(metric(r.url, "mirror_peer_requests_total", result="refused")
                    for r in replicas) == 0  # fmt: skip
+        # Clients' address has no way to the peer route.
+        peer = f"{balancer.url}/_mirror/peer/blobs/{image.layer_digests[0]}"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await asyncio.to_thread(urllib.request.urlopen, peer, timeout=5)
+        assert refused.value.code == 404
 
         def uploaded() -> float:
             return sum(metric(r.url, "mirror_shared_uploads_total") for r in replicas)
