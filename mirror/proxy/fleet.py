@@ -48,15 +48,15 @@ class FleetSource:
     ) -> None:
         """`peer(url)`: a source reading from the replica advertised at `url`."""
         self.tier = tier
-        self.metrics = metrics
-        self.followed = False  # a holder, at some round: taking the lease then takes it over
         self.upstream = upstream
         self.peer = peer
         self.access = access
+        self.metrics = metrics
         self.name = upstream.name  # one download per upstream and digest, as without a fleet
         self.retries = upstream.retries
         self.patience = upstream.patience
         self.shared = True  # until this replica fetches from the upstream: then it keeps it
+        self.followed = False  # a holder, in an earlier round: taking the lease takes it over
 
     @asynccontextmanager
     async def body(self, digest: Digest, offset: int) -> AsyncIterator[Body]:
