@@ -1,16 +1,20 @@
-"""The clients of benchmarks/run.py: a hashing GET, N concurrent GETs, wrk, peak memory.
+"""The clients of benchmarks/run.py: a hashing GET, N concurrent GETs, wrk, peak memory,
+CPU time.
 
 `get_blob` speaks HTTP/1.1 over a plain socket (no HTTP library in the way): it times the
 first body byte and the last, hashes every byte and checks the digest. The concurrent
 variant runs it in threads (socket reads and hashing release the GIL). `run_wrk` runs
 `wrk --latency` and parses its report. `PeakRss` reads the peak resident memory of some
-processes over a phase. Only loopback URLs are ever given to these.
+processes over a phase; `cpu_seconds` their user+system CPU time so far, and
+`hash_cpu_seconds` what hashlib's SHA-256 costs one core for a file's bytes (the reference
+of the servers' CPU figures). Only loopback URLs are ever given to these.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import socket
 import subprocess
@@ -287,3 +291,26 @@ def cpu_ticks(pid: int) -> int:
     except OSError:
         return 0
     return int(fields[11]) + int(fields[12])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU seconds of `pids` so far (from /proc/PID/stat; a process that
+    is gone counts 0). Clock ticks: 10 ms resolution where CLK_TCK is 100."""
+    return sum(cpu_ticks(pid) for pid in pids) / os.sysconf("SC_CLK_TCK")
+
+
+def hash_cpu_seconds(path: Path, digest: str) -> float:
+    """CPU seconds (`time.process_time`, this thread alone busy: one core) that
+    `hashlib.sha256` spends on the bytes of `path`, read in CHUNK pieces; only the
+    hashing is timed, not the reads. The digest is checked."""
+    hasher = hashlib.sha256()
+    buffer = memoryview(bytearray(CHUNK))
+    spent = 0.0
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            began = time.process_time()
+            hasher.update(buffer[:n])
+            spent += time.process_time() - began
+    if "sha256:" + hasher.hexdigest() != digest:
+        raise GetError(f"{path} hashes to sha256:{hasher.hexdigest()}, not {digest}")
+    return spent

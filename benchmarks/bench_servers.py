@@ -7,7 +7,10 @@
   reference for cache hits);
 - `nginx-cache`: nginx as a caching proxy, as the popular nginx registry caches set it
   up: `proxy_cache` for blobs and manifests by digest, `proxy_cache_lock on`, tags and
-  everything else proxied uncached, sendfile on.
+  everything else proxied uncached, sendfile on;
+- `bare-aiohttp`: bench_bare.py, one aiohttp process answering the manifest's bytes from
+  memory with the mirror's headers, no middleware (the ceiling for a Python answer; it
+  serves that manifest only).
 
 `Lab.running(kind)` starts a fresh one (new process, empty cache) and removes its
 directory afterwards.
@@ -37,7 +40,8 @@ from upstream_registry import RegistryProcess, free_loopback_port
 
 DIRECT, MIRROR, REGISTRY_PROXY = "direct", "mirror", "registry-proxy"
 NGINX, NGINX_CACHE = "nginx", "nginx-cache"
-KINDS = (DIRECT, MIRROR, REGISTRY_PROXY, NGINX, NGINX_CACHE)
+BARE = "bare-aiohttp"
+KINDS = (DIRECT, MIRROR, REGISTRY_PROXY, NGINX, NGINX_CACHE, BARE)
 READY_PATH = "/.bench-ready"
 
 
@@ -171,6 +175,40 @@ class NginxServer(ServerProcess):
         return [self._proc.pid, *child_pids(self._proc.pid)]
 
 
+class BareServer(ServerProcess):
+    """bench_bare.py: the manifest file's bytes at its registry path, from memory."""
+
+    name = "bare-aiohttp"
+
+    def __init__(self, workdir: Path, static_root: Path, manifest: Path, media_type: str) -> None:
+        super().__init__(workdir, workdir / "bare.out", free_loopback_port(), 15.0)
+        self.manifest = manifest
+        self.path = "/" + manifest.relative_to(static_root).as_posix()
+        self.media_type = media_type
+
+    def _command(self) -> list[str]:
+        script = Path(__file__).resolve().parent / "bench_bare.py"
+        return [
+            sys.executable,
+            str(script),
+            f"--port={self.port}",
+            f"--path={self.path}",
+            f"--body={self.manifest}",
+            f"--media-type={self.media_type}",
+            f"--digest={self.manifest.name}",
+            f"--ready={READY_PATH}",
+        ]
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def _ready(self) -> bool:
+        return probe(self.url + READY_PATH)
+
+    def pids(self) -> list[int]:
+        return [self._proc.pid] if self._proc is not None and self.running else []
+
+
 def probe(url: str) -> bool:
     """Whether `url` answers 200 (no proxy from the environment is ever used)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -266,6 +304,7 @@ class Lab:
     mirror_workers: int
     static_root: Path
     manifest_type: str
+    static_manifest: Path | None = None  # the last manifest published (bare-aiohttp's)
     _serial: Iterator[int] = field(default_factory=itertools.count)
 
     @contextlib.contextmanager
@@ -289,6 +328,12 @@ class Lab:
             registry = BenchRegistry(workdir, extra_config=proxy)
             registry.start()
             return registry
+        if kind == BARE:
+            if self.static_manifest is None:
+                raise ServerError("no manifest published for bare-aiohttp")
+            bare = BareServer(workdir, self.static_root, self.static_manifest, self.manifest_type)
+            bare.start()
+            return bare
         return self._start_nginx(kind, workdir)
 
     def _start_nginx(self, kind: str, workdir: Path) -> Contender:
@@ -313,10 +358,16 @@ class Lab:
         path.parent.mkdir(parents=True, exist_ok=True)
         if content is not None:
             path.write_bytes(content)
+            self.static_manifest = path
             return
-        hex_ = digest.split(":", 1)[1]
-        source = self.upstream.storage_dir / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_
+        source = self.upstream_blob(digest)
         try:
-            os.link(source / "data", path)
+            os.link(source, path)
         except OSError:
-            shutil.copyfile(source / "data", path)
+            shutil.copyfile(source, path)
+
+    def upstream_blob(self, digest: str) -> Path:
+        """The file holding a blob in the upstream's storage (distribution's layout)."""
+        hex_ = digest.split(":", 1)[1]
+        blobs = self.upstream.storage_dir / "docker/registry/v2/blobs/sha256"
+        return blobs / hex_[:2] / hex_ / "data"

@@ -4,15 +4,18 @@ A real docker-registry on loopback (the upstream) is seeded with four generated 
 one big single-layer image (512 MiB; 128 MiB with --quick), 5 x 1 MiB, 50 x 100 KiB and
 a two-platform index. Each figure is measured for each contender (see bench_servers.py):
 the upstream directly, `mirror serve`, docker-registry in proxy mode, nginx serving the
-files with sendfile, and an nginx caching proxy. Every cold figure starts a fresh process
-with an empty cache; upstream requests are counted in the upstream's access log.
+files with sendfile, an nginx caching proxy, and (in the wrk manifest figure only) a bare
+aiohttp handler answering the manifest from memory. Every cold figure starts a fresh
+process with an empty cache; upstream requests are counted in the upstream's access log.
 
 Phases (--phases): `skopeo` (cold and warm `skopeo copy` of each image by tag, and the
 upstream requests of each copy), `get` (one GET of the big blob, cold then warm: time to
 the first body byte, total, MB/s; every byte hashed and checked), `crowd` (8 clients GET
 the cold big blob at once: wall time, upstream GETs, each client's first byte), `wrk`
 (cache hits under `wrk`, 16 connections: the 1 MiB blob and the manifest by digest). The
-peak RSS of each contender is read during each phase.
+peak RSS and the user+system CPU seconds of each contender are read during each step; the
+CPU of a big-blob GET is set against what SHA-256 (hashlib, one core) spends on the same
+bytes, measured in the same round.
 
     python benchmarks/run.py                 # full run, several minutes
     python benchmarks/run.py --quick         # under 2 minutes: 128 MiB, 1 round, short wrk
@@ -48,9 +51,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_clients import PeakRss, get_blob, get_concurrently, run_wrk
-from bench_report import Results, markdown, write_json
+from bench_clients import (
+    PeakRss,
+    cpu_seconds,
+    get_blob,
+    get_concurrently,
+    hash_cpu_seconds,
+    run_wrk,
+)
+from bench_report import SHA256, Results, markdown, write_json
 from bench_servers import (
+    BARE,
     DIRECT,
     KINDS,
     MIRROR,
@@ -146,10 +157,13 @@ def progress(line: str) -> None:
 
 @dataclass
 class Seen:
-    """What the upstream was asked, and the contender's peak RSS, during one step."""
+    """What the upstream was asked, and the contender's peak RSS and CPU time, during one
+    step (the CPU until the upstream was idle again, so a download the contender finished
+    after its client counts)."""
 
     requests: list[LoggedRequest] = field(default_factory=list)
     peak_rss: float = 0.0  # MiB
+    cpu_seconds: float = 0.0  # user + system, summed over the contender's processes
 
     def blob_gets(self, digest: str) -> int:
         return sum(1 for r in self.requests if r.method == "GET" and r.path.endswith(digest))
@@ -163,9 +177,12 @@ def observe(run: Run, server: Contender) -> Iterator[Seen]:
     run.upstream.quiesce(quiet=0.1)
     run.upstream.reset_counts()
     seen = Seen()
-    with PeakRss(server.pids()) as rss:
+    pids = server.pids()
+    cpu_before = cpu_seconds(pids)
+    with PeakRss(pids) as rss:
         yield seen
     run.upstream.quiesce(quiet=0.25)
+    seen.cpu_seconds = cpu_seconds(pids) - cpu_before
     seen.requests = run.upstream.requests()
     seen.peak_rss = rss.peak / MiB
 
@@ -184,6 +201,16 @@ async def seed(url: str, big_mib: int, work: Path) -> dict[str, Image]:
         "many": Image("many", "100 KiB x 50", many),
         "multi": Image("multi", "index, 2 x (1 MiB x 1), --all", multi, all_images=True),
     }
+
+
+def record_hash_cpu(run: Run, keys: list[str]) -> None:
+    """The `sha256` reference of CPU figures `keys`: what hashing the big blob's bytes
+    costs one core now (the bench process is otherwise idle meanwhile)."""
+    digest = run.images["big"].pushed.layer_digests[0]
+    seconds = hash_cpu_seconds(run.lab.upstream_blob(digest), digest)
+    for key in keys:
+        run.results.add(key, SHA256, seconds)
+    progress(f"sha256 of the big blob: {seconds:.3f} CPU-s")
 
 
 def publish_static(lab: Lab, images: dict[str, Image]) -> None:
@@ -223,6 +250,9 @@ def define_skopeo(results: Results, image: Image) -> list[str]:
         0,
     )
     results.define(f"rss.skopeo.{k}", f"skopeo copy {title}: peak RSS", "MiB", None, 1)
+    for step in ("cold", "warm"):
+        label = f"skopeo copy {title}, {step}: CPU (user+system)"
+        results.define(f"cpu.skopeo.{step}.{k}", label, "CPU-s", DIRECT)
     return [f"skopeo.{p}.{k}" for p in ("cold", "warm", "cold_upstream", "warm_upstream")]
 
 
@@ -236,6 +266,7 @@ def skopeo_round(run: Run, kind: str, image: Image) -> None:
             run.results.add(f"skopeo.{step}.{image.key}", kind, seconds)
             run.results.add(f"skopeo.{step}_upstream.{image.key}", kind, len(seen.requests))
             run.results.detail(f"skopeo.{step}_upstream.{image.key}", [kind, seen.summary()])
+            run.results.add(f"cpu.skopeo.{step}.{image.key}", kind, seen.cpu_seconds)
             peak = max(peak, seen.peak_rss)
             progress(
                 f"skopeo {image.key} {kind} {step}: {seconds:.3f} s, "
@@ -267,6 +298,7 @@ GET_KINDS = (DIRECT, MIRROR, REGISTRY_PROXY, NGINX_CACHE, NGINX)
 def phase_get(run: Run) -> None:
     keys = define_get(run.results, run.settings.big_mib)
     for _ in range(run.settings.rounds):
+        record_hash_cpu(run, ["cpu.get.cold", "cpu.get.warm"])
         for kind in run.kinds(GET_KINDS):
             run.attempt(keys, kind, functools.partial(get_round, run, kind))
 
@@ -280,6 +312,7 @@ def define_get(results: Results, mib: int) -> list[str]:
         results.define(f"get.{step}.mbps", f"{title}: throughput", "MB/s", ref, 0)
         results.define(f"get.{step}.upstream_gets", f"{title}: upstream GETs", "requests", None, 0)
         results.define(f"rss.get.{step}", f"{title}: peak RSS", "MiB", None, 1)
+        results.define(f"cpu.get.{step}", f"{title}: CPU (user+system)", "CPU-s", SHA256)
         keys += [f"get.{step}.{k}" for k in ("seconds", "first_byte", "mbps", "upstream_gets")]
     return keys
 
@@ -297,9 +330,11 @@ def get_round(run: Run, kind: str) -> None:
             record_get(run, kind, step, got.seconds, got.first_byte, got.mbps)
             run.results.add(f"get.{step}.upstream_gets", kind, seen.blob_gets(digest))
             run.results.add(f"rss.get.{step}", kind, seen.peak_rss)
+            run.results.add(f"cpu.get.{step}", kind, seen.cpu_seconds)
             progress(
                 f"get {kind} {step}: {got.seconds:.3f} s, first byte {got.first_byte:.4f} s, "
-                f"{got.mbps:.0f} MB/s, {seen.blob_gets(digest)} upstream GETs"
+                f"{got.mbps:.0f} MB/s, {seen.blob_gets(digest)} upstream GETs, "
+                f"{seen.cpu_seconds:.2f} CPU-s"
             )
             if step == "cold":
                 time.sleep(SETTLE)
@@ -319,6 +354,7 @@ CROWD_KINDS = (DIRECT, MIRROR, REGISTRY_PROXY, NGINX_CACHE)
 def phase_crowd(run: Run) -> None:
     keys = define_crowd(run.results, run.settings)
     for _ in range(run.settings.rounds):
+        record_hash_cpu(run, ["cpu.crowd"])
         for kind in run.kinds(CROWD_KINDS):
             run.attempt(keys, kind, functools.partial(crowd_round, run, kind))
 
@@ -330,6 +366,7 @@ def define_crowd(results: Results, settings: Settings) -> list[str]:
     results.define("crowd.first_byte_max", f"{title}: slowest first body byte", "s", None, 4)
     results.define("crowd.first_byte_median", f"{title}: median first body byte", "s", None, 4)
     results.define("rss.crowd", f"{title}: peak RSS", "MiB", None, 1)
+    results.define("cpu.crowd", f"{title}: CPU (user+system)", "CPU-s", SHA256)
     return ["crowd.wall", "crowd.upstream_gets", "crowd.first_byte_max", "crowd.first_byte_median"]
 
 
@@ -346,39 +383,46 @@ def crowd_round(run: Run, kind: str) -> None:
     run.results.add("crowd.first_byte_max", kind, max(firsts))
     run.results.add("crowd.first_byte_median", kind, statistics.median(firsts))
     run.results.add("rss.crowd", kind, seen.peak_rss)
+    run.results.add("cpu.crowd", kind, seen.cpu_seconds)
     clients = [{"first_byte": g.first_byte, "seconds": g.seconds} for g in crowd.gets]
     run.results.detail("crowd.clients", [kind, clients])
     progress(
         f"crowd {kind}: wall {crowd.wall:.3f} s, {seen.blob_gets(digest)} upstream GETs, "
-        f"first bytes {min(firsts):.4f}..{max(firsts):.4f} s"
+        f"first bytes {min(firsts):.4f}..{max(firsts):.4f} s, {seen.cpu_seconds:.2f} CPU-s"
     )
 
 
 # --------------------------------------------------------------------------- wrk
 
-WRK_KINDS = (DIRECT, MIRROR, REGISTRY_PROXY, NGINX_CACHE, NGINX)
+WRK_KINDS = (DIRECT, MIRROR, BARE, REGISTRY_PROXY, NGINX_CACHE, NGINX)
+WRK_REFERENCES = {"blob": NGINX, "manifest": BARE}
 
 
 def phase_wrk(run: Run) -> None:
     keys = define_wrk(run.results, run.settings)
-    for kind in run.kinds(WRK_KINDS):
-        run.attempt(keys, kind, functools.partial(wrk_round, run, kind))
+    for _ in range(run.settings.rounds):
+        for kind in run.kinds(WRK_KINDS):
+            run.attempt(keys, kind, functools.partial(wrk_round, run, kind))
 
 
 def define_wrk(results: Results, settings: Settings) -> list[str]:
     keys = []
     for what, title in (("blob", "1 MiB blob"), ("manifest", "manifest by digest")):
         title = f"wrk -c{settings.connections} {settings.wrk_seconds}s, cached {title}"
-        results.define(f"wrk.{what}.rps", f"{title}: requests", "req/s", NGINX, 0)
-        results.define(f"wrk.{what}.p50", f"{title}: p50 latency", "ms", NGINX, 2)
-        results.define(f"wrk.{what}.p99", f"{title}: p99 latency", "ms", NGINX, 2)
+        ref = WRK_REFERENCES[what]
+        results.define(f"wrk.{what}.rps", f"{title}: requests", "req/s", ref, 0)
+        results.define(f"wrk.{what}.p50", f"{title}: p50 latency", "ms", ref, 2)
+        results.define(f"wrk.{what}.p99", f"{title}: p99 latency", "ms", ref, 2)
+        results.define(f"wrk.{what}.cpu_us", f"{title}: CPU per request", "us", ref, 1)
         results.define(f"wrk.{what}.upstream", f"{title}: upstream", "requests", None, 0)
         results.define(f"rss.wrk.{what}", f"{title}: peak RSS", "MiB", None, 1)
-        keys += [f"wrk.{what}.{k}" for k in ("rps", "p50", "p99", "upstream")]
+        keys += [f"wrk.{what}.{k}" for k in ("rps", "p50", "p99", "cpu_us", "upstream")]
     return keys
 
 
 def wrk_round(run: Run, kind: str) -> None:
+    """Each wrk target `kind` serves (bare-aiohttp: the manifest only), on one fresh
+    `kind`, each filled by a GET and left to settle first."""
     assert run.wrk is not None
     small = run.images["small"].pushed
     targets = {
@@ -389,6 +433,8 @@ def wrk_round(run: Run, kind: str) -> None:
             {"Accept": MANIFEST_ACCEPT},
         ),
     }
+    if kind == BARE:
+        del targets["blob"]
     with run.lab.running(kind) as server:
         for what, (path, digest, headers) in targets.items():
             get_blob(server.url + path, digest, headers or None)  # fills the cache; checks bytes
@@ -404,6 +450,7 @@ def wrk_round(run: Run, kind: str) -> None:
                 ("rps", got.requests_per_s),
                 ("p50", got.p50_ms),
                 ("p99", got.p99_ms),
+                ("cpu_us", seen.cpu_seconds / max(got.requests, 1) * 1e6),
                 ("upstream", len(seen.requests)),
             ):
                 run.results.add(f"wrk.{what}.{key}", kind, value)
@@ -411,7 +458,7 @@ def wrk_round(run: Run, kind: str) -> None:
             run.results.detail(f"wrk.{what}", [kind, asdict(got)])
             progress(
                 f"wrk {what} {kind}: {got.requests_per_s:.0f} req/s, p50 {got.p50_ms:.2f} ms, "
-                f"p99 {got.p99_ms:.2f} ms, {got.errors} errors"
+                f"p99 {got.p99_ms:.2f} ms, {got.errors} errors, {seen.cpu_seconds:.2f} CPU-s"
             )
 
 
@@ -548,7 +595,7 @@ def machine() -> dict[str, Any]:
 def measure(args: argparse.Namespace, tools: dict[str, str | None]) -> Results:
     settings = settings_from(args)
     contenders, phases = choose(args, tools)
-    results = Results(contenders)
+    results = Results([*contenders, SHA256])
     results.meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
