@@ -13,6 +13,7 @@ import errno
 import hashlib
 import logging
 import os
+import select
 import socket
 import sqlite3
 import subprocess
@@ -462,6 +463,20 @@ def open_idle(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
+def hold_all(stack: contextlib.ExitStack, port: int, count: int) -> list[socket.socket]:
+    """`count` idle connections, every one taken by the server. The readiness probe's
+    connection may still count for a moment after its answer (its close is noticed on a
+    later turn of the server's loop): a connection refused meanwhile is opened again."""
+    for _ in range(50):
+        with contextlib.ExitStack() as attempt:
+            held = [attempt.enter_context(open_idle(port)) for _ in range(count)]
+            readable, _, _ = select.select(held, [], [], 0.2)  # a 503 is an answer
+            if not readable:
+                stack.push(attempt.pop_all())
+                return held
+    raise AssertionError(f"the server did not take {count} idle connections")
+
+
 def http_get(sock: socket.socket, path: str, extra: str = "") -> bytes:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n{extra}\r\n".encode())
     return sock.recv(65536)
@@ -478,7 +493,7 @@ def test_connection_cap_and_header_limits(
     )
     mirror = start_mirror_process("--config", str(config))
     with contextlib.ExitStack() as stack:
-        held = [stack.enter_context(open_idle(mirror.port)) for _ in range(3)]
+        held = hold_all(stack, mirror.port, 3)
         assert http_get(held[0], "/v2/").startswith(b"HTTP/1.1 200")
         with open_idle(mirror.port) as refused:
             answer = refused.recv(4096)
