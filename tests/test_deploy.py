@@ -717,7 +717,11 @@ async def test_the_compose_fleet_behind_its_nginx(
         for n in range(3):
             assert dir_digests(tmp_path / f"pull{n}") == wanted
         await registry.settle()
-        assert registry.blob_gets(image.name) == len(image.blob_digests())
+        assert registry.blob_gets(image.name) == len(image.blob_digests()), (
+            registry.requests(),
+            [r.log()[-4000:] for r in replicas],
+            (balancer.workdir / "error.log").read_text()[-2000:],
+        )
         # The replicas share one fleet secret: none refuses another's peer request.
         assert sum(metric(r.url, "mirror_peer_requests_total", result="refused")
                    for r in replicas) == 0  # fmt: skip
