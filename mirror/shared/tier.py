@@ -6,9 +6,10 @@ A mode, so two objects behind one interface: `Unshared` (one replica, the embedd
 default: nothing is ever shared) and `SharedTier`.
 
 Rows are written only after their object is complete in the bucket, so a row never names a
-missing object (eviction marks a row before deleting its object). Uploads run in the
-background from the verified file of the local cache, a few at a time; a replica killed
-mid-upload leaves a multipart upload nobody sees, never an object.
+missing object (eviction marks a row before deleting its object). Blobs are uploaded in
+the background from the verified file of the local cache, a few at a time; manifests
+before their request ends (replicas waiting for a tag's lease look for them). A replica
+killed mid-upload leaves a multipart upload nobody sees, never an object.
 
 Degraded, never down: when the database or the bucket fails, the replica goes on alone
 (its own cache, the upstream) and says so on /readyz. Requests no longer call a part that
