@@ -7,10 +7,13 @@ they cannot reach a log line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sys
 import time
 from datetime import UTC, datetime
+from typing import TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -59,10 +62,14 @@ class Episodes:
         self.logger.log(level, message + ")", *args)
 
 
+def _json_time(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": _json_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -73,47 +80,127 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# method, path, query, target (as the client sent it), status, bytes, duration, cache, upstream
+Access = tuple[str, str, str, str, int, int, float, str, str]
+BATCH_LINES = 256  # access lines gathered at most before they are written
+
+
+class Output(logging.StreamHandler[TextIO]):
+    """The one stream of log lines. Access lines, one per request, are gathered over a
+    turn of the event loop and written together: on a cache hit a LogRecord, its
+    formatting and a write of its own cost a good part of the answer. Every other record
+    is written at once, after the access lines gathered before it, so lines keep their
+    order."""
+
+    def __init__(self, stream: TextIO, json_lines: bool) -> None:
+        super().__init__(stream)
+        self.json_lines = json_lines
+        self.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+        self._pending: list[Access] = []
+
+    def access(self, line: Access) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(line)
+        if len(self._pending) >= BATCH_LINES:
+            self.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:
+            self.flush()
+        super().emit(record)
+
+    def flush(self) -> None:
+        if self._pending:
+            lines, self._pending = self._pending, []
+            text = self._json(lines) if self.json_lines else self._text(lines)
+            self.acquire()
+            try:
+                self.stream.write(text)
+            finally:
+                self.release()
+        super().flush()
+
+    @staticmethod
+    def _text(lines: list[Access]) -> str:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        prefix = f"{stamp},{int(now % 1 * 1000):03d} INFO {ACCESS} "
+        return "".join(f"{prefix}{_message(line)}\n" for line in lines)
+
+    @staticmethod
+    def _json(lines: list[Access]) -> str:
+        at = _json_time(time.time())
+        return "".join(
+            json.dumps(
+                {
+                    "time": at,
+                    "level": "info",
+                    "logger": ACCESS,
+                    "message": _message(line),
+                    "method": line[0],
+                    "path": line[1],
+                    "query": line[2],  # containerd's ns= among others
+                    "status": line[4],
+                    "bytes": line[5],
+                    "duration": round(line[6], 6),
+                    "cache": line[7],
+                    "upstream": line[8],
+                }
+            )
+            + "\n"
+            for line in lines
+        )
+
+
+def _message(line: Access) -> str:
+    method, _, _, target, status, size, duration, cache, upstream = line
+    return f"{method} {target} {status} {size} {duration:.3f}s cache={cache} upstream={upstream}"
+
+
 def configure(config: LogConfig) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonFormatter() if config.format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
     # Per record, logging would look up the caller's frame, thread and process, which no
-    # format here prints: an access line per request makes that a cost on every hit. The
-    # logging HOWTO ("Optimization") names these switches.
+    # format here prints. The logging HOWTO ("Optimization") names these switches.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [Output(sys.stderr, config.format == "json")]
     root.setLevel(config.level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # ours replaces it
 
 
 class AccessLogger(AbstractAccessLogger):
-    """`GET /v2/library/alpine/blobs/sha256:… 200 3452 0.012s cache=hit upstream=hub`."""
+    """`GET /v2/library/alpine/blobs/sha256:… 200 3452 0.012s cache=hit upstream=hub`,
+    handed to the Output that `configure` installed."""
+
+    __slots__ = ("output",)
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        outputs = [h for h in logging.getLogger().handlers if isinstance(h, Output)]
+        if not outputs:
+            raise RuntimeError("logs.configure() comes before serving")
+        self.output = outputs[0]
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if HANDED_OFF in request or MALFORMED in request:
             return
-        fields = {
-            "method": request.method,
-            "path": request.path,
-            "query": request.query_string,  # containerd's ns= among others
-            "status": response.status,
-            # The body's declared length: sendfile bypasses aiohttp's own byte count.
-            "bytes": 0 if request.method == "HEAD" else response.content_length or 0,
-            "duration": round(time, 6),
-            "cache": request.get(CACHE_RESULT, "-"),
-            "upstream": request.get(UPSTREAM_NAME, "-"),
-        }
-        self.logger.info(
-            "%s %s %d %d %.3fs cache=%s upstream=%s",
-            fields["method"],
-            request.path_qs,
-            fields["status"],
-            fields["bytes"],
-            time,
-            fields["cache"],
-            fields["upstream"],
-            extra={"fields": fields},
+        method = request.method
+        self.output.access(
+            (
+                method,
+                request.path,
+                request.query_string,
+                request.raw_path,
+                response.status,
+                # The body's declared length: sendfile bypasses aiohttp's own byte count.
+                0 if method == "HEAD" else response.content_length or 0,
+                time,
+                request.get(CACHE_RESULT, "-"),
+                request.get(UPSTREAM_NAME, "-"),
+            )
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from upstream_registry import RegistryProcess, push_image
 
 from mirror.app import make_app
 from mirror.config import AuthConfig, Config, StorageConfig, UpstreamConfig
-from mirror.logs import Episodes
+from mirror.logs import BATCH_LINES, AccessLogger, Episodes, Output
 
 if TYPE_CHECKING:
     from conftest import MirrorClient, MirrorProcess
@@ -253,3 +254,89 @@ def test_a_repeated_event_is_logged_once_per_episode(caplog: pytest.LogCaptureFi
     assert lines[2] == (
         "bad request 2 (logged once until 0s pass without another; 4 more in the previous episode)"
     )
+
+
+class CountedStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+ACCESS_LINE = ("GET", "/v2/a/blobs/x", "ns=docker.io", "/v2/a/blobs/x?ns=docker.io", 200, 7, 0.0123)
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+async def test_access_lines_are_written_once_per_loop_turn_in_order(json_lines: bool) -> None:
+    stream = CountedStream()
+    output = Output(stream, json_lines)
+    other = logging.getLogger("test.logs.order")
+    other.propagate = False
+    other.addHandler(output)
+    try:
+        for cache in ("hit", "miss", "hit"):
+            output.access((*ACCESS_LINE, cache, "hub"))
+        assert stream.writes == 0  # gathered until the loop turns...
+        await asyncio.sleep(0)
+        assert stream.writes == 1  # ...and then written together
+        output.access((*ACCESS_LINE, "stale", "hub"))
+        other.warning("upstream hub is down")  # a record writes what was gathered first
+        lines = stream.getvalue().splitlines()
+    finally:
+        other.removeHandler(output)
+    assert len(lines) == 5
+    if json_lines:
+        entries = [json.loads(line) for line in lines]
+        assert [e.get("cache") for e in entries] == ["hit", "miss", "hit", "stale", None]
+        assert entries[0] | {"time": "-"} == {
+            "time": "-",
+            "level": "info",
+            "logger": "mirror.access",
+            "message": "GET /v2/a/blobs/x?ns=docker.io 200 7 0.012s cache=hit upstream=hub",
+            "method": "GET",
+            "path": "/v2/a/blobs/x",
+            "query": "ns=docker.io",
+            "status": 200,
+            "bytes": 7,
+            "duration": 0.0123,
+            "cache": "hit",
+            "upstream": "hub",
+        }
+        assert entries[4]["message"] == "upstream hub is down"
+    else:
+        get = "INFO mirror.access GET /v2/a/blobs/x?ns=docker.io 200 7 0.012s"
+        assert [line.split(" ", 2)[2] for line in lines] == [
+            f"{get} cache=hit upstream=hub",
+            f"{get} cache=miss upstream=hub",
+            f"{get} cache=hit upstream=hub",
+            f"{get} cache=stale upstream=hub",
+            "WARNING test.logs.order upstream hub is down",
+        ]
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", lines[0])
+
+
+async def test_a_flood_of_access_lines_is_written_in_bounded_batches() -> None:
+    stream = CountedStream()
+    output = Output(stream, json_lines=False)
+    for _ in range(3 * BATCH_LINES):
+        output.access((*ACCESS_LINE, "hit", "hub"))
+    assert stream.writes == 3  # never more than BATCH_LINES held
+    await asyncio.sleep(0)
+    assert len(stream.getvalue().splitlines()) == 3 * BATCH_LINES
+
+
+def test_no_access_line_is_made_below_info() -> None:
+    logger = logging.getLogger("test.logs.quiet")
+    logger.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = [Output(io.StringIO(), json_lines=False)]
+    try:
+        assert not AccessLogger(logger, "").enabled  # aiohttp then never calls it
+        logger.setLevel(logging.INFO)
+        assert AccessLogger(logger, "").enabled
+    finally:
+        root.handlers[:] = saved
