@@ -35,9 +35,8 @@ from mirror.web.middleware import (
     ANSWERS,
     METRICS,
     Answers,
+    answer,
     api_version_header,
-    observe,
-    registry_errors,
 )
 
 CONFIG = web.AppKey("config", Config)
@@ -67,7 +66,7 @@ def make_worker_app(config: Config, handoff: str) -> web.Application:
 
 
 def _base_app(config: Config, metrics: Metrics | None) -> web.Application:
-    app = web.Application(middlewares=[observe, registry_errors])
+    app = web.Application(middlewares=[answer])
     app[CONFIG] = config
     app[METRICS] = metrics or Metrics()
     app[ACTIVITY] = Activity()

@@ -10,12 +10,15 @@ scrape sums (prometheus_client's multiprocess mode): see `share_between_processe
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# The methods a request is counted by; any other a client makes up counts as "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def share_between_processes(directory: str) -> None:
@@ -208,6 +211,31 @@ class Metrics:
             self.peer_requests.labels(result)
         for outcome in ("taken", "followed", "taken_over"):
             self.leases.labels(outcome)
+
+        # prometheus_client's labels() checks and converts its arguments and takes a lock on
+        # every call: per cached answer, that was several times the cost of the counting.
+        self._answered = lru_cache(maxsize=1024)(self._answered_series)
+        self._cache_result = lru_cache(maxsize=None)(self.cache_requests.labels)
+        self._served_from = lru_cache(maxsize=None)(self.served_bytes.labels)
+
+    def answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        """A request answered, by route (a fixed name, never the path)."""
+        count, duration = self._answered(route, method if method in METHODS else "other", status)
+        count.inc()
+        duration.observe(seconds)
+
+    def _answered_series(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
+        return self.http_requests.labels(route, method, str(status)), self.http_duration.labels(
+            route
+        )
+
+    def cache_result(self, kind: str, result: str) -> None:
+        """A manifest or blob asked for (`kind`), and what the cache could do."""
+        self._cache_result(kind, result).inc()
+
+    def served(self, source: str, size: int) -> None:
+        """Body bytes sent, by where they came from."""
+        self._served_from(source).inc(size)
 
     def exposition(self) -> bytes:
         """The text format, of every process when they share values."""

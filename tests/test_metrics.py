@@ -109,6 +109,25 @@ async def test_joined_requests_are_counted(
     assert value(samples, "mirror_fetches_in_flight") == 0
 
 
+async def test_unusual_methods_are_counted_as_other(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    """Methods outside the registry API (the parser knows dozens) share one series."""
+    mirror = await make_mirror(fake_upstream.url)
+    for method in ("PROPFIND", "MKCOL", "PUT"):
+        async with mirror.request(method, "/v2/x/blobs/uploads/") as resp:
+            assert resp.status in (404, 405)
+    samples = await scrape(mirror)
+    methods = {
+        dict(labels)["method"]
+        for name, labels in samples
+        if name == "mirror_http_requests_total" and dict(labels)["route"] == "unsupported"
+    }
+    assert methods == {"other", "PUT"}
+    assert value(samples, "mirror_http_requests_total", route="unsupported", method="other",
+                 status="405") == 2  # fmt: skip
+
+
 async def test_hub_quota_gauges(fake_upstream: FakeUpstream, make_mirror: MakeMirror) -> None:
     hub = fake_upstream
     hub.auth.scheme, hub.quota.remaining, hub.quota.limit = "bearer", 42, 100

@@ -79,7 +79,31 @@ def error_response(error: RegistryError) -> web.Response:
 
 
 @web.middleware
-async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Around every handler, in one layer (each costs a cached answer some microseconds):
+    errors become OCI error responses; every request is counted and timed by route (a
+    fixed name, never the path); what each manifest or blob answer served is recorded by
+    repository (for the status page); and the answer is one under way until it ends."""
+    began = time.monotonic()
+    task = asyncio.current_task()
+    if task is not None:  # aiohttp answers each request in a task of its own
+        request.app[ANSWERS].add(task)
+    status = 500
+    try:
+        response = await _answered(request, handler)
+        status = response.status
+        if CACHE_RESULT in request and status < 400:
+            _served(request, response)
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        if HANDED_OFF not in request:  # the primary counts it
+            _count(request, status, began)
+
+
+async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RegistryError as error:
@@ -104,34 +128,9 @@ async def api_version_header(request: web.Request, response: web.StreamResponse)
     response.headers.setdefault(*API_VERSION)
 
 
-@web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request by route: a fixed name, never the path; and record
-    what each manifest or blob answer served, by repository (for the status page)."""
-    began = time.monotonic()
-    task = asyncio.current_task()
-    if task is not None:  # aiohttp answers each request in a task of its own
-        request.app[ANSWERS].add(task)
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        if CACHE_RESULT in request and status < 400:
-            _served(request, response)
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        if HANDED_OFF not in request:  # the primary counts it
-            _count(request, status, began)
-
-
 def _count(request: web.Request, status: int, began: float) -> None:
     route = request.match_info.route.name or "other"
-    metrics = request.app[METRICS]
-    metrics.http_requests.labels(route, request.method, str(status)).inc()
-    metrics.http_duration.labels(route).observe(time.monotonic() - began)
+    request.app[METRICS].answered(route, request.method, status, time.monotonic() - began)
 
 
 def _served(request: web.Request, response: web.StreamResponse) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import aclosing
+from functools import partial
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
@@ -53,7 +54,7 @@ def not_modified(digest: Digest) -> web.Response:
 
 
 def _counted(request: web.Request, kind: str, result: str) -> None:
-    request.app[METRICS].cache_requests.labels(kind, result).inc()
+    request.app[METRICS].cache_result(kind, result)
     request[CACHE_RESULT] = result
 
 
@@ -67,7 +68,7 @@ def manifest_response(request: web.Request, found: Manifest) -> web.Response:
     if unchanged(request, found.digest):
         return not_modified(found.digest)
     if request.method == "GET":
-        request.app[METRICS].served_bytes.labels(_source(found.result)).inc(len(found.body))
+        request.app[METRICS].served(_source(found.result), len(found.body))
     return web.Response(
         body=found.body,
         headers={
@@ -122,11 +123,11 @@ class BlobResponse(web.StreamResponse):
         writer = await super().prepare(request)
         if request.method == "GET":
             assert isinstance(request, web.Request)
-            served = request.app[METRICS].served_bytes.labels(_source(found.result))
+            served = partial(request.app[METRICS].served, _source(found.result))
             if isinstance(found, CachedBlob):
-                await self._send_file(request, found, byte_range, served.inc)
+                await self._send_file(request, found, byte_range, served)
             elif isinstance(found, Download):
-                await self._stream(request, found, byte_range, served.inc)
+                await self._stream(request, found, byte_range, served)
         return writer
 
     def _range(self, request: web.BaseRequest, length: int | None) -> ByteRange | None:
