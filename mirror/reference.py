@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from mirror.errors import DigestInvalid, ManifestUnknown, NameInvalid, RangeInvalid, TagInvalid
 
@@ -23,6 +24,9 @@ _HEX = re.compile(r"[a-f0-9]+")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
 _REGISTRY_HOST = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:]+\])(?::[0-9]+)?")
 MAX_NAME_LENGTH = 255
+# What clients send again and again (a digest, a name, an Accept) is parsed once: on a
+# cached answer, parsing was a tenth of the time. Errors are never cached.
+PARSED = 4096
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -43,6 +47,7 @@ class Digest:
         return hashlib.new(self.algorithm)
 
 
+@lru_cache(maxsize=PARSED)
 def parse_digest(text: str) -> Digest:
     algorithm, sep, hex_part = text.partition(":")
     if not sep:
@@ -59,6 +64,7 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
     return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
 
 
+@lru_cache(maxsize=PARSED)
 def validate_name(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise NameInvalid(f"repository name is longer than {MAX_NAME_LENGTH} characters")
@@ -191,6 +197,12 @@ def parse_accept(values: Iterable[str]) -> tuple[str, ...]:
 
     Parameters (`;q=0.5`) are dropped and duplicates removed, keeping first-seen order.
     """
+    return _parse_accept(tuple(values))
+
+
+# Accept lines are long (a header may be kilobytes): fewer of them are kept.
+@lru_cache(maxsize=256)
+def _parse_accept(values: tuple[str, ...]) -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for line in values:
         for part in line.split(","):
