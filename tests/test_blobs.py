@@ -228,6 +228,22 @@ async def test_wrong_bytes_cut_the_client_and_are_not_cached(
     assert cached_path(storage, blob).read_bytes() == blob.data
 
 
+async def test_wrong_bytes_that_come_in_one_read_cut_the_client(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, storage: Path
+) -> None:
+    """The whole blob in one write of the upstream, so likely one read of the mirror (its
+    chunks are up to 1 MiB): the last byte still waits for the digest."""
+    blob = add(fake_upstream, make_blob(700 * 1024))
+    fake_upstream.blobs.data[blob.digest] = wrong(blob.data)
+    fake_upstream.blobs.piece = len(blob.data)
+    client = await make_mirror(fake_upstream.url, storage=storage)
+
+    status, received, declared = await pull_cut(client, blob.path)
+    assert (status, declared) == (200, len(blob.data))
+    assert received < len(blob.data)
+    await assert_nothing_cached(client, storage, blob)
+
+
 # --- 3. lying Content-Length --------------------------------------------------------------
 
 

@@ -42,7 +42,13 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.reference import parse_digest
-from mirror.upstream.client import MAX_MANIFEST_SIZE, MAX_REDIRECTS, Upstream
+from mirror.upstream.client import (
+    CHUNK_SIZE,
+    MAX_MANIFEST_SIZE,
+    MAX_REDIRECTS,
+    Upstream,
+    _socket_reads,
+)
 
 MirrorClient = TestClient[web.Request, web.Application]
 MakeMirror = Callable[..., Awaitable[MirrorClient]]
@@ -318,6 +324,23 @@ async def test_blob_that_stops_mid_body_times_out(
             async for chunk in body.chunks():
                 received += chunk
     assert received == data[: len(data) // 2]
+
+
+async def test_a_blob_body_is_read_from_the_socket_a_chunk_at_a_time(
+    fake_upstream: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    """asyncio's transport reads 256 KiB per call; while a blob's body comes, a chunk (a
+    quarter of the loop's turns per MiB), and as before afterwards: the connection goes
+    back to the pool for answers of any kind."""
+    digest = fake_upstream.blobs.put(os.urandom(4 * CHUNK_SIZE))  # not all read with the head
+    async with session.get(f"{fake_upstream.url}/v2/library/x/blobs/{digest}") as response:
+        assert response.connection is not None
+        transport = response.connection.transport
+        default = getattr(transport, "max_size", None)
+        assert default == 256 * 1024  # asyncio's; if it changes, so may the lever
+        with _socket_reads(response, CHUNK_SIZE):
+            assert getattr(transport, "max_size", None) == CHUNK_SIZE
+        assert getattr(transport, "max_size", None) == default
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

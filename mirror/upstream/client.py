@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -50,7 +50,10 @@ log = logging.getLogger(__name__)
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 MAX_LISTING_SIZE = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
-CHUNK_SIZE = 256 * 1024
+# A blob's body is read at most this much at a time, also from the socket: asyncio's
+# selector transport reads 256 KiB per call, so a MiB took four turns of the event loop,
+# each with its recv, parse, write, hash and wake-ups (issue 20).
+CHUNK_SIZE = 1024 * 1024
 RETRY_BACKOFF = 0.05  # seconds before the first retry; doubled for each one after
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRIED_STATUSES = frozenset({500, 502, 503, 504})
@@ -126,13 +129,34 @@ class UpstreamBlob:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
-                self._received.inc(len(chunk))
-                yield chunk
+            with _socket_reads(self._response, CHUNK_SIZE):
+                async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                    self._received.inc(len(chunk))
+                    yield chunk
         except TimeoutError as exc:
             raise UpstreamCut("upstream stopped sending the blob") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamCut(f"upstream connection failed mid-blob: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _socket_reads(response: aiohttp.ClientResponse, size: int) -> Iterator[None]:
+    """Meanwhile the response's connection reads its socket up to `size` bytes per call,
+    where its transport says how much (`max_size`, 256 KiB, on asyncio's selector
+    transports); others (TLS, uvloop) are left as they are. Only the size of each read
+    changes: aiohttp's flow control still bounds what is buffered (`iter_chunked` raises
+    it to twice the chunk)."""
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    default = getattr(transport, "max_size", None)
+    if not isinstance(default, int) or default >= size:
+        yield
+        return
+    setattr(transport, "max_size", size)  # noqa: B010 (not in Transport's declared type)
+    try:
+        yield
+    finally:  # the connection may go back to the pool, for manifests: as it was
+        setattr(transport, "max_size", default)  # noqa: B010
 
 
 def _content_range(response: aiohttp.ClientResponse, offset: int) -> tuple[int, int | None]:
