@@ -36,39 +36,48 @@ class Connection(web.RequestHandler):
     def __init__(self, manager: web.Server, *, header_timeout: float, **options: Any) -> None:
         super().__init__(manager, **options)
         self.header_timeout = header_timeout
-        self._deadline: asyncio.TimerHandle | None = None
+        # When the headers now awaited must be complete; None while none are awaited. One
+        # timer per connection checks it, moved on only when it fires: starting and
+        # cancelling a timer for every request was a good part of a cached answer's cost.
+        self._headers_due: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._tls_probe: bool | None = None  # known from the connection's first bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._start_deadline()
+        self._await_headers()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._tls_probe is None:
             self._tls_probe = data.startswith(TLS_HANDSHAKE)
-        if self._deadline is None:
-            self._start_deadline()
+        if self._headers_due is None:
+            self._await_headers()
         # aiohttp counts the request heads it has parsed on this connection.
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
-            self._stop_deadline()
+            self._headers_due = None
 
-    def _start_deadline(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self.header_timeout, self._headers_overdue)
+    def _await_headers(self) -> None:
+        self._headers_due = self._loop.time() + self.header_timeout
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._headers_due, self._check_headers)
 
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _headers_overdue(self) -> None:
-        self._deadline = None
+    def _check_headers(self) -> None:
+        self._timer = None
+        due = self._headers_due
+        if due is None:
+            return
+        if due > self._loop.time():  # a later request's, awaited since this timer started
+            self._timer = self._loop.call_at(due, self._check_headers)
+            return
+        self._headers_due = None
         # Bytes that came while a request was being answered (its body) started the
         # deadline too: only a connection still waiting for a request is overdue, which
         # aiohttp tells by its pending waiter, as its own keep-alive check does.
