@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from mirror.errors import ConfigError
 from mirror.reference import Digest, digest_of
 from mirror.storage.blobs import BlobStore, DigestMismatch
-from mirror.storage.index import Index
+from mirror.storage.index import BlobRow, Index
 from mirror.storage.lock import LOCK_FILE, storage_locked
 from mirror.storage.reconcile import reconcile
 
@@ -101,6 +102,35 @@ async def test_index_blobs_tags_and_restart(tmp_path: Path) -> None:
     assert time.time() - tag.checked_at < 60
     assert await reopened.tag("other", "library/alpine", "3.20") is None  # keyed per upstream
     await reopened.close()
+
+
+class BusyReader:
+    """A reader connection that finds the database busy, as during a WAL recovery."""
+
+    def execute(self, *args: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_read_that_finds_the_database_busy_goes_through_aiosqlite(
+    tmp_path: Path,
+) -> None:
+    index = Index(tmp_path / "index.db")
+    await index.open()
+    digest = digest_of(b"manifest")
+    await index.add_blob(digest, 8, "application/x")
+    await index.set_tag("hub", "library/alpine", "3", digest, "application/x")
+    reader, index._reader = index._reader, BusyReader()  # type: ignore[assignment]
+    try:
+        assert await index.blob(digest) == BlobRow(str(digest), 8, "application/x")
+        tag = await index.tag("hub", "library/alpine", "3")
+        assert tag is not None and tag.digest == str(digest)
+        assert (await index.usage()).blobs == 1
+    finally:
+        index._reader = reader
+    await index.close()
 
 
 async def test_the_first_media_type_recorded_for_a_digest_stays(tmp_path: Path) -> None:

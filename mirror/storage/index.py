@@ -4,6 +4,11 @@ Hits never wait on a write: `touch` records the access in memory and a backgroun
 task flushes the batch at least every second and on close. A write that meets another
 process's lock (`mirror gc`, say) past SQLite's busy timeout is tried again, and a batch
 of accesses that could not be written is kept for the next flush.
+
+Point reads (a blob's row, a tag's, the totals) are made on the event loop, on a
+connection of their own: one takes tens of microseconds there, while a query through
+aiosqlite's thread costs a wake-up each way for each of its three steps, a good part of a
+cold request's time. WAL readers never wait for a writer.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -30,6 +36,10 @@ WAL_PAGES = 64  # checkpoint the WAL at this many pages (of 4 KiB)...
 WAL_LIMIT = 512 * 1024  # ...and truncate it to this; the budget counts it at this size
 BUSY_TIMEOUT_MS = 5000  # SQLite waits this long for another writer's lock...
 WRITE_ATTEMPTS = 4  # ...and a write is tried this many times in all
+# A read on the loop that finds the database busy (recovering a WAL, say) waits this
+# long at most, then goes through aiosqlite's thread.
+READ_BUSY_TIMEOUT_MS = 50
+Row = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class Index:
         # Digests of `private_blobs`, for hits that must not wait on a query.
         self.private: set[str] = set()
         self._private_elsewhere = private_elsewhere
-        self._private_reader: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None  # point reads, on the loop
         # One transaction at a time on the shared connection: another coroutine's commit
         # would otherwise commit half of this one, and its rollback undo this one's writes.
         self._writing = asyncio.Lock()
@@ -95,10 +105,9 @@ class Index:
         schema = resources.files("mirror.storage").joinpath("schema.sql").read_text()
         await self._db.executescript(schema)
         await self._db.commit()
-        if self._private_elsewhere:
-            # A point query on the loop (~20 us): WAL readers never wait for a writer.
-            self._private_reader = sqlite3.connect(self.path)
-        else:
+        self._reader = sqlite3.connect(self.path, isolation_level=None)
+        self._reader.execute(f"PRAGMA busy_timeout = {READ_BUSY_TIMEOUT_MS}")
+        if not self._private_elsewhere:
             async with self._db.execute("SELECT digest FROM private_blobs") as cursor:
                 self.private = {row[0] async for row in cursor}
         self._flusher = asyncio.create_task(self._flush_periodically())
@@ -112,9 +121,9 @@ class Index:
             await self.flush()
             await self._db.close()
             self._db = None
-        if self._private_reader is not None:
-            self._private_reader.close()
-            self._private_reader = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -122,12 +131,22 @@ class Index:
             raise RuntimeError("index is not open")
         return self._db
 
+    async def _read(self, query: str, args: tuple[object, ...] = ()) -> Row | None:
+        """The first row of a point query, read on the loop (see the module's docstring)."""
+        if self._reader is None:
+            raise RuntimeError("index is not open")
+        try:
+            rows = self._reader.execute(query, args).fetchall()  # to its end: no open read
+        except sqlite3.OperationalError:  # busy, or locked: through the writer's thread
+            async with self.db.execute(query, args) as cursor:
+                rows = list(await cursor.fetchall())
+        return rows[0] if rows else None
+
     async def blob(self, digest: Digest) -> BlobRow | None:
-        async with self.db.execute(
+        row = await self._read(
             "SELECT size, media_type FROM blobs WHERE digest = ?", (str(digest),)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else BlobRow(str(digest), row[0], row[1])
+        )
+        return None if row is None else BlobRow(str(digest), *row)
 
     async def add_blob(
         self, digest: Digest, size: int, media_type: str | None = None, *, public: bool = True
@@ -143,16 +162,16 @@ class Index:
         async def write() -> None:
             nonlocal kept
             now = time.time()
-            async with self.db.execute(
+            # One trip to aiosqlite's thread, read to its end (open, it blocks commits).
+            rows = await self.db.execute_fetchall(
                 "INSERT INTO blobs (digest, size, media_type, created, last_access)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
                 " size = excluded.size, last_access = excluded.last_access,"
                 " media_type = coalesce(blobs.media_type, excluded.media_type)"
                 " RETURNING media_type",
                 (str(digest), size, media_type, now, now),
-            ) as cursor:
-                rows = list(await cursor.fetchall())  # to its end: open, it blocks commits
-            kept = rows[0][0] if rows else None
+            )
+            kept = next(iter(rows))[0] if rows else None
             if public:
                 await self.db.execute("DELETE FROM private_blobs WHERE digest = ?", (str(digest),))
             await self.db.commit()
@@ -166,10 +185,12 @@ class Index:
         """Whether this is a private blob asked for through a `public` upstream."""
         if access != "public":
             return False
-        if self._private_reader is None:
+        if not self._private_elsewhere:
             return str(digest) in self.private
+        if self._reader is None:
+            raise RuntimeError("index is not open")
         query = "SELECT 1 FROM private_blobs WHERE digest = ?"
-        return self._private_reader.execute(query, (str(digest),)).fetchone() is not None
+        return bool(self._reader.execute(query, (str(digest),)).fetchall())
 
     async def mark_private(self, digest: Digest) -> None:
         """Before a blob from an `authenticated` upstream is committed (so that a crash
@@ -218,12 +239,11 @@ class Index:
         await self._retrying(write)
 
     async def usage(self) -> Usage:
-        async with self.db.execute(
+        row = await self._read(
             "SELECT bytes, blobs, (SELECT min(last_access) FROM blobs) FROM totals"
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         assert row is not None
-        return Usage(row[0], row[1], row[2])
+        return Usage(*row)
 
     async def lru(self, after: tuple[float, str] | None, limit: int) -> list[LruRow]:
         """Blobs least recently used first, from just past `after` (keyset pagination)."""
@@ -321,13 +341,12 @@ class Index:
                     await asyncio.sleep(0.05 * 2**attempt)
 
     async def tag(self, upstream: str, repository: str, tag: str) -> TagRow | None:
-        async with self.db.execute(
+        row = await self._read(
             "SELECT digest, media_type, checked_at FROM tags"
             " WHERE upstream = ? AND repository = ? AND tag = ?",
             (upstream, repository, tag),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else TagRow(row[0], row[1], row[2])
+        )
+        return None if row is None else TagRow(*row)
 
     async def set_tag(
         self,
