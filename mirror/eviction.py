@@ -95,7 +95,16 @@ class Evictor:
     async def _pass(self, force: bool) -> Evicted:
         used = await self.budget.used()
         over = used > (self.budget.low if force else self.budget.high)
+        if not over and not self._expired((await self.index.usage()).oldest_access):
+            # Nothing to do, and reservations wait while this holds the budget's lock: a
+            # walk of the index here, after every download, delayed the next one's start.
+            return self._done(0, 0, used)
         return await self._evict_lru(self.budget.low if over else None)
+
+    def _expired(self, last_access: float | None) -> bool:
+        if self.max_age is None or last_access is None:
+            return False
+        return last_access < time.time() - self.max_age
 
     async def _evict(self, target: int | None) -> Evicted:
         """Holding the budget's lock: `_evict_lru`, a failure logged, never raised."""
@@ -140,7 +149,8 @@ class Evictor:
                     self.metrics.evictions.labels(reason).inc()
                     self.metrics.evicted_bytes.inc(row.size)
                     self.activity.evicted(row.digest, row.size, reason)
-            await self.index.remove_blobs(victims)
+            if victims:
+                await self.index.remove_blobs(victims)
             count += len(victims)
             after = (rows[-1].last_access, rows[-1].digest)
         return self._done(count, freed, used - freed)
