@@ -3,6 +3,7 @@ subprocess."""
 
 from __future__ import annotations
 
+import functools
 import ssl
 import subprocess
 import sys
@@ -208,12 +209,33 @@ class MirrorProcess:
         self._log.close()
 
 
+@functools.cache
 def _console_script() -> str:
-    """The `mirror` script installed next to this interpreter (what `pip install .` made)."""
+    """The `mirror` script installed next to this interpreter (what `pip install .` made),
+    once it is known to run this checkout's code: a copy installed earlier would be
+    tested (and benchmarked) in its place."""
     script = Path(sys.executable).parent / "mirror"
     if not script.exists():
         raise AssertionError(f"console script {script} missing: run pip install '.[test]'")
+    where = [sys.executable, "-c", "import mirror; print(mirror.__file__)"]
+    installed = Path(subprocess.run(where, cwd="/", capture_output=True, text=True).stdout.strip())
+    if _sources(installed.parent) != _sources(CHECKOUT):
+        raise AssertionError(
+            f"the `mirror` script runs {installed.parent}, not this checkout's {CHECKOUT}:"
+            " pip install -e . (or install this checkout again)"
+        )
     return str(script)
+
+
+CHECKOUT = Path(__file__).resolve().parent.parent / "mirror"
+
+
+def _sources(package: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(package)): path.read_bytes()
+        for path in sorted(package.rglob("*"))
+        if path.suffix in (".py", ".sql")
+    }
 
 
 @pytest.fixture
