@@ -225,9 +225,8 @@ class Metrics:
         duration.observe(seconds)
 
     def _answered_series(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
-        return self.http_requests.labels(route, method, str(status)), self.http_duration.labels(
-            route
-        )
+        count = self.http_requests.labels(route, method, str(status))
+        return count, self.http_duration.labels(route)
 
     def cache_result(self, kind: str, result: str) -> None:
         """A manifest or blob asked for (`kind`), and what the cache could do."""
