@@ -166,6 +166,9 @@ class Blobs:
     requested: asyncio.Event = field(default_factory=asyncio.Event)  # a GET came in
     stalled: asyncio.Event = field(default_factory=asyncio.Event)  # a GET stalled
     last_piece_at: float | None = None  # when the last piece of a body was sent (monotonic)
+    # As a reverse proxy with gzip on: every body (manifests' too) compressed for a client
+    # that accepts gzip.
+    compress: bool = False
 
     def put(self, data: bytes) -> str:
         digest = sha256(data)
@@ -191,6 +194,8 @@ class Blobs:
             response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         if not self.chunked:
             response.content_length = len(data) - start
+        if self.compress:
+            response.enable_compression()
         await response.prepare(request)
         # A view, not a copy: tests measure the memory of the process this runs in.
         await self._send(request, response, memoryview(data)[start:])
@@ -398,7 +403,9 @@ class FakeUpstream:
         self.fail_headers: dict[str, str] = {}
         self.seen: list[Seen] = []
         self.port = 0
-        self.app = web.Application(middlewares=[recorder(self.seen), self._misbehave])
+        self.app = web.Application(
+            middlewares=[recorder(self.seen), self._misbehave, self._compressing]
+        )
         self.app.router.add_get("/token", self._token)
         self.app.router.add_get("/v2/{name:.+}/manifests/{reference}", self._manifest)
         self.app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
@@ -410,6 +417,13 @@ class FakeUpstream:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @web.middleware
+    async def _compressing(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if self.blobs.compress and not response.prepared:
+            response.enable_compression()
+        return response
 
     def fail(
         self, status: int, headers: dict[str, str] | None = None, every_other: bool = False

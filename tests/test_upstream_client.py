@@ -80,6 +80,24 @@ def basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
+async def test_an_upstream_that_compresses_for_clients_asking_is_asked_for_no_encoding(
+    make_mirror: MakeMirror, fake_upstream: FakeUpstream
+) -> None:
+    """Bodies are kept as sent, and a digest is of the bytes themselves: asked for gzip,
+    a registry behind a compressing proxy would send bytes that never match it."""
+    fake_upstream.blobs.compress = True
+    data = bytes(200 * 1024)  # compresses well
+    digest = fake_upstream.blobs.put(data)
+    fake_upstream.manifests.put("library/x", "1", manifest_bytes("x"))
+    mirror = await make_mirror(fake_upstream.url)
+    async with mirror.get(f"/v2/library/x/blobs/{digest}") as response:
+        assert (response.status, await response.read()) == (200, data)
+    async with mirror.get("/v2/library/x/manifests/1", headers={"Accept": OCI_MANIFEST}) as resp:
+        assert (resp.status, await resp.read()) == (200, manifest_bytes("x"))
+    asked = {s.headers.get("Accept-Encoding") for s in fake_upstream.seen}
+    assert asked == {"identity"}
+
+
 # --- redirects: Authorization never leaves the upstream's origin ---------------------------
 
 

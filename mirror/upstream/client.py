@@ -91,8 +91,14 @@ class KeptAliveConnector(aiohttp.TCPConnector):
 
 def upstream_session() -> aiohttp.ClientSession:
     """The session every upstream shares: bodies as sent, connections kept alive only
-    while they carry nothing but the answers asked for."""
-    return aiohttp.ClientSession(connector=KeptAliveConnector(), auto_decompress=False)
+    while they carry nothing but the answers asked for. Bodies are asked for as they are
+    (aiohttp would offer gzip): a digest is of the bytes themselves, which a compressing
+    proxy in front of a registry would not send."""
+    return aiohttp.ClientSession(
+        connector=KeptAliveConnector(),
+        auto_decompress=False,
+        headers={"Accept-Encoding": "identity"},
+    )
 
 
 @dataclass(frozen=True)
