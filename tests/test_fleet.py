@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 import pytest
 from conftest import write_htpasswd
 from containerd import ContainerdProcess
@@ -86,6 +88,44 @@ async def test_what_one_replica_fetched_the_others_serve_without_the_upstream(
             image.blob_digests()
         )
         assert readyz(replica) == {"ready": True, "problems": []}
+
+
+async def test_a_replicas_own_hits_keep_the_shared_copy_in_use(
+    moto_fleet: Fleet, registry: RegistryProcess, database_url: str
+) -> None:
+    """Served from a replica's own cache, a blob and a manifest are still in use for the
+    fleet: the shared tier's eviction, least recently used first, must not take what
+    every replica serves itself."""
+    image = await push_image(registry.url, "fleet/hot", "v1", [20 * KIB])
+    replica = await moto_fleet.add()
+    layer = image.layer_digests[0]
+    assert await asyncio.to_thread(get_blob, replica, image.name, layer) is not None
+    url = f"{replica.url}/v2/{image.name}/manifests/{image.manifest_digest}"
+
+    def get_manifest() -> None:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            resp.read()
+
+    await asyncio.to_thread(get_manifest)
+    await wait_uploaded(replica, 2)  # the layer and the manifest
+    db = await asyncpg.connect(database_url)
+    try:
+        query = "SELECT last_access FROM blobs WHERE digest = $1"
+        before = [await db.fetchval(query, d) for d in (layer, image.manifest_digest)]
+        await asyncio.sleep(1.1)
+        for _ in range(2):  # local hits, from disk and from memory
+            assert await asyncio.to_thread(get_blob, replica, image.name, layer) is not None
+            await asyncio.to_thread(get_manifest)
+        hits = [
+            metric(replica, "mirror_cache_requests_total", kind=k, result="hit")
+            for k in ("blob", "manifest")
+        ]
+        assert hits == [2, 2], replica.log()[-3000:]
+        replica.stop()  # its last accesses are written as it closes
+        after = [await db.fetchval(query, d) for d in (layer, image.manifest_digest)]
+    finally:
+        await db.close()
+    assert after[0] > before[0] + 1 and after[1] > before[1] + 1, (before, after)
 
 
 async def test_without_its_database_a_replica_serves_alone_then_shares_again(

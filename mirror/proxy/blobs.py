@@ -122,7 +122,10 @@ class BlobProxy:
         """The cached blob, open, recording the use; None on a miss (or a private blob
         asked for through a public route)."""
         opened = self.cache.open_blob(digest, access)
-        return None if opened is None else CachedBlob(*opened)
+        if opened is None:
+            return None
+        self.tier.used(digest)
+        return CachedBlob(*opened)
 
     @asynccontextmanager
     async def answer(self, route: Route, digest: Digest, *, body: bool) -> AsyncIterator[Blob]:

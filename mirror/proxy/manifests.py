@@ -500,10 +500,12 @@ class ManifestProxy:
         manifest = self._recent.get(digest)
         if manifest is not None and self.cache.seen(digest, access):  # not evicted
             self._recent.move_to_end(digest)
+            self.tier.used(digest)
             return manifest
         found = await self.cache.manifest(digest, access)
         if found is None:
             return None
+        self.tier.used(digest)
         body, recorded = found
         # Its own type over the row's, which a version before types belonged to the content
         # may have taken from the last upstream to serve it.

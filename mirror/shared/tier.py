@@ -92,6 +92,7 @@ class Tier(Protocol):
     async def read(self, digest: Digest, start: int) -> Stream: ...
     async def manifest(self, digest: Digest, access: str) -> tuple[bytes, str | None] | None: ...
     async def presigned(self, digest: Digest) -> str: ...
+    def used(self, digest: Digest) -> None: ...
     def keep_file(
         self, digest: Digest, path: Path, size: int, media_type: str, private: bool
     ) -> None: ...
@@ -136,6 +137,9 @@ class Unshared:
 
     async def presigned(self, digest: Digest) -> str:
         raise TierUnavailable("no shared tier")
+
+    def used(self, digest: Digest) -> None:
+        pass
 
     def keep_file(
         self, digest: Digest, path: Path, size: int, media_type: str, private: bool
@@ -329,6 +333,12 @@ class SharedTier:
         self.metrics.shared_lookups.labels("hit").inc()
         self._accessed[row.digest] = time.time()
         return Kept(row.size, row.media_type)
+
+    def used(self, digest: Digest) -> None:
+        """Served from this replica's own cache: a use of the shared copy too, written with
+        the next batch, so that what every replica serves itself does not age out of the
+        shared tier (a row it does not hold is left alone)."""
+        self._accessed[str(digest)] = time.time()
 
     async def read(self, digest: Digest, start: int) -> Stream:
         return await self._bucket.call(lambda: self.bucket.read(digest, start))
