@@ -326,7 +326,13 @@ def parse_url(value: object, key: str) -> str:
     except ValueError:
         valid = False
     if not isinstance(value, str) or not valid:
-        raise ConfigError(key, f"must be an http(s) URL, got {value!r}")
+        host = str(value).partition("://")[2].partition("/")[0]
+        hint = (
+            " (an IPv6 address goes in brackets: http://[fd00::1]:5000)"
+            if host.count(":") > 1 and "[" not in host
+            else ""
+        )
+        raise ConfigError(key, f"must be an http(s) URL, got {value!r}{hint}")
     return value.rstrip("/")
 
 

@@ -609,6 +609,9 @@ def test_the_file_paths_from_variables(tmp_path: Path) -> None:
         ({"MIRROR_STATUS_PAGE": "maybe"}, "MIRROR_STATUS_PAGE", "must be true or false"),
         ({"MIRROR_UPSTREAM": "registry.example"}, "MIRROR_UPSTREAM", "must be an http(s) URL"),
         ({"MIRROR_UPSTREAM": SECRET_URLS[0]}, "MIRROR_UPSTREAM", "must not hold credentials"),
+        # Kubernetes' http://$(POD_IP):5000 on an IPv6 cluster.
+        ({"MIRROR_UPSTREAM": "http://fd00::5:5000"}, "MIRROR_UPSTREAM",
+         "an IPv6 address goes in brackets"),
         ({"MIRROR_CONFIG": "/nonexistent/m.yaml"}, "MIRROR_CONFIG", "cannot read config file"),
         # A typo is an error, with the name it was probably meant to be.
         ({"MIRROR_STORAGE_PATH": "/x"}, "MIRROR_STORAGE_PATH",
