@@ -52,7 +52,7 @@ MAX_LISTING_SIZE = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
 # A blob's body is read at most this much at a time, also from the socket: asyncio's
 # selector transport reads 256 KiB per call, so a MiB took four turns of the event loop,
-# each with its recv, parse, write, hash and wake-ups (issue 20).
+# each with its recv, parse, write, hash and wake-ups.
 CHUNK_SIZE = 1024 * 1024
 RETRY_BACKOFF = 0.05  # seconds before the first retry; doubled for each one after
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
