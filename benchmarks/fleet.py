@@ -54,7 +54,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -75,7 +74,7 @@ from conftest import MirrorProcess
 from engines import PG_BIN, CephCluster, Postgres, S3Endpoint, unique_bucket_name
 from moto_ecr import DEFAULT_REGION, DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, MotoServer
 from prometheus_client.parser import text_string_to_metric_families
-from run import isolate_from_proxies, machine, progress, tool_versions
+from run import isolate_from_proxies, machine, progress, tool_versions, workspace
 from server_process import ServerError
 from upstream_registry import (
     DOCKER_MANIFEST,
@@ -977,24 +976,19 @@ def define(report: Report, s: Settings, blobs: int) -> None:
         "l2": "3. L2 hit on a fresh replica (bucket -> client and its L1)",
         "redirect": "3. L2 hit on a fresh replica, redirect: true (307 followed to the bucket)",
     }
-    for key, title in what.items():
-        reference = None if key == "l1" else "hit.l1"
-        report.define(
-            f"hit.{key}.mbps",
-            f"{title}: GET {s.mib} MiB blob",
-            "MB/s",
-            reference=reference and f"{reference}.mbps",
-            digits=0,
-        )
-    for key, title in what.items():
-        reference = None if key == "l1" else "hit.l1"
-        report.define(
-            f"hit.{key}.first_byte",
-            f"{title}: first body byte",
-            "s",
-            reference=reference and f"{reference}.first_byte",
-            digits=4,
-        )
+    figures = (
+        ("mbps", f"GET {s.mib} MiB blob", "MB/s", 0),
+        ("first_byte", "first body byte", "s", 4),
+    )
+    for figure, label, unit, digits in figures:
+        for key, title in what.items():
+            report.define(
+                f"hit.{key}.{figure}",
+                f"{title}: {label}",
+                unit,
+                reference=None if key == "l1" else f"hit.l1.{figure}",
+                digits=digits,
+            )
 
 
 def judge(report: Report, blobs: int) -> None:
@@ -1127,16 +1121,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def workspace(keep: Path | None) -> Iterator[Path]:
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        yield keep
-        return
-    with tempfile.TemporaryDirectory(prefix="mirror-fleet-bench-") as tmp:
-        yield Path(tmp)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     isolate_from_proxies()
@@ -1146,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{', '.join(missing)} not found: {INSTALL}", file=sys.stderr)
         return 2
     began = time.monotonic()
-    with workspace(args.workdir) as work:
+    with workspace(args.workdir, "mirror-fleet-bench-") as work:
         report = measure(args, work)
     report.meta["seconds"] = round(time.monotonic() - began, 1)
     s = report.meta["settings"]

@@ -568,12 +568,13 @@ def choose(args: argparse.Namespace, tools: dict[str, str | None]) -> tuple[list
 
 
 @contextlib.contextmanager
-def workspace(keep: Path | None) -> Iterator[Path]:
+def workspace(keep: Path | None, prefix: str = "mirror-bench-") -> Iterator[Path]:
+    """`keep` (made if need be), or a temporary directory removed afterwards."""
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         yield keep
         return
-    with tempfile.TemporaryDirectory(prefix="mirror-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
 
 

@@ -514,11 +514,13 @@ def _shared(data: object, listen: Listen, tls: bool) -> SharedConfig:
         prefix=prefix.rstrip("/") + "/" if prefix else "",
         redirect=redirect,
         presign_ttl=parse_duration(raw.get("presign_ttl", 900), "shared.presign_ttl"),
-        eviction_interval=_eviction_interval(raw.get("eviction_interval", 30)),
+        eviction_interval=_positive_duration(
+            raw.get("eviction_interval", 30), "shared.eviction_interval"
+        ),
         peer_secret=_peer_secret_in(raw),
         peer_secret_env=_typed(raw, "peer_secret_env", "shared", str, None),
         advertise_url=_advertise_url(raw, listen, tls),
-        lease_ttl=_lease_ttl(raw.get("lease_ttl", 30)),
+        lease_ttl=_positive_duration(raw.get("lease_ttl", 30), "shared.lease_ttl"),
     )
 
 
@@ -541,11 +543,11 @@ def _advertise_url(raw: Mapping[str, Any], listen: Listen, tls: bool) -> str:
         ) from None
 
 
-def _lease_ttl(value: object) -> float:
-    ttl = parse_duration(value, "shared.lease_ttl")
-    if ttl <= 0:
-        raise ConfigError("shared.lease_ttl", "must be more than 0")
-    return ttl
+def _positive_duration(value: object, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(key, "must be more than 0")
+    return seconds
 
 
 def default_advertise_url(listen: Listen, tls: bool) -> str:
@@ -558,13 +560,6 @@ def _peer_secret(value: str, key: str) -> str:
     if not value or not all("!" <= c <= "~" for c in value):
         raise ConfigError(key, "must be non-empty printable ASCII, without spaces")
     return value
-
-
-def _eviction_interval(value: object) -> float:
-    interval = parse_duration(value, "shared.eviction_interval")
-    if interval <= 0:
-        raise ConfigError("shared.eviction_interval", "must be more than 0")
-    return interval
 
 
 def _dsn(value: str, key: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,17 +66,10 @@ async def tier(
     moto_s3: S3Endpoint,
     s3_bucket_name: str,
     database_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+    aws_credentials: Callable[[S3Endpoint], None],
     tmp_path: Path,
 ) -> AsyncIterator[Tier]:
-    # The standard AWS chain the command reads: the endpoint's keys, nothing of the host's.
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", moto_s3.region)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    aws_credentials(moto_s3)  # the standard AWS chain the command reads: the endpoint's keys
     (tmp_path / "cache").mkdir()
     local = Index(tmp_path / "cache" / INDEX_FILE)  # an empty local cache
     await local.open()

@@ -26,6 +26,7 @@ import yaml
 from containerd import ContainerdProcess
 from engines import S3Endpoint
 from fake_upstream import FakeUpstream
+from fleet import readyz
 from podman import podman_image_digest, podman_rmi, push_tar_image, run_podman
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import ServerProcess
@@ -666,24 +667,15 @@ async def start_compose_replicas(
         start = start_mirror_process
         replicas.append(await asyncio.to_thread(start, "--config", str(config), port=port))
     for replica in replicas:
-        await wait_sharing(replica.url, replica.log)
+        await wait_sharing(replica)
     return replicas
 
 
-def readyz(url: str) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
-            body: dict[str, Any] = json.loads(resp.read())
-    except urllib.error.HTTPError as error:
-        body = json.loads(error.read())
-    return body
-
-
-async def wait_sharing(url: str, log: Callable[[], str]) -> None:
-    """Until the replica at `url` reaches its database and bucket (10 s at most)."""
+async def wait_sharing(replica: MirrorProcess) -> None:
+    """Until the replica reaches its database and bucket (10 s at most)."""
     deadline = time.monotonic() + 10
-    while (status := await asyncio.to_thread(readyz, url)).get("degraded"):
-        assert time.monotonic() < deadline, f"{status}\n{log()}"
+    while (status := await asyncio.to_thread(readyz, replica)).get("degraded"):
+        assert time.monotonic() < deadline, f"{status}\n{replica.log()}"
         await asyncio.sleep(0.2)
     assert status == {"ready": True, "problems": []}
 
@@ -833,7 +825,7 @@ async def test_the_kubernetes_fleet_config_starts_a_sharing_replica(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     replica = await asyncio.to_thread(start_mirror_process, "--config", str(config), port=port)
-    await wait_sharing(replica.url, replica.log)
+    await wait_sharing(replica)
     image = await push_image(registry.url, "fleet/k8s", "v1", [10 * 1024])
     await skopeo_copy_async(f"{replica.host}/{image.reference}", tmp_path / "pulled")
     layer = sorted(image.blob_digests())[0]

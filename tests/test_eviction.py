@@ -97,6 +97,33 @@ async def test_pulls_beyond_the_budget_keep_the_most_recent(
     assert disk_bytes(storage) <= budget
 
 
+async def test_a_pass_with_nothing_to_evict_leaves_the_index_alone(
+    registry: RegistryProcess,
+    make_mirror: MakeMirror,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass follows every download, holding the budget's lock that the next download's
+    reservation waits for: under the high watermark and with nothing past max_age, it
+    neither flushes the accesses nor walks the index."""
+    image = await push_image(registry.url, "quiet/app", "v1", [KIB])
+    mirror = await make_mirror(registry.url, storage=tmp_path / "cache", budget={"max_age": 3600})
+    async with mirror.get(f"/v2/quiet/app/blobs/{image.layer_digests[0]}") as resp:
+        assert resp.status == 200
+        await resp.read()
+    await downloads_stored(mirror)
+    assert mirror.app is not None
+    evictor = mirror.app[EVICTOR]
+
+    async def walked(*args: object) -> None:
+        raise AssertionError("the index was walked")
+
+    monkeypatch.setattr(evictor.index, "flush", walked)
+    monkeypatch.setattr(evictor.index, "lru", walked)
+    evicted = await evictor.run_pass()
+    assert (evicted.blobs, evicted.failure) == (0, None)
+
+
 async def test_an_evicted_manifest_is_not_served_from_memory(
     registry: RegistryProcess, make_mirror: MakeMirror, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient
 from conftest import downloads_stored, mirror_config
 from engines import S3Endpoint
 from fake_upstream import FakeUpstream, sha256
+from fleet import shared_block as fleet_shared_block
 from pytest_aiohttp import AiohttpClient
 from upstream_registry import free_loopback_port
 
@@ -51,26 +52,14 @@ REPO = "library/app"
 
 
 @pytest.fixture
-def aws_chain(moto_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def aws_chain(moto_s3: S3Endpoint, aws_credentials: Callable[[S3Endpoint], None]) -> None:
     """The standard AWS chain of the replica (and of subprocesses): moto's keys only."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", moto_s3.region)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    aws_credentials(moto_s3)
 
 
 @pytest.fixture
 def shared_block(moto_s3: S3Endpoint, s3_bucket_name: str, database_url: str) -> dict[str, Any]:
-    return {
-        "bucket": s3_bucket_name,
-        "endpoint_url": moto_s3.url,
-        "region": moto_s3.region,
-        "database": database_url,
-        "max_size": "1GiB",
-    }
+    return fleet_shared_block(moto_s3, s3_bucket_name, database_url)
 
 
 @pytest.fixture
